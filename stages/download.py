@@ -1,0 +1,195 @@
+"""Download stage: fetch every image of the catalogue, keep only the ones that decode.
+
+The catalogue (``label,filename,sha256``) says *what* the dataset is; ``download.base_url``
+only says *where* to fetch it from, so a mirror serving the same bytes is interchangeable
+with the original (the sha256 column catches one that does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from stages.params import load_params
+
+
+class DownloadError(Exception):
+    """A file that could not be fetched or is not a usable image."""
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    label: str
+    filename: str
+    sha256: str  # empty: not pinned
+
+    @property
+    def relative_path(self) -> str:
+        return f"{self.label}/{self.filename}"
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    base_url: str
+    min_per_class: int
+    workers: int = 8
+    timeout_seconds: float = 10.0
+    retries: int = 3
+    backoff_seconds: float = 0.5
+
+
+def read_catalogue(path: Path) -> list[CatalogueEntry]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"label", "filename", "sha256"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        entries = [
+            CatalogueEntry(row["label"].strip(), row["filename"].strip(), row["sha256"].strip())
+            for row in reader
+        ]
+    for entry in entries:
+        if not entry.label or not entry.filename or "/" in entry.filename or ".." in entry.filename:
+            raise ValueError(f"{path}: invalid row {entry}")
+    return entries
+
+
+def validate_image(content: bytes) -> None:
+    """Raise DownloadError unless ``content`` is a complete, decodable image."""
+    if not content:
+        raise DownloadError("empty response")
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            image.load()  # full decode: catches truncated files that open() accepts
+    except Exception as exc:  # Pillow raises several types for bad data
+        raise DownloadError(f"not a decodable image ({exc.__class__.__name__}: {exc})") from exc
+
+
+_thread_state = threading.local()
+
+
+def _session() -> requests.Session:
+    # requests.Session is not documented as thread-safe: one per worker thread.
+    if not hasattr(_thread_state, "session"):
+        _thread_state.session = requests.Session()
+    return _thread_state.session
+
+
+def fetch(url: str, settings: DownloadSettings) -> bytes:
+    """GET ``url`` with bounded retries and exponential backoff.
+
+    Retries connection errors, timeouts (including a body that stalls mid-transfer, which
+    urllib3's own Retry cannot see because requests reads the body after it) and 5xx.
+    Other HTTP errors are final.
+    """
+    last_error = ""
+    for attempt in range(settings.retries + 1):
+        if attempt:
+            time.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
+        try:
+            response = _session().get(url, timeout=settings.timeout_seconds)
+            content = response.content
+        except requests.Timeout:
+            last_error = f"timed out after {settings.timeout_seconds:g}s"
+            continue
+        except requests.ConnectionError as exc:
+            last_error = f"connection error ({exc.__class__.__name__})"
+            continue
+        if response.status_code >= 500:
+            last_error = f"HTTP {response.status_code}"
+            continue
+        if response.status_code != 200:
+            raise DownloadError(f"HTTP {response.status_code}")
+        return content
+    raise DownloadError(f"{last_error} (gave up after {settings.retries + 1} attempts)")
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    partial.write_bytes(content)
+    os.replace(partial, path)
+
+
+def download_one(entry: CatalogueEntry, settings: DownloadSettings, out_dir: Path) -> None:
+    content = fetch(f"{settings.base_url.rstrip('/')}/{entry.relative_path}", settings)
+    validate_image(content)
+    if entry.sha256 and hashlib.sha256(content).hexdigest() != entry.sha256:
+        raise DownloadError("sha256 differs from the catalogue")
+    _write_atomically(out_dir / entry.relative_path, content)
+
+
+def download_dataset(
+    entries: list[CatalogueEntry], settings: DownloadSettings, out_dir: Path
+) -> dict:
+    """Download ``entries`` into ``out_dir/<label>/<filename>``; return the report.
+
+    Only validated images are ever written, so a reject leaves nothing behind.
+    """
+    def attempt(entry: CatalogueEntry) -> str | None:
+        try:
+            download_one(entry, settings, out_dir)
+        except DownloadError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+        reasons = list(pool.map(attempt, entries))
+
+    classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
+    for entry, reason in zip(entries, reasons):
+        if reason is None:
+            classes[entry.label]["ok"] += 1
+        else:
+            classes[entry.label]["failed"].append({"file": entry.filename, "reason": reason})
+    return {"base_url": settings.base_url, "classes": dict(sorted(classes.items()))}
+
+
+def check_enough_images(report: dict, min_per_class: int) -> None:
+    short = {
+        label: result["ok"]
+        for label, result in report["classes"].items()
+        if result["ok"] < min_per_class
+    }
+    if short:
+        counts = ", ".join(f"{label}: {ok}" for label, ok in short.items())
+        raise DownloadError(
+            f"too few usable images ({counts}; download.min_per_class={min_per_class})"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("catalogue", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("report", type=Path)
+    args = parser.parse_args(argv)
+
+    settings = DownloadSettings(**load_params()["download"])
+    report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    for label, result in report["classes"].items():
+        print(f"download: {label}: {result['ok']} ok, {len(result['failed'])} failed")
+    try:
+        check_enough_images(report, settings.min_per_class)
+    except DownloadError as exc:
+        sys.exit(f"download failed: {exc}; see {args.report}")
+
+
+if __name__ == "__main__":
+    main()

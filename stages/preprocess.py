@@ -1,0 +1,77 @@
+"""Preprocess stage: decode each split's images to fixed-size RGB arrays, one .npz per split.
+
+``load_image`` is the single definition of how a picture becomes model input; the
+prediction service uses it too, so training and serving can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from stages.params import load_params
+from stages.split import SPLITS, read_split
+
+WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB version of any Pillow image; transparent areas become white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | BinaryIO | Image.Image, image_size: int) -> np.ndarray:
+    """Decode ``source`` to a ``(image_size, image_size, 3)`` uint8 RGB array."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    rgb = to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def preprocess_split(
+    paths: list[str], labels: list[str], classes: list[str], image_size: int
+) -> dict[str, np.ndarray]:
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not in params 'classes' {classes}")
+    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        images[i] = load_image(path, image_size)
+    return {
+        "images": images,
+        "labels": np.array([classes.index(label) for label in labels], dtype=np.int64),
+        "paths": np.array(paths),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("split_csv", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    params = load_params()
+    image_size = params["preprocess"]["image_size"]
+    rows = read_split(args.split_csv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        chosen = [row for row in rows if row.split == split]
+        arrays = preprocess_split(
+            [row.path for row in chosen], [row.label for row in chosen],
+            params["classes"], image_size,
+        )
+        # Uncompressed: training loads it in a fraction of a second.
+        np.savez(args.out_dir / f"{split}.npz", **arrays)
+        print(f"preprocess: {split}: {len(chosen)} images at {image_size}px")
+
+
+if __name__ == "__main__":
+    main()

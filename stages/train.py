@@ -1,0 +1,198 @@
+"""Train stage: MobileNetV2 transfer learning in two phases.
+
+1. Frozen backbone: its features are computed once (plus ``augment_copies`` augmented views
+   of every training image), and only the new head is trained on them. This is the same
+   model as running the frozen backbone inside every epoch, at a fraction of the cost.
+2. Optional fine-tuning of the top ``fine_tune_layers`` backbone layers end to end, with
+   augmentation in the model and a small learning rate (Keras' transfer-learning recipe).
+
+Per-epoch metrics go to dvclive (learning curves for ``dvc plots``) and the run (params,
+metrics, model) to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from dvclive import Live
+from dvclive.keras import DVCLiveCallback
+
+from stages.params import load_params
+
+MLFLOW_EXPERIMENT = "dandelion-vs-grass"
+MODEL_FILE = "classifier.keras"
+RUN_FILE = "mlflow_run.json"
+# Stated rather than inferred: MLflow's inference re-imports the model in a subprocess.
+SERVING_REQUIREMENTS = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
+
+
+def make_deterministic(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and force deterministic TF kernels."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def resolve_weights(setting: str) -> str | None:
+    """Map ``train.weights`` to Keras' ``weights=`` argument."""
+    if setting in ("imagenet", "none"):
+        return None if setting == "none" else "imagenet"
+    if not Path(setting).is_file():
+        raise ValueError(
+            f"train.weights={setting!r}: expected 'imagenet', 'none' or a weights file path"
+        )
+    return setting
+
+
+def build_backbone(image_size: int, weights: str | None) -> keras.Model:
+    return keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        include_top=False,
+        weights=weights,
+        pooling="avg",
+    )
+
+
+def build_augmentation(seed: int) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+        ],
+        name="augmentation",
+    )
+
+
+def build_head(feature_size: int, dropout: float) -> keras.Model:
+    inputs = keras.Input((feature_size,))
+    hidden = keras.layers.Dropout(dropout)(inputs)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(hidden)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def assemble(backbone: keras.Model, head: keras.Model | None = None,
+             augmentation: keras.Sequential | None = None) -> keras.Model:
+    """Raw RGB pixels (0-255) -> [augmentation] -> backbone features -> [head probability]."""
+    inputs = keras.Input(backbone.input_shape[1:])
+    x = augmentation(inputs) if augmentation is not None else inputs
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)  # MobileNetV2 expects [-1, 1]
+    x = backbone(x, training=False)  # keep BatchNorm in inference mode, even when fine-tuning
+    outputs = head(x) if head is not None else x
+    return keras.Model(inputs, outputs, name="dandelion_vs_grass")
+
+
+def frozen_features(extractor: keras.Model, images: np.ndarray, batch_size: int,
+                    augmentation: keras.Sequential | None = None) -> np.ndarray:
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    if augmentation is not None:
+        dataset = dataset.map(lambda batch: augmentation(tf.cast(batch, "float32"), training=True))
+    return extractor.predict(dataset, verbose=0)
+
+
+def compile_for_training(model: keras.Model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[keras.Model, dict]:
+    """Train on ``train``/``val`` arrays (``images``, ``labels``); return the model and summary."""
+    make_deterministic(params["seed"])
+    image_size = train["images"].shape[1]
+    backbone = build_backbone(image_size, resolve_weights(params["weights"]))
+    backbone.trainable = False
+    augmentation = build_augmentation(params["seed"])
+    extractor = assemble(backbone)
+    batch_size = params["batch_size"]
+
+    views = [frozen_features(extractor, train["images"], batch_size)] + [
+        frozen_features(extractor, train["images"], batch_size, augmentation)
+        for _ in range(params["augment_copies"])
+    ]
+    train_features = np.concatenate(views)
+    train_labels = np.tile(train["labels"], len(views))
+    val_features = frozen_features(extractor, val["images"], batch_size)
+
+    head = build_head(train_features.shape[1], params["dropout"])
+    compile_for_training(head, params["learning_rate"])
+
+    def callbacks():
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=params["patience"], restore_best_weights=True
+        )
+        return [stop, DVCLiveCallback(live=live)]
+
+    history = head.fit(
+        train_features, train_labels, validation_data=(val_features, val["labels"]),
+        epochs=params["epochs"], batch_size=batch_size, callbacks=callbacks(), verbose=2,
+    )
+    epochs_done = len(history.epoch)
+
+    if params["fine_tune_layers"] > 0:
+        backbone.trainable = True
+        for layer in backbone.layers[: -params["fine_tune_layers"]]:
+            layer.trainable = False
+        trainer = assemble(backbone, head, augmentation)
+        compile_for_training(trainer, params["fine_tune_learning_rate"])
+        # A nested MLflow run: the fine-tuning fit logs its own optimizer settings.
+        with mlflow.start_run(run_name="fine-tune", nested=True):
+            history = trainer.fit(
+                train["images"], train["labels"], validation_data=(val["images"], val["labels"]),
+                initial_epoch=epochs_done, epochs=epochs_done + params["fine_tune_epochs"],
+                batch_size=batch_size, callbacks=callbacks(), verbose=2,
+            )
+        epochs_done += len(history.epoch)
+
+    classifier = assemble(backbone, head)
+    val_loss, val_accuracy = classifier.evaluate(
+        val["images"], val["labels"], batch_size=batch_size, verbose=0
+    )
+    summary = {"val_loss": val_loss, "val_accuracy": val_accuracy, "epochs": epochs_done}
+    return classifier, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("data_dir", type=Path, help="preprocess stage output")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("live_dir", type=Path, help="dvclive metrics and plots")
+    args = parser.parse_args(argv)
+
+    params = load_params()["train"]
+    train, val = (dict(np.load(args.data_dir / f"{split}.npz")) for split in ("train", "val"))
+
+    mlflow.set_experiment(MLFLOW_EXPERIMENT)
+    # Params, per-epoch metrics and optimizer settings come from autologging; the model
+    # trained by fit() is only the head, so the full classifier is logged explicitly.
+    mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
+    run_name = os.environ.get("DVC_EXP_NAME")  # names a `dvc exp run` after its experiment
+    with mlflow.start_run(run_name=run_name) as run, Live(
+        str(args.live_dir), dvcyaml=False, save_dvc_exp=False
+    ) as live:
+        mlflow.log_params({f"train.{key}": value for key, value in params.items()})
+        classifier, summary = train_classifier(train, val, params, live)
+        for name, value in summary.items():
+            live.log_metric(f"best/{name}", value, plot=False)
+        mlflow.log_metrics({f"best_{name}": value for name, value in summary.items()})
+
+        args.model_dir.mkdir(parents=True, exist_ok=True)
+        model_path = args.model_dir / MODEL_FILE
+        classifier.save(model_path)
+        mlflow.keras.log_model(classifier, name="model", pip_requirements=SERVING_REQUIREMENTS)
+        (args.model_dir / RUN_FILE).write_text(
+            json.dumps({"run_id": run.info.run_id, "experiment": MLFLOW_EXPERIMENT}) + "\n"
+        )
+    print(f"train: {summary['epochs']} epochs, val accuracy {summary['val_accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
