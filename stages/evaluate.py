@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     classes, threshold = params["classes"], params["evaluate"]["threshold"]
     test = np.load(args.test_npz)
-    model = keras.models.load_model(args.model_dir / MODEL_FILE)
+    model = keras.models.load_model(args.model_dir / MODEL_FILE, compile=False)
     scores = model.predict(test["images"], batch_size=32, verbose=0).ravel()
     labels = test["labels"]
     test_metrics = score_predictions(labels, scores, threshold)

@@ -90,10 +90,12 @@ def assemble(backbone: keras.Model, head: keras.Model | None = None,
 
 def frozen_features(extractor: keras.Model, images: np.ndarray, batch_size: int,
                     augmentation: keras.Sequential | None = None) -> np.ndarray:
-    dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     if augmentation is not None:
-        dataset = dataset.map(lambda batch: augmentation(tf.cast(batch, "float32"), training=True))
-    return extractor.predict(dataset, verbose=0)
+        images = np.concatenate([
+            augmentation(images[start:start + batch_size].astype("float32"), training=True)
+            for start in range(0, len(images), batch_size)
+        ])
+    return extractor.predict(images, batch_size=batch_size, verbose=0)
 
 
 def compile_for_training(model: keras.Model, learning_rate: float) -> None:
@@ -153,10 +155,13 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         epochs_done += len(history.epoch)
 
     classifier = assemble(backbone, head)
-    val_loss, val_accuracy = classifier.evaluate(
-        val["images"], val["labels"], batch_size=batch_size, verbose=0
-    )
-    summary = {"val_loss": val_loss, "val_accuracy": val_accuracy, "epochs": epochs_done}
+    # Scored without compile(): the saved model then carries no optimizer state.
+    val_scores = classifier.predict(val["images"], batch_size=batch_size, verbose=0).ravel()
+    summary = {
+        "val_loss": float(keras.losses.BinaryCrossentropy()(val["labels"], val_scores)),
+        "val_accuracy": float(np.mean((val_scores >= 0.5) == val["labels"])),
+        "epochs": epochs_done,
+    }
     return classifier, summary
 
 
@@ -187,7 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         args.model_dir.mkdir(parents=True, exist_ok=True)
         model_path = args.model_dir / MODEL_FILE
         classifier.save(model_path)
-        mlflow.keras.log_model(classifier, name="model", pip_requirements=SERVING_REQUIREMENTS)
+        examples = val["images"][:2]
+        mlflow.keras.log_model(
+            classifier, name="model", pip_requirements=SERVING_REQUIREMENTS,
+            signature=mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0)),
+        )
         (args.model_dir / RUN_FILE).write_text(
             json.dumps({"run_id": run.info.run_id, "experiment": MLFLOW_EXPERIMENT}) + "\n"
         )
