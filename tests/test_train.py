@@ -1,0 +1,104 @@
+"""Train stage on tiny generated images (random init, 32 px) so it runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from dvclive import Live
+
+from stages import evaluate, train
+
+PARAMS = {
+    "seed": 1, "weights": "none", "batch_size": 8, "epochs": 3, "patience": 2,
+    "learning_rate": 0.001, "dropout": 0.2, "augment_copies": 1,
+    "fine_tune_layers": 0, "fine_tune_epochs": 1, "fine_tune_learning_rate": 1e-5,
+}
+
+
+def tiny_split(count: int, seed: int) -> dict[str, np.ndarray]:
+    """Yellow-ish images are class 1, green-ish class 0."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    base = np.where(labels[:, None], [230, 200, 30], [40, 150, 40])[:, None, None, :]
+    images = np.clip(base + rng.integers(-40, 40, (count, 32, 32, 3)), 0, 255).astype(np.uint8)
+    return {"images": images, "labels": labels,
+            "paths": np.array([f"img{i}.jpg" for i in range(count)])}
+
+
+def run_training(tmp_path, **overrides):
+    with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
+        return train.train_classifier(tiny_split(16, 0), tiny_split(8, 1),
+                                      {**PARAMS, **overrides}, live)
+
+
+def test_weights_setting_is_validated(tmp_path):
+    assert train.resolve_weights("imagenet") == "imagenet"
+    assert train.resolve_weights("none") is None
+    weights_file = tmp_path / "backbone.h5"
+    weights_file.write_bytes(b"")
+    assert train.resolve_weights(str(weights_file)) == str(weights_file)
+    with pytest.raises(ValueError, match="expected 'imagenet', 'none' or a weights file path"):
+        train.resolve_weights("imagenet21k")
+
+
+def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflow_store):
+    model, summary = run_training(tmp_path)
+    probabilities = model.predict(tiny_split(4, 2)["images"], verbose=0)
+    assert probabilities.shape == (4, 1)
+    assert ((0 <= probabilities) & (probabilities <= 1)).all()
+    assert 1 <= summary["epochs"] <= PARAMS["epochs"]
+    curve = (tmp_path / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text()
+    assert len(curve.strip().splitlines()) == summary["epochs"] + 1  # header + one row per epoch
+
+
+def test_fine_tuning_continues_the_epoch_count_in_a_nested_run(tmp_path, mlflow_store):
+    mlflow.set_experiment("test")
+    with mlflow.start_run() as parent:
+        _, summary = run_training(tmp_path, fine_tune_layers=5, fine_tune_epochs=2, patience=5)
+    assert summary["epochs"] == PARAMS["epochs"] + 2
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert children["tags.mlflow.runName"].tolist() == ["fine-tune"]
+
+
+def test_same_seed_gives_identical_predictions(tmp_path, mlflow_store):
+    sample = tiny_split(4, 3)["images"]
+    first, _ = run_training(tmp_path / "a")
+    second, _ = run_training(tmp_path / "b")
+    np.testing.assert_array_equal(first.predict(sample, verbose=0), second.predict(sample, verbose=0))
+
+
+def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
+    tmp_path, mlflow_store, monkeypatch
+):
+    data_dir = tmp_path / "arrays"
+    data_dir.mkdir()
+    for name, (count, seed) in {"train": (16, 0), "val": (8, 1), "test": (8, 2)}.items():
+        np.savez(data_dir / f"{name}.npz", **tiny_split(count, seed))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "classes": ["grass", "dandelion"], "train": PARAMS, "evaluate": {"threshold": 0.5},
+    }))
+    monkeypatch.chdir(tmp_path)
+
+    train.main([str(data_dir), "model", "results/train"])
+    evaluate.main(["model", str(data_dir / "test.npz"), "results/evaluate"])
+
+    assert (tmp_path / "model" / train.MODEL_FILE).is_file()
+    test_metrics = json.loads((tmp_path / "results/evaluate/metrics.json").read_text())
+    assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"}
+    for name in ("confusion_matrix.json", "roc.json"):
+        assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
+    header = (tmp_path / "results/evaluate" / evaluate.MISCLASSIFIED_FILE).read_text()
+    assert header.startswith("path,label,predicted,score")
+
+    run_id = json.loads((tmp_path / "model" / train.RUN_FILE).read_text())["run_id"]
+    run = mlflow.get_run(run_id)
+    assert run.data.params["train.dropout"] == "0.2"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
+    assert "best_val_accuracy" in run.data.metrics and "val_loss" in run.data.metrics
+    model_uri = f"runs:/{run_id}/model"
+    reloaded = mlflow.keras.load_model(model_uri)
+    assert reloaded.predict(tiny_split(2, 5)["images"], verbose=0).shape == (2, 1)
