@@ -140,6 +140,7 @@ def download_dataset(
 
     Only validated images are ever written, so a reject leaves nothing behind.
     """
+
     def attempt(entry: CatalogueEntry) -> str | None:
         try:
             download_one(entry, settings, out_dir)
@@ -151,7 +152,7 @@ def download_dataset(
         reasons = list(pool.map(attempt, entries))
 
     classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
-    for entry, reason in zip(entries, reasons):
+    for entry, reason in zip(entries, reasons, strict=True):
         if reason is None:
             classes[entry.label]["ok"] += 1
         else:

@@ -41,11 +41,17 @@ def score_predictions(labels: np.ndarray, scores: np.ndarray, threshold: float) 
 
 def misclassified_rows(paths, labels, scores, classes: list[str], threshold: float) -> list[dict]:
     rows = []
-    for path, label, score in zip(paths, labels, scores):
+    for path, label, score in zip(paths, labels, scores, strict=True):
         predicted = int(score >= threshold)
         if predicted != label:
-            rows.append({"path": str(path), "label": classes[label],
-                         "predicted": classes[predicted], "score": round(float(score), 6)})
+            rows.append(
+                {
+                    "path": str(path),
+                    "label": classes[label],
+                    "predicted": classes[predicted],
+                    "score": round(float(score), 6),
+                }
+            )
     return rows
 
 
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                 live.log_metric(name, value, plot=False)
         predicted = (scores >= threshold).astype(int)
         live.log_sklearn_plot(
-            "confusion_matrix", [classes[i] for i in labels], [classes[i] for i in predicted],
+            "confusion_matrix",
+            [classes[i] for i in labels],
+            [classes[i] for i in predicted],
             name="confusion_matrix.json",
         )
         live.log_sklearn_plot("roc", labels, scores, name="roc.json")
@@ -92,9 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(misclassified_rows(test["paths"], labels, scores, classes, threshold))
 
     log_to_training_run(args.model_dir, test_metrics)
-    print("evaluate: " + ", ".join(
-        f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
-    ))
+    print(
+        "evaluate: "
+        + ", ".join(
+            f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
+        )
+    )
 
 
 if __name__ == "__main__":

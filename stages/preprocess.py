@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     for split in SPLITS:
         chosen = [row for row in rows if row.split == split]
         arrays = preprocess_split(
-            [row.path for row in chosen], [row.label for row in chosen],
-            params["classes"], image_size,
+            [row.path for row in chosen],
+            [row.label for row in chosen],
+            params["classes"],
+            image_size,
         )
         # Uncompressed: training loads it in a fraction of a second.
         np.savez(args.out_dir / f"{split}.npz", **arrays)

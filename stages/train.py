@@ -77,8 +77,11 @@ def build_head(feature_size: int, dropout: float) -> keras.Model:
     return keras.Model(inputs, outputs, name="head")
 
 
-def assemble(backbone: keras.Model, head: keras.Model | None = None,
-             augmentation: keras.Sequential | None = None) -> keras.Model:
+def assemble(
+    backbone: keras.Model,
+    head: keras.Model | None = None,
+    augmentation: keras.Sequential | None = None,
+) -> keras.Model:
     """Raw RGB pixels (0-255) -> [augmentation] -> backbone features -> [head probability]."""
     inputs = keras.Input(backbone.input_shape[1:])
     x = augmentation(inputs) if augmentation is not None else inputs
@@ -88,13 +91,19 @@ def assemble(backbone: keras.Model, head: keras.Model | None = None,
     return keras.Model(inputs, outputs, name="dandelion_vs_grass")
 
 
-def frozen_features(extractor: keras.Model, images: np.ndarray, batch_size: int,
-                    augmentation: keras.Sequential | None = None) -> np.ndarray:
+def frozen_features(
+    extractor: keras.Model,
+    images: np.ndarray,
+    batch_size: int,
+    augmentation: keras.Sequential | None = None,
+) -> np.ndarray:
     if augmentation is not None:
-        images = np.concatenate([
-            augmentation(images[start:start + batch_size].astype("float32"), training=True)
-            for start in range(0, len(images), batch_size)
-        ])
+        images = np.concatenate(
+            [
+                augmentation(images[start : start + batch_size].astype("float32"), training=True)
+                for start in range(0, len(images), batch_size)
+            ]
+        )
     return extractor.predict(images, batch_size=batch_size, verbose=0)
 
 
@@ -134,8 +143,13 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         return [stop, DVCLiveCallback(live=live)]
 
     history = head.fit(
-        train_features, train_labels, validation_data=(val_features, val["labels"]),
-        epochs=params["epochs"], batch_size=batch_size, callbacks=callbacks(), verbose=2,
+        train_features,
+        train_labels,
+        validation_data=(val_features, val["labels"]),
+        epochs=params["epochs"],
+        batch_size=batch_size,
+        callbacks=callbacks(),
+        verbose=2,
     )
     epochs_done = len(history.epoch)
 
@@ -148,9 +162,14 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         # A nested MLflow run: the fine-tuning fit logs its own optimizer settings.
         with mlflow.start_run(run_name="fine-tune", nested=True):
             history = trainer.fit(
-                train["images"], train["labels"], validation_data=(val["images"], val["labels"]),
-                initial_epoch=epochs_done, epochs=epochs_done + params["fine_tune_epochs"],
-                batch_size=batch_size, callbacks=callbacks(), verbose=2,
+                train["images"],
+                train["labels"],
+                validation_data=(val["images"], val["labels"]),
+                initial_epoch=epochs_done,
+                epochs=epochs_done + params["fine_tune_epochs"],
+                batch_size=batch_size,
+                callbacks=callbacks(),
+                verbose=2,
             )
         epochs_done += len(history.epoch)
 
@@ -180,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     # trained by fit() is only the head, so the full classifier is logged explicitly.
     mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
     run_name = os.environ.get("DVC_EXP_NAME")  # names a `dvc exp run` after its experiment
-    with mlflow.start_run(run_name=run_name) as run, Live(
-        str(args.live_dir), dvcyaml=False, save_dvc_exp=False
-    ) as live:
+    with (
+        mlflow.start_run(run_name=run_name) as run,
+        Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live,
+    ):
         mlflow.log_params({f"train.{key}": value for key, value in params.items()})
         classifier, summary = train_classifier(train, val, params, live)
         for name, value in summary.items():
@@ -193,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         model_path = args.model_dir / MODEL_FILE
         classifier.save(model_path)
         examples = val["images"][:2]
+        signature = mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0))
         mlflow.keras.log_model(
-            classifier, name="model", pip_requirements=SERVING_REQUIREMENTS,
-            signature=mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0)),
+            classifier, name="model", pip_requirements=SERVING_REQUIREMENTS, signature=signature
         )
         (args.model_dir / RUN_FILE).write_text(
             json.dumps({"run_id": run.info.run_id, "experiment": MLFLOW_EXPERIMENT}) + "\n"

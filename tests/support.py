@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import functools
 import http.server
+import io
 import os
 import shutil
 import subprocess
@@ -28,7 +28,7 @@ MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_
 @contextlib.contextmanager
 def serve_http(handler_class, **handler_kwargs) -> Iterator[str]:
     """Run an HTTP server on a free 127.0.0.1 port; yield its base URL; stop it on exit."""
-    handler = functools.partial(handler_class, **handler_kwargs) if handler_kwargs else handler_class
+    handler = functools.partial(handler_class, **handler_kwargs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True  # a handler still sleeping cannot block the teardown
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -64,7 +64,10 @@ def copy_workspace(dest: Path) -> Path:
     """Copy the project's files (tracked and not ignored) into a fresh Git repo at ``dest``."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, check=True, capture_output=True, text=True,
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\0")
     for name in filter(None, listed):
         source = REPO_ROOT / name
@@ -99,8 +102,12 @@ def pipeline_env(keras_home: Path) -> dict[str, str]:
 
 def dvc(workspace: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=workspace, env=env,
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 

@@ -66,8 +66,14 @@ def faulty_server():
 
 
 def settings(base_url: str, **overrides) -> DownloadSettings:
-    values = dict(base_url=base_url, min_per_class=1, workers=4, timeout_seconds=TIMEOUT,
-                  retries=2, backoff_seconds=0.05)
+    values = dict(
+        base_url=base_url,
+        min_per_class=1,
+        workers=4,
+        timeout_seconds=TIMEOUT,
+        retries=2,
+        backoff_seconds=0.05,
+    )
     return DownloadSettings(**{**values, **overrides})
 
 
@@ -78,8 +84,10 @@ def entry(filename: str, label: str = "dandelion", sha256: str = "") -> Catalogu
 def test_good_files_are_saved_and_counted(faulty_server, tmp_path):
     entries = [entry("good1.jpg"), entry("good2.jpg", "grass")]
     report = download.download_dataset(entries, settings(faulty_server), tmp_path)
-    assert report["classes"] == {"dandelion": {"ok": 1, "failed": []},
-                                 "grass": {"ok": 1, "failed": []}}
+    assert report["classes"] == {
+        "dandelion": {"ok": 1, "failed": []},
+        "grass": {"ok": 1, "failed": []},
+    }
     assert (tmp_path / "dandelion" / "good1.jpg").read_bytes() == GOOD
 
 
@@ -153,10 +161,20 @@ def test_main_writes_report_and_fails_in_one_line(faulty_server, tmp_path, monke
     (tmp_path / "catalogue.csv").write_text(
         "label,filename,sha256\ndandelion,good.jpg,\ngrass,page.jpg,\n"
     )
-    (tmp_path / "params.yaml").write_text(json.dumps({"download": {
-        "base_url": faulty_server, "min_per_class": 1, "workers": 2,
-        "timeout_seconds": TIMEOUT, "retries": 0, "backoff_seconds": 0,
-    }}))
+    (tmp_path / "params.yaml").write_text(
+        json.dumps(
+            {
+                "download": {
+                    "base_url": faulty_server,
+                    "min_per_class": 1,
+                    "workers": 2,
+                    "timeout_seconds": TIMEOUT,
+                    "retries": 0,
+                    "backoff_seconds": 0,
+                }
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         download.main(["catalogue.csv", "raw", "report.json"])

@@ -30,9 +30,7 @@ def evaluate_metrics(workspace, env) -> dict:
 
 
 @pytest.mark.slow
-def test_dvc_repro_rebuilds_everything_then_only_what_changed(
-    tmp_path, dataset_mirror, keras_home
-):
+def test_dvc_repro_rebuilds_everything_then_only_what_changed(tmp_path, dataset_mirror, keras_home):
     workspace = copy_workspace(tmp_path / "repo")
     env = pipeline_env(keras_home)
     with serve_directory(dataset_mirror) as mirror_url:
@@ -44,7 +42,8 @@ def test_dvc_repro_rebuilds_everything_then_only_what_changed(
 
         download_report = json.loads((workspace / "results/download.json").read_text())
         assert {label: r["ok"] for label, r in download_report["classes"].items()} == {
-            "dandelion": 200, "grass": 200
+            "dandelion": 200,
+            "grass": 200,
         }
         metrics = evaluate_metrics(workspace, env)
         assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc"}
@@ -56,8 +55,12 @@ def test_dvc_repro_rebuilds_everything_then_only_what_changed(
         plots = dvc(workspace, "plots", "show", "--json", env=env)
         assert plots.returncode == 0, plots.stderr
         rendered = json.loads(plots.stdout)["data"]
-        assert set(rendered) == {"Learning curves (loss)", "Learning curves (accuracy)",
-                                 "Confusion matrix", "ROC"}
+        assert set(rendered) == {
+            "Learning curves (loss)",
+            "Learning curves (accuracy)",
+            "Confusion matrix",
+            "ROC",
+        }
         assert all(plot[0]["content"]["data"]["values"] for plot in rendered.values())
 
         noop = dvc(workspace, "repro", env=env)

@@ -6,8 +6,11 @@ from support import REPO_ROOT
 
 
 def command_lines(path):
-    return [line for line in path.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_ci_runs_the_readme_test_command():

@@ -67,7 +67,8 @@ def test_same_bytes_under_two_labels_are_left_out(tmp_path):
     (tmp_path / "grass" / "mislabelled.jpg").write_bytes(make_image(seed=0))
     rows, ambiguous = split.split_images(split.list_images(tmp_path), 0.2, 0.2, seed=0)
     assert sorted("/".join(Path(p).parts[-2:]) for p in ambiguous) == [
-        "dandelion/000.jpg", "grass/mislabelled.jpg"
+        "dandelion/000.jpg",
+        "grass/mislabelled.jpg",
     ]
     assert len(rows) == 19
 

@@ -13,9 +13,17 @@ from dvclive import Live
 from stages import evaluate, train
 
 PARAMS = {
-    "seed": 1, "weights": "none", "batch_size": 8, "epochs": 3, "patience": 2,
-    "learning_rate": 0.001, "dropout": 0.2, "augment_copies": 1,
-    "fine_tune_layers": 0, "fine_tune_epochs": 1, "fine_tune_learning_rate": 1e-5,
+    "seed": 1,
+    "weights": "none",
+    "batch_size": 8,
+    "epochs": 3,
+    "patience": 2,
+    "learning_rate": 0.001,
+    "dropout": 0.2,
+    "augment_copies": 1,
+    "fine_tune_layers": 0,
+    "fine_tune_epochs": 1,
+    "fine_tune_learning_rate": 1e-5,
 }
 
 
@@ -25,14 +33,18 @@ def tiny_split(count: int, seed: int) -> dict[str, np.ndarray]:
     labels = np.arange(count) % 2
     base = np.where(labels[:, None], [230, 200, 30], [40, 150, 40])[:, None, None, :]
     images = np.clip(base + rng.integers(-40, 40, (count, 32, 32, 3)), 0, 255).astype(np.uint8)
-    return {"images": images, "labels": labels,
-            "paths": np.array([f"img{i}.jpg" for i in range(count)])}
+    return {
+        "images": images,
+        "labels": labels,
+        "paths": np.array([f"img{i}.jpg" for i in range(count)]),
+    }
 
 
 def run_training(tmp_path, **overrides):
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        return train.train_classifier(tiny_split(16, 0), tiny_split(8, 1),
-                                      {**PARAMS, **overrides}, live)
+        return train.train_classifier(
+            tiny_split(16, 0), tiny_split(8, 1), {**PARAMS, **overrides}, live
+        )
 
 
 def test_weights_setting_is_validated(tmp_path):
@@ -68,7 +80,9 @@ def test_same_seed_gives_identical_predictions(tmp_path, mlflow_store):
     sample = tiny_split(4, 3)["images"]
     first, _ = run_training(tmp_path / "a")
     second, _ = run_training(tmp_path / "b")
-    np.testing.assert_array_equal(first.predict(sample, verbose=0), second.predict(sample, verbose=0))
+    np.testing.assert_array_equal(
+        first.predict(sample, verbose=0), second.predict(sample, verbose=0)
+    )
 
 
 def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
@@ -78,9 +92,15 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     data_dir.mkdir()
     for name, (count, seed) in {"train": (16, 0), "val": (8, 1), "test": (8, 2)}.items():
         np.savez(data_dir / f"{name}.npz", **tiny_split(count, seed))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "classes": ["grass", "dandelion"], "train": PARAMS, "evaluate": {"threshold": 0.5},
-    }))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "classes": ["grass", "dandelion"],
+                "train": PARAMS,
+                "evaluate": {"threshold": 0.5},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
 
     train.main([str(data_dir), "model", "results/train"])
