@@ -31,6 +31,10 @@ class DownloadError(Exception):
     """A file that could not be fetched or is not a usable image."""
 
 
+class ServerUnreachable(DownloadError):
+    """Every attempt failed to connect at all (bad host name, refused, no network)."""
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     label: str
@@ -96,7 +100,7 @@ def fetch(url: str, settings: DownloadSettings) -> bytes:
     urllib3's own Retry cannot see because requests reads the body after it) and 5xx.
     Other HTTP errors are final.
     """
-    last_error = ""
+    last_error, connected = "", False
     for attempt in range(settings.retries + 1):
         if attempt:
             time.sleep(settings.backoff_seconds * 2 ** (attempt - 1))
@@ -104,18 +108,27 @@ def fetch(url: str, settings: DownloadSettings) -> bytes:
             response = _session().get(url, timeout=settings.timeout_seconds)
             content = response.content
         except requests.Timeout:
-            last_error = f"timed out after {settings.timeout_seconds:g}s"
+            last_error, connected = f"timed out after {settings.timeout_seconds:g}s", True
             continue
         except requests.ConnectionError as exc:
-            last_error = f"connection error ({exc.__class__.__name__})"
+            last_error = f"connection error: {_root_cause(exc)}"
             continue
+        connected = True
         if response.status_code >= 500:
             last_error = f"HTTP {response.status_code}"
             continue
         if response.status_code != 200:
             raise DownloadError(f"HTTP {response.status_code}")
         return content
-    raise DownloadError(f"{last_error} (gave up after {settings.retries + 1} attempts)")
+    error = ServerUnreachable if not connected else DownloadError
+    raise error(f"{last_error} (gave up after {settings.retries + 1} attempts)")
+
+
+def _root_cause(exc: requests.ConnectionError) -> str:
+    """The readable end of urllib3's wrapped errors, e.g. "[Errno 111] Connection refused"."""
+    cause = exc.args[0] if exc.args else exc
+    cause = getattr(cause, "reason", cause)  # MaxRetryError wraps the real failure
+    return str(cause).split("): ", 1)[-1]  # drop the "HTTPConnection(host=..., port=...)" prefix
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
@@ -148,8 +161,19 @@ def download_dataset(
             return str(exc)
         return None
 
+    if not entries:
+        raise DownloadError("the catalogue lists no images")
+    # Probe with the first file alone: if the server cannot be reached at all, stop now
+    # instead of retrying every file (minutes when offline).
+    try:
+        download_one(entries[0], settings, out_dir)
+        first_reason = None
+    except ServerUnreachable as exc:
+        raise ServerUnreachable(f"cannot reach {settings.base_url}: {exc}") from exc
+    except DownloadError as exc:
+        first_reason = str(exc)
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        reasons = list(pool.map(attempt, entries))
+        reasons = [first_reason, *pool.map(attempt, entries[1:])]
 
     classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
     for entry, reason in zip(entries, reasons, strict=True):
@@ -181,15 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = DownloadSettings(**load_params()["download"])
-    report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
-    for label, result in report["classes"].items():
-        print(f"download: {label}: {result['ok']} ok, {len(result['failed'])} failed")
     try:
+        report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        for label, result in report["classes"].items():
+            print(f"download: {label}: {result['ok']} ok, {len(result['failed'])} failed")
         check_enough_images(report, settings.min_per_class)
     except DownloadError as exc:
-        sys.exit(f"download failed: {exc}; see {args.report}")
+        see = f"; see {args.report}" if args.report.exists() else ""
+        sys.exit(f"download failed: {exc}{see}")
 
 
 if __name__ == "__main__":

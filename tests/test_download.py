@@ -133,11 +133,16 @@ def test_hash_mismatch_is_rejected(faulty_server, tmp_path):
     assert not list(tmp_path.rglob("*.jpg"))
 
 
-def test_connection_refused_is_retried_then_reported(tmp_path):
+def test_unreachable_server_fails_fast_with_the_cause(tmp_path):
     with serve_http(FaultyHandler) as url:
         pass  # the server is gone: its port now refuses connections
-    report = download.download_dataset([entry("good.jpg")], settings(url), tmp_path)
-    assert report["classes"]["dandelion"]["failed"][0]["reason"].startswith("connection error")
+    entries = [entry(f"good{i}.jpg") for i in range(50)]
+    started = time.monotonic()
+    with pytest.raises(download.ServerUnreachable, match=rf"cannot reach {url}: .*refused"):
+        download.download_dataset(entries, settings(url), tmp_path)
+    # Only the probe's 3 attempts (backoff 0.05 + 0.1 s), not 50 files' worth.
+    assert time.monotonic() - started < 5
+    assert not list(tmp_path.rglob("*"))
 
 
 def test_too_few_images_is_an_error():
