@@ -1,10 +1,27 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pytest
-from support import DATASET_MIRROR, WEIGHTS_DIR, prepare_keras_home
+from support import (
+    DATASET_MIRROR,
+    WEIGHTS_DIR,
+    S3Endpoint,
+    copy_workspace,
+    dvc,
+    fresh_moto_account,
+    moto_s3_server,
+    pipeline_env,
+    prepare_keras_home,
+    serve_directory,
+    set_param,
+)
 
 
 def require_shared(path):
@@ -36,3 +53,60 @@ def mlflow_store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    """A copy of this repo after one cold `dvc repro` on the real photos."""
+
+    workspace: Path
+    env: dict[str, str]
+    cold: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, dataset_mirror, keras_home) -> Reproduced:
+    """Runs the whole pipeline once per session; tests that change it use `pipeline_copy`."""
+    workspace = copy_workspace(tmp_path_factory.mktemp("reproduced") / "repo")
+    env = pipeline_env(keras_home)
+    with serve_directory(dataset_mirror) as mirror_url:
+        set_param(workspace, "download.base_url", f"{mirror_url}/data")
+        cold = dvc(workspace, "repro", env=env)
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    return Reproduced(workspace, env, cold)
+
+
+@pytest.fixture
+def pipeline_copy(reproduced, tmp_path) -> Path:
+    """A private copy of the reproduced workspace (Git history and DVC cache included)."""
+    return Path(shutil.copytree(reproduced.workspace, tmp_path / "repo", symlinks=True))
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    with moto_s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3(request) -> S3Endpoint:
+    """An empty bucket on an S3 server on loopback, with credentials the server checks.
+
+    A real MinIO when MINIO_ENDPOINT (and MINIO_ACCESS_KEY / MINIO_SECRET_KEY) are set;
+    otherwise moto's standalone server, reset for every test.
+    """
+    if not os.environ.get("MINIO_ENDPOINT"):
+        yield fresh_moto_account(request.getfixturevalue("moto_url"), "dvc-store")
+        return
+    endpoint = S3Endpoint(
+        os.environ["MINIO_ENDPOINT"],
+        f"pipeline-test-{uuid.uuid4().hex[:12]}",
+        os.environ["MINIO_ACCESS_KEY"],
+        os.environ["MINIO_SECRET_KEY"],
+    )
+    client = endpoint.client()
+    client.create_bucket(Bucket=endpoint.bucket)
+    yield endpoint
+    for key in endpoint.objects():
+        client.delete_object(Bucket=endpoint.bucket, Key=key)
+    client.delete_bucket(Bucket=endpoint.bucket)

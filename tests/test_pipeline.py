@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from support import copy_workspace, dvc, pipeline_env, serve_directory, set_param
+from support import dvc, set_param
 
 STAGES = ["download", "split", "preprocess", "train", "evaluate"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
@@ -14,6 +14,8 @@ STAGES = ["download", "split", "preprocess", "train", "evaluate"]
 # 0.85 leaves room for ~3 standard errors of sampling noise below a true 0.95 while still
 # failing any model that learned little (random init scores ~0.5-0.7 here).
 MIN_TEST_ACCURACY = 0.85
+
+pytestmark = pytest.mark.slow
 
 
 def stages_run(output: str) -> list[str]:
@@ -29,45 +31,39 @@ def evaluate_metrics(workspace, env) -> dict:
     return metrics
 
 
-@pytest.mark.slow
-def test_dvc_repro_rebuilds_everything_then_only_what_changed(tmp_path, dataset_mirror, keras_home):
-    workspace = copy_workspace(tmp_path / "repo")
-    env = pipeline_env(keras_home)
-    with serve_directory(dataset_mirror) as mirror_url:
-        set_param(workspace, "download.base_url", f"{mirror_url}/data")
+def test_cold_repro_runs_every_stage_on_all_photos(reproduced):
+    assert stages_run(reproduced.cold.stdout) == STAGES
+    download_report = json.loads((reproduced.workspace / "results/download.json").read_text())
+    ok = {label: result["ok"] for label, result in download_report["classes"].items()}
+    assert ok == {"dandelion": 200, "grass": 200}
+    metrics = evaluate_metrics(reproduced.workspace, reproduced.env)
+    assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc"}
+    assert metrics["accuracy"] >= MIN_TEST_ACCURACY, metrics
 
-        cold = dvc(workspace, "repro", env=env)
-        assert cold.returncode == 0, cold.stdout + cold.stderr
-        assert stages_run(cold.stdout) == STAGES
 
-        download_report = json.loads((workspace / "results/download.json").read_text())
-        assert {label: r["ok"] for label, r in download_report["classes"].items()} == {
-            "dandelion": 200,
-            "grass": 200,
-        }
-        metrics = evaluate_metrics(workspace, env)
-        assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc"}
-        assert metrics["accuracy"] >= MIN_TEST_ACCURACY, metrics
+def test_reproduced_pipeline_is_up_to_date_and_its_plots_render(reproduced):
+    workspace, env = reproduced.workspace, reproduced.env
+    status = dvc(workspace, "status", "--json", env=env)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
 
-        status = dvc(workspace, "status", "--json", env=env)
-        assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    plots = dvc(workspace, "plots", "show", "--json", env=env)
+    assert plots.returncode == 0, plots.stderr
+    rendered = json.loads(plots.stdout)["data"]
+    assert set(rendered) == {
+        "Learning curves (loss)",
+        "Learning curves (accuracy)",
+        "Confusion matrix",
+        "ROC",
+    }
+    assert all(plot[0]["content"]["data"]["values"] for plot in rendered.values())
 
-        plots = dvc(workspace, "plots", "show", "--json", env=env)
-        assert plots.returncode == 0, plots.stderr
-        rendered = json.loads(plots.stdout)["data"]
-        assert set(rendered) == {
-            "Learning curves (loss)",
-            "Learning curves (accuracy)",
-            "Confusion matrix",
-            "ROC",
-        }
-        assert all(plot[0]["content"]["data"]["values"] for plot in rendered.values())
+    noop = dvc(workspace, "repro", env=env)
+    assert noop.returncode == 0, noop.stderr
+    assert stages_run(noop.stdout) == []
 
-        noop = dvc(workspace, "repro", env=env)
-        assert noop.returncode == 0, noop.stderr
-        assert stages_run(noop.stdout) == []
 
-        set_param(workspace, "train.dropout", 0.3)
-        changed = dvc(workspace, "repro", env=env)
-        assert changed.returncode == 0, changed.stdout + changed.stderr
-        assert stages_run(changed.stdout) == ["train", "evaluate"]
+def test_changing_a_train_param_reruns_only_train_and_evaluate(pipeline_copy, reproduced):
+    set_param(pipeline_copy, "train.dropout", 0.3)
+    changed = dvc(pipeline_copy, "repro", env=reproduced.env)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert stages_run(changed.stdout) == ["train", "evaluate"]
