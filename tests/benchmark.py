@@ -1,8 +1,9 @@
-"""Benchmark: time a cold `dvc repro` and a no-op `dvc repro` in a fresh copy of this repo.
+"""Benchmark: cold and no-op `dvc repro`, then `dvc push`/`dvc pull` of all outputs to S3.
 
 The images are served from a local mirror on 127.0.0.1 (default: ../shared's byte-identical
-copy of the dataset), so the figures measure the pipeline, not the internet. Run it from the
-repo root with the project's environment active:
+copy of the dataset) and the S3 remote is moto's server on 127.0.0.1, so the figures measure
+the pipeline and DVC, not the internet. Run it from the repo root with the project's
+environment active:
 
     python tests/benchmark.py [--mirror DIR] [--noop-runs 3]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -21,8 +23,13 @@ from pathlib import Path
 from support import (
     DATASET_MIRROR,
     WEIGHTS_DIR,
+    configure_remote,
     copy_workspace,
     dvc,
+    file_hashes,
+    fresh_moto_account,
+    moto_s3_server,
+    output_paths,
     pipeline_env,
     prepare_keras_home,
     serve_directory,
@@ -30,13 +37,32 @@ from support import (
 )
 
 
-def timed_repro(workspace: Path, env: dict[str, str]) -> float:
+def timed_dvc(workspace: Path, env: dict[str, str], *args: str) -> float:
     start = time.perf_counter()
-    result = dvc(workspace, "repro", env=env)
+    result = dvc(workspace, *args, env=env)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"dvc repro failed:\n{result.stdout}\n{result.stderr}")
+        sys.exit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return elapsed
+
+
+def timed_push_and_pull(workspace: Path, env: dict[str, str]) -> tuple[float, float, int, int]:
+    """Push every cached output to moto's S3 server on loopback, delete it, pull it back."""
+    outputs = output_paths(workspace)
+    before = file_hashes(workspace, outputs)
+    cache = [p for p in (workspace / ".dvc" / "cache").rglob("*") if p.is_file()]
+    volume = sum(p.stat().st_size for p in cache)
+    with moto_s3_server() as url:
+        configure_remote(workspace, fresh_moto_account(url, "dvc-store"), env)
+        push = timed_dvc(workspace, env, "push")
+        shutil.rmtree(workspace / ".dvc" / "cache")
+        for path in outputs:
+            target = workspace / path
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        pull = timed_dvc(workspace, env, "pull")
+    if file_hashes(workspace, outputs) != before:
+        sys.exit("dvc pull did not restore the outputs byte for byte")
+    return push, pull, len(cache), volume
 
 
 def main() -> None:
@@ -59,8 +85,9 @@ def main() -> None:
         workspace = copy_workspace(tmp / "repo")
         with serve_directory(args.mirror) as url:
             set_param(workspace, "download.base_url", f"{url}/data")
-            cold = timed_repro(workspace, env)
-            noops = [timed_repro(workspace, env) for _ in range(args.noop_runs)]
+            cold = timed_dvc(workspace, env, "repro")
+            noops = [timed_dvc(workspace, env, "repro") for _ in range(args.noop_runs)]
+        push, pull, files, volume = timed_push_and_pull(workspace, env)
 
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
@@ -71,6 +98,9 @@ def main() -> None:
         f"no-op dvc repro (median of {len(noops)}):                 "
         f"{statistics.median(noops):6.1f} s"
     )
+    print(f"data: {files} cache files, {volume / 2**20:.1f} MiB (every cached output)")
+    print(f"dvc push to S3 on 127.0.0.1 (moto):                {push:6.1f} s")
+    print(f"dvc pull from S3 on 127.0.0.1 (empty cache):       {pull:6.1f} s")
 
 
 if __name__ == "__main__":

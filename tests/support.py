@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import http.server
 import io
 import json
@@ -209,3 +210,21 @@ def configure_remote(workspace: Path, s3: S3Endpoint, env: dict[str, str], **ove
     for key, value in settings.items():
         result = dvc(workspace, "remote", "modify", "--local", "minio", key, value, env=env)
         assert result.returncode == 0, result.stderr
+
+
+def output_paths(workspace) -> list[str]:
+    """Every output DVC caches (and so pushes), as the pipeline declares them."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        return sorted(out.def_path for out in repo.index.outs if out.use_cache)
+
+
+def file_hashes(workspace, paths) -> dict[str, str]:
+    hashes = {}
+    for path in paths:
+        root = workspace / path
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for file in files:
+            hashes[str(file.relative_to(workspace))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return hashes

@@ -7,7 +7,6 @@ MinIO when MINIO_ENDPOINT is set (see the `s3` fixture).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,8 +19,7 @@ import mlflow
 import pytest
 import requests
 import yaml
-from dvc.repo import Repo
-from support import S3Endpoint, configure_remote, dvc
+from support import S3Endpoint, configure_remote, dvc, file_hashes, output_paths
 
 pytestmark = pytest.mark.slow
 
@@ -30,22 +28,6 @@ CHECKSUM_WHEN_REQUIRED = {
     "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
     "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
 }
-
-
-def output_paths(workspace) -> list[str]:
-    """Every output DVC caches (and so pushes), as the pipeline declares them."""
-    with Repo(str(workspace)) as repo:
-        return sorted(out.def_path for out in repo.index.outs if out.use_cache)
-
-
-def file_hashes(workspace, paths) -> dict[str, str]:
-    hashes = {}
-    for path in paths:
-        root = workspace / path
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for file in files:
-            hashes[str(file.relative_to(workspace))] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return hashes
 
 
 def snapshot(workspace) -> dict[str, str]:
@@ -207,6 +189,7 @@ def test_mlflow_model_artifact_lands_in_the_bucket_and_downloads_identical(
     # URLs would name the S3 endpoint as the server sees it (http://minio:9000 in compose).
     # moto could not serve them here anyway: its IAM check rejects presigned requests.
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     # Bounded client retries: a failure shows up in seconds, not after minutes of backoff.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
