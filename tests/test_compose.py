@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 from dvc.repo import Repo
-from support import REPO_ROOT
+from support import REPO_ROOT, copy_workspace
 
 
 def compose_config(*extra_args: str) -> dict:
@@ -107,3 +108,19 @@ def test_no_credentials_are_committed():
         text=True,
     )
     assert ignored.stdout.split() == [".dvc/config.local", ".env"]
+
+
+def test_pre_commit_refuses_a_force_added_credential_file(tmp_path):
+    workspace = copy_workspace(tmp_path / "repo")
+    (workspace / ".dvc" / "config.local").write_text("[remote minio]\nsecret_access_key = x\n")
+    subprocess.run(["git", "add", "-f", ".dvc/config.local"], cwd=workspace, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "no-credential-files"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PRE_COMMIT_HOME=str(tmp_path / "pre-commit-cache")),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ".dvc/config.local" in result.stdout and "credentials stay local" in result.stdout
