@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from support import (
     WEIGHTS_DIR,
     configure_remote,
     copy_workspace,
+    delete_cache_and_outputs,
     dvc,
     file_hashes,
     fresh_moto_account,
@@ -55,10 +55,7 @@ def timed_push_and_pull(workspace: Path, env: dict[str, str]) -> tuple[float, fl
     with moto_s3_server() as url:
         configure_remote(workspace, fresh_moto_account(url, "dvc-store"), env)
         push = timed_dvc(workspace, env, "push")
-        shutil.rmtree(workspace / ".dvc" / "cache")
-        for path in outputs:
-            target = workspace / path
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        delete_cache_and_outputs(workspace, outputs)
         pull = timed_dvc(workspace, env, "pull")
     if file_hashes(workspace, outputs) != before:
         sys.exit("dvc pull did not restore the outputs byte for byte")

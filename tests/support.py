@@ -228,3 +228,11 @@ def file_hashes(workspace, paths) -> dict[str, str]:
         for file in files:
             hashes[str(file.relative_to(workspace))] = hashlib.sha256(file.read_bytes()).hexdigest()
     return hashes
+
+
+def delete_cache_and_outputs(workspace: Path, outputs: list[str]) -> None:
+    """What a fresh clone lacks: the DVC cache and every cached output."""
+    shutil.rmtree(workspace / ".dvc" / "cache")
+    for path in outputs:
+        target = workspace / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()

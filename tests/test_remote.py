@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,14 @@ import mlflow
 import pytest
 import requests
 import yaml
-from support import S3Endpoint, configure_remote, dvc, file_hashes, output_paths
+from support import (
+    S3Endpoint,
+    configure_remote,
+    delete_cache_and_outputs,
+    dvc,
+    file_hashes,
+    output_paths,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +57,14 @@ def test_push_then_pull_restores_every_output(pipeline_copy, reproduced, s3, che
 
     push = dvc(pipeline_copy, "push", env=env)
     assert push.returncode == 0, push.stdout + push.stderr
-    assert all(key.startswith("dandelion-vs-grass/files/md5/") for key in s3.objects())
+    cache_files = [p for p in (pipeline_copy / ".dvc/cache/files/md5").rglob("*") if p.is_file()]
+    stored = s3.objects()
+    assert len(stored) == len(cache_files) > 0
+    assert all(key.startswith("dandelion-vs-grass/files/md5/") for key in stored)
     in_sync = dvc(pipeline_copy, "status", "--cloud", "--json", env=env)
     assert in_sync.returncode == 0 and json.loads(in_sync.stdout) == {}, in_sync.stdout
 
-    shutil.rmtree(pipeline_copy / ".dvc" / "cache")
-    for path in outputs:
-        target = pipeline_copy / path
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    delete_cache_and_outputs(pipeline_copy, outputs)
 
     pull = dvc(pipeline_copy, "pull", env=env)
     assert pull.returncode == 0, pull.stdout + pull.stderr
