@@ -1,20 +1,28 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from support import (
     DATASET_MIRROR,
+    REPO_ROOT,
     WEIGHTS_DIR,
     S3Endpoint,
     copy_workspace,
     dvc,
+    free_port,
     fresh_moto_account,
     moto_s3_server,
     pipeline_env,
@@ -110,3 +118,95 @@ def s3(request) -> S3Endpoint:
     for key in endpoint.objects():
         client.delete_object(Bucket=endpoint.bucket, Key=key)
     client.delete_bucket(Bucket=endpoint.bucket)
+
+
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    metrics: dict  # what evaluate reported for the served model
+    workspace: Path
+
+
+@pytest.fixture(scope="session")
+def service(reproduced, tmp_path_factory) -> RunningService:
+    """`bentoml serve` on a free loopback port, serving the reproduced pipeline's model."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = dict(reproduced.env, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
+    workspace = reproduced.workspace
+    saved = subprocess.run(
+        [sys.executable, "-c", SAVE_MODEL, str(workspace)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert saved.returncode == 0, saved.stderr
+    port = free_port()
+    log_path = home / "serve.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "serving.service:DandelionService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--working-dir",
+                str(REPO_ROOT),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, server, log_path, timeout=240)
+        yield RunningService(
+            url, json.loads((workspace / "results/evaluate/metrics.json").read_text()), workspace
+        )
+    finally:
+        stop_process_group(server)
+
+
+# Run in a subprocess: BentoML reads BENTOML_HOME when it is first imported.
+SAVE_MODEL = """
+import json, sys
+from pathlib import Path
+import yaml
+from stages.package import save_to_bentoml
+workspace = Path(sys.argv[1])
+params = yaml.safe_load((workspace / "params.yaml").read_text())
+save_to_bentoml(
+    workspace / "data/model/classifier.keras", version="test", classes=params["classes"],
+    image_size=params["preprocess"]["image_size"], serve_params=params["serve"],
+    train_params=params["train"], git_revision="test",
+    test_metrics=json.loads((workspace / "results/evaluate/metrics.json").read_text()),
+)
+"""
+
+
+def wait_until_ready(url, process, log_path, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(1)
+    pytest.fail(f"{url} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_process_group(process):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -236,3 +237,9 @@ def delete_cache_and_outputs(workspace: Path, outputs: list[str]) -> None:
     for path in outputs:
         target = workspace / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

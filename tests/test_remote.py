@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from support import (
     delete_cache_and_outputs,
     dvc,
     file_hashes,
+    free_port,
     output_paths,
 )
 
@@ -39,12 +39,6 @@ CHECKSUM_WHEN_REQUIRED = {
 def snapshot(workspace) -> dict[str, str]:
     """Hashes of every output and every cache file."""
     return file_hashes(workspace, [*output_paths(workspace), ".dvc/cache"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("checksums", ["botocore default", "when_required"])

@@ -1,0 +1,1 @@
+"""The prediction service (BentoML) and what it needs besides the pipeline stages."""

@@ -1,0 +1,156 @@
+"""BentoML service: the champion dandelion-vs-grass classifier over HTTP.
+
+Two services, as BentoML does adaptive batching: `Classifier` holds the Keras model behind a
+batchable endpoint, so concurrent single-image requests reach the model as one batch;
+`DandelionService` is the HTTP front (upload checks, JSON answers, the web page) and calls it.
+Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from serving.uploads import UploadError, UploadLimits, decode_upload
+
+MODEL_NAME = "dandelion-vs-grass"
+MODEL_FILE = "classifier.keras"
+PAGE = (Path(__file__).parent / "page.html").read_text()
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60})
+class Classifier:
+    bento_model = bentoml.models.BentoModel(MODEL_NAME)
+
+    def __init__(self) -> None:
+        import keras  # only this service loads TensorFlow
+
+        self.model = keras.models.load_model(self.bento_model.path_of(MODEL_FILE), compile=False)
+        # Warm up: the first call builds TensorFlow's graph (seconds); without this the
+        # batcher's latency estimate starts out far too high and it sheds requests.
+        size = self.model.input_shape[1]
+        self.model.predict_on_batch(np.zeros((1, size, size, 3), dtype=np.uint8))
+
+    # max_latency_ms bounds how long a request may wait for its batch; the batcher adapts
+    # the actual window to the observed model latency.
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=5000)
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """P(classes[1]) for each ``(N, size, size, 3)`` uint8 image."""
+        return np.asarray(self.model.predict_on_batch(images)).reshape(-1)
+
+
+app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(UploadError)
+async def upload_error(request: Request, error: UploadError) -> JSONResponse:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+@bentoml.asgi_app(app, path="/")
+@bentoml.service(workers=1, traffic={"timeout": 60})
+class DandelionService:
+    classifier = bentoml.depends(Classifier)
+    bento_model = bentoml.models.BentoModel(MODEL_NAME)
+
+    def __init__(self) -> None:
+        metadata = self.bento_model.info.metadata
+        self.classes: list[str] = metadata["classes"]
+        self.image_size: int = metadata["image_size"]
+        self.limits = UploadLimits(
+            **{k: metadata["serve"][k] for k in ("max_upload_bytes", "min_side", "max_pixels")}
+        )
+        self.max_batch_files: int = metadata["serve"]["max_batch_files"]
+        self.info = {
+            "model": str(self.bento_model.tag),
+            **{
+                key: metadata[key]
+                for key in (
+                    "version",
+                    "classes",
+                    "image_size",
+                    "trained_at",
+                    "git_revision",
+                    "test_metrics",
+                    "train_params",
+                )
+            },
+        }
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        return PAGE
+
+    @app.get("/model-info")
+    def model_info(self) -> dict:
+        return self.info
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> dict:
+        """One image in the multipart field ``image``."""
+        (upload,) = await self.read_files(request, field="image", most=1)
+        (score,) = await self.scores(upload[np.newaxis])
+        return self.verdict(float(score))
+
+    @app.post("/predict_batch")
+    async def predict_batch(self, request: Request) -> dict:
+        """Several images, each in a multipart field ``images``."""
+        uploads = await self.read_files(request, field="images", most=self.max_batch_files)
+        scores = await self.scores(np.stack(uploads))
+        return {"predictions": [self.verdict(float(score)) for score in scores]}
+
+    async def scores(self, images: np.ndarray) -> np.ndarray:
+        try:
+            return await self.classifier.to_async.classify(images)
+        except Exception as exc:  # the model service is overloaded, restarting or down
+            raise UploadError(503, f"the model is unavailable, retry shortly ({exc})") from None
+
+    async def read_files(self, request: Request, field: str, most: int) -> list[np.ndarray]:
+        """Decode the files of a multipart ``field``; UploadError (4xx) for anything else."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise UploadError(415, f"send multipart/form-data with the file in the field '{field}'")
+        length = request.headers.get("content-length")
+        if length is None:
+            raise UploadError(411, "the request needs a Content-Length header")
+        if int(length) > most * self.limits.max_upload_bytes + 64 * 1024:
+            raise UploadError(
+                413,
+                f"the request exceeds the upload limit "
+                f"({self.limits.max_upload_bytes} bytes per image)",
+            )
+        try:
+            form = await request.form(max_files=most, max_fields=most + 16)
+        except Exception as exc:  # malformed multipart, too many parts
+            raise UploadError(400, f"unreadable multipart body: {exc}") from None
+        files = form.getlist(field)
+        if not files:
+            raise UploadError(
+                422,
+                f"no file in the multipart field '{field}' "
+                f"(fields sent: {sorted(form.keys()) or 'none'})",
+            )
+        if not all(hasattr(file, "read") for file in files):
+            raise UploadError(422, f"the field '{field}' must hold a file, not text")
+        arrays = []
+        for index, file in enumerate(files):
+            try:
+                arrays.append(decode_upload(await file.read(), self.image_size, self.limits))
+            except UploadError as error:
+                if len(files) > 1:
+                    error.message = f"file {index + 1} ({file.filename}): {error.message}"
+                raise
+        return arrays
+
+    def verdict(self, score: float) -> dict:
+        probabilities = {self.classes[1]: score, self.classes[0]: 1.0 - score}
+        label = max(probabilities, key=probabilities.get)
+        return {
+            "label": label,
+            "confidence": probabilities[label],
+            "probabilities": probabilities,
+            "model_version": self.info["version"],
+        }

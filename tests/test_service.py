@@ -1,0 +1,184 @@
+"""The BentoML service, served for real (`bentoml serve` on 127.0.0.1), on real photos."""
+
+from __future__ import annotations
+
+import csv
+import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from support import DATASET_MIRROR
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 60
+
+
+def split_photos(service) -> list[tuple[str, str]]:
+    """(label, path in the shared mirror) of every photo in the pipeline's test split."""
+    with open(service.workspace / "data/split.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    return [
+        (row["label"], str(DATASET_MIRROR / "data" / row["label"] / row["path"].split("/")[-1]))
+        for row in rows
+    ]
+
+
+def post_image(service, content: bytes, filename="photo.jpg", field="image", route="predict"):
+    return requests.post(
+        f"{service.url}/{route}", files={field: (filename, content)}, timeout=TIMEOUT
+    )
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def a_photo(service) -> Image.Image:
+    _, path = split_photos(service)[0]
+    return Image.open(path).convert("RGB")
+
+
+def test_predictions_on_the_test_split_match_the_pipelines_accuracy(service):
+    photos = split_photos(service)
+    assert len(photos) == 60
+
+    def predict(item):
+        label, path = item
+        with open(path, "rb") as handle:
+            response = post_image(service, handle.read())
+        assert response.status_code == 200, response.text
+        return label, response.json()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(predict, photos))
+    for _, body in results:
+        assert set(body) == {"label", "confidence", "probabilities", "model_version"}
+        assert body["probabilities"]["dandelion"] + body["probabilities"]["grass"] == (
+            pytest.approx(1.0)
+        )
+        assert body["confidence"] == max(body["probabilities"].values())
+    accuracy = np.mean([body["label"] == label for label, body in results])
+    assert accuracy >= service.metrics["accuracy"] - 1e-9, accuracy
+
+
+def sixteen_bit_png(photo: Image.Image) -> bytes:
+    gray = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
+    sixteen = Image.fromarray(gray)  # uint16 -> a 16-bit grayscale image
+    assert sixteen.mode.startswith("I;16")
+    return encoded(sixteen, "PNG")
+
+
+def animated_gif(photo: Image.Image) -> bytes:
+    frames = [photo.convert("P"), Image.new("RGB", photo.size, (255, 0, 0)).convert("P")]
+    return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def exif_rotated_jpeg(photo: Image.Image) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(photo.transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
+
+
+UNUSUAL = {
+    "png-with-alpha": lambda p: encoded(p.convert("RGBA"), "PNG"),
+    "grayscale-jpeg": lambda p: encoded(p.convert("L"), "JPEG"),
+    "cmyk-jpeg": lambda p: encoded(p.convert("CMYK"), "JPEG"),
+    "16-bit-png": sixteen_bit_png,
+    "palette-gif": lambda p: encoded(p.convert("P"), "GIF"),
+    "animated-gif": animated_gif,
+    "exif-rotated-jpeg": exif_rotated_jpeg,
+}
+
+
+@pytest.mark.parametrize("kind", UNUSUAL)
+def test_unusual_but_valid_images_are_classified(service, kind):
+    response = post_image(service, UNUSUAL[kind](a_photo(service)), filename=f"{kind}.img")
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] in {"dandelion", "grass"}
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header says width x height (a decompression bomb's calling card)."""
+    small = encoded(Image.new("L", (1, 1)), "PNG")
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return small[:8] + ihdr + small[8 + 25 :]
+
+
+BAD_UPLOADS = {
+    "empty": (lambda p: b"", 400, "empty"),
+    "not-an-image": (lambda p: b"\x00\x01 definitely not a picture" * 50, 415, "not an image"),
+    "html-page": (lambda p: b"<!doctype html><html><body>hi</body></html>", 415, "not an image"),
+    "truncated-jpeg": (lambda p: encoded(p, "JPEG")[:3000], 422, "corrupt or truncated"),
+    "one-pixel": (lambda p: encoded(Image.new("RGB", (1, 1)), "PNG"), 422, "at least 32 px"),
+    "decompression-bomb": (lambda p: png_claiming_size(20000, 20000), 413, "pixels"),
+    "too-large-upload": (lambda p: b"\xff" * 10_000_001, 413, "exceeds"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_UPLOADS)
+def test_bad_uploads_get_a_clear_4xx(service, kind):
+    make, status, words = BAD_UPLOADS[kind]
+    response = post_image(service, make(a_photo(service)))
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_wrong_field_and_wrong_encoding_get_a_clear_4xx(service):
+    photo = encoded(a_photo(service), "JPEG")
+    wrong_field = post_image(service, photo, field="file")
+    assert wrong_field.status_code == 422
+    assert "no file in the multipart field 'image'" in wrong_field.json()["error"]
+    assert "file" in wrong_field.json()["error"]
+
+    as_json = requests.post(f"{service.url}/predict", json={"image": "x"}, timeout=TIMEOUT)
+    assert as_json.status_code == 415
+    assert "multipart/form-data" in as_json.json()["error"]
+
+    text_field = requests.post(
+        f"{service.url}/predict", files={"image": (None, "text")}, timeout=TIMEOUT
+    )
+    assert text_field.status_code == 422
+
+
+def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
+    photos = [open(path, "rb").read() for _, path in split_photos(service)[:3]]
+    files = [("images", (f"{i}.jpg", content)) for i, content in enumerate(photos)]
+    response = requests.post(f"{service.url}/predict_batch", files=files, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    singles = [post_image(service, content).json() for content in photos]
+    assert [p["label"] for p in predictions] == [s["label"] for s in singles]
+    for batched, single in zip(predictions, singles, strict=True):
+        assert batched["confidence"] == pytest.approx(single["confidence"], abs=1e-5)
+
+    files.append(("images", ("broken.jpg", b"nope")))
+    broken = requests.post(f"{service.url}/predict_batch", files=files, timeout=TIMEOUT)
+    assert broken.status_code == 415
+    assert broken.json()["error"].startswith("file 4 (broken.jpg):")
+
+
+def test_model_info_health_and_metrics(service):
+    info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
+    assert info["classes"] == ["grass", "dandelion"]
+    assert info["test_metrics"]["accuracy"] == service.metrics["accuracy"]
+    assert {"version", "train_params", "trained_at", "git_revision", "image_size"} <= set(info)
+    for probe in ("livez", "readyz"):
+        assert requests.get(f"{service.url}/{probe}", timeout=TIMEOUT).status_code == 200
+    metrics = requests.get(f"{service.url}/metrics", timeout=TIMEOUT)
+    assert metrics.status_code == 200 and "bentoml_" in metrics.text
+
+
+def test_server_survives_everything_above(service):
+    """Runs after the bad-input tests (file order): still ready, still predicting."""
+    assert requests.get(f"{service.url}/readyz", timeout=TIMEOUT).status_code == 200
+    response = post_image(service, encoded(a_photo(service), "JPEG"))
+    assert response.status_code == 200
