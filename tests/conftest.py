@@ -17,7 +17,6 @@ import pytest
 import requests
 from support import (
     DATASET_MIRROR,
-    REPO_ROOT,
     WEIGHTS_DIR,
     S3Endpoint,
     copy_workspace,
@@ -75,8 +74,9 @@ class Reproduced:
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory, dataset_mirror, keras_home) -> Reproduced:
     """Runs the whole pipeline once per session; tests that change it use `pipeline_copy`."""
-    workspace = copy_workspace(tmp_path_factory.mktemp("reproduced") / "repo")
-    env = pipeline_env(keras_home)
+    root = tmp_path_factory.mktemp("reproduced")
+    workspace = copy_workspace(root / "repo")
+    env = pipeline_env(keras_home, root / "bentoml_home")
     with serve_directory(dataset_mirror) as mirror_url:
         set_param(workspace, "download.base_url", f"{mirror_url}/data")
         cold = dvc(workspace, "repro", env=env)
@@ -129,21 +129,9 @@ class RunningService:
 
 @pytest.fixture(scope="session")
 def service(reproduced, tmp_path_factory) -> RunningService:
-    """`bentoml serve` on a free loopback port, serving the reproduced pipeline's model."""
-    home = tmp_path_factory.mktemp("bentoml_home")
-    env = dict(reproduced.env, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true")
-    workspace = reproduced.workspace
-    saved = subprocess.run(
-        [sys.executable, "-c", SAVE_MODEL, str(workspace)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert saved.returncode == 0, saved.stderr
+    """`bentoml serve` on a free loopback port, serving the bento the pipeline built."""
     port = free_port()
-    log_path = home / "serve.log"
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [
@@ -151,20 +139,19 @@ def service(reproduced, tmp_path_factory) -> RunningService:
                 "-m",
                 "bentoml",
                 "serve",
-                "serving.service:DandelionService",
+                "dandelion-vs-grass:latest",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "--working-dir",
-                str(REPO_ROOT),
             ],
-            env=env,
+            env=reproduced.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
+    workspace = reproduced.workspace
     try:
         wait_until_ready(url, server, log_path, timeout=240)
         yield RunningService(
@@ -172,23 +159,6 @@ def service(reproduced, tmp_path_factory) -> RunningService:
         )
     finally:
         stop_process_group(server)
-
-
-# Run in a subprocess: BentoML reads BENTOML_HOME when it is first imported.
-SAVE_MODEL = """
-import json, sys
-from pathlib import Path
-import yaml
-from stages.package import save_to_bentoml
-workspace = Path(sys.argv[1])
-params = yaml.safe_load((workspace / "params.yaml").read_text())
-save_to_bentoml(
-    workspace / "data/model/classifier.keras", version="test", classes=params["classes"],
-    image_size=params["preprocess"]["image_size"], serve_params=params["serve"],
-    train_params=params["train"], git_revision="test",
-    test_metrics=json.loads((workspace / "results/evaluate/metrics.json").read_text()),
-)
-"""
 
 
 def wait_until_ready(url, process, log_path, timeout):

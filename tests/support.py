@@ -99,9 +99,14 @@ def set_param(workspace: Path, dotted_key: str, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def pipeline_env(keras_home: Path) -> dict[str, str]:
+def pipeline_env(keras_home: Path, bentoml_home: Path) -> dict[str, str]:
     """Environment for running ``dvc`` in a workspace copy with this interpreter's tools."""
-    env = dict(os.environ, KERAS_HOME=str(keras_home))
+    env = dict(
+        os.environ,
+        KERAS_HOME=str(keras_home),
+        BENTOML_HOME=str(bentoml_home),
+        BENTOML_DO_NOT_TRACK="true",
+    )
     env.pop("MLFLOW_TRACKING_URI", None)  # the workspace's own default store
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -6,9 +6,9 @@ import json
 import re
 
 import pytest
-from support import dvc, set_param
+from support import dvc, output_paths, set_param
 
-STAGES = ["download", "split", "preprocess", "train", "evaluate"]
+STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
 # logistic regression on its features). On a 60-photo test split one photo is 1.7 points;
 # 0.85 leaves room for ~3 standard errors of sampling noise below a true 0.95 while still
@@ -39,6 +39,8 @@ def test_cold_repro_runs_every_stage_on_all_photos(reproduced):
     metrics = evaluate_metrics(reproduced.workspace, reproduced.env)
     assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc"}
     assert metrics["accuracy"] >= MIN_TEST_ACCURACY, metrics
+    (archive,) = [p for p in output_paths(reproduced.workspace) if p.endswith(".bento")]
+    assert (reproduced.workspace / archive).stat().st_size > 1_000_000  # code + model
 
 
 def test_reproduced_pipeline_is_up_to_date_and_its_plots_render(reproduced):
@@ -62,8 +64,8 @@ def test_reproduced_pipeline_is_up_to_date_and_its_plots_render(reproduced):
     assert stages_run(noop.stdout) == []
 
 
-def test_changing_a_train_param_reruns_only_train_and_evaluate(pipeline_copy, reproduced):
+def test_changing_a_train_param_reruns_only_what_depends_on_it(pipeline_copy, reproduced):
     set_param(pipeline_copy, "train.dropout", 0.3)
     changed = dvc(pipeline_copy, "repro", env=reproduced.env)
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert stages_run(changed.stdout) == ["train", "evaluate"]
+    assert stages_run(changed.stdout) == ["train", "evaluate", "package"]
