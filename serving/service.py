@@ -68,13 +68,14 @@ class DandelionService:
         self.info = {
             "model": str(self.bento_model.tag),
             **{
-                key: metadata[key]
+                key: metadata.get(key)  # older stored models may lack a key
                 for key in (
                     "version",
                     "classes",
                     "image_size",
                     "trained_at",
                     "git_revision",
+                    "dvc_md5",
                     "test_metrics",
                     "train_params",
                 )

@@ -44,7 +44,7 @@ def save_to_bentoml(
     serve_params: dict,
     train_params: dict,
     test_metrics: dict,
-    git_revision: str,
+    revision: dict[str, str],
     trained_at: str | None = None,
 ) -> bentoml.Model:
     """Store ``model_file`` as ``dandelion-vs-grass:<version>``; reuse it if already there."""
@@ -60,7 +60,7 @@ def save_to_bentoml(
         "serve": dict(serve_params),
         "train_params": dict(train_params),
         "test_metrics": dict(test_metrics),
-        "git_revision": git_revision,
+        **revision,  # git_revision (commit that trained it) and dvc_md5 (of its model dir)
         "trained_at": trained_at or datetime.now(UTC).isoformat(timespec="seconds"),
     }
     with bentoml.models.create(tag, labels={"stage": "champion"}, metadata=metadata) as model:
@@ -133,7 +133,7 @@ def package_champion(
                 for k, v in champion.tags.items()
                 if k.startswith("test_")
             },
-            git_revision=champion.tags.get("git_revision", ""),
+            revision={key: champion.tags.get(key, "") for key in ("git_revision", "dvc_md5")},
             trained_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(
                 timespec="seconds"
             ),

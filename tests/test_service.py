@@ -170,7 +170,8 @@ def test_model_info_health_and_metrics(service):
     info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
     assert info["classes"] == ["grass", "dandelion"]
     assert info["test_metrics"]["accuracy"] == service.metrics["accuracy"]
-    assert {"version", "train_params", "trained_at", "git_revision", "image_size"} <= set(info)
+    assert {"version", "train_params", "trained_at", "image_size"} <= set(info)
+    assert len(info["git_revision"]) == 40 and info["dvc_md5"].endswith(".dir")
     for probe in ("livez", "readyz"):
         assert requests.get(f"{service.url}/{probe}", timeout=TIMEOUT).status_code == 200
     metrics = requests.get(f"{service.url}/metrics", timeout=TIMEOUT)
