@@ -82,6 +82,11 @@ class DandelionService:
             },
         }
 
+    async def __is_ready__(self) -> bool:
+        """/readyz: ready once the model service answers (it loads TensorFlow and the model)."""
+        is_ready = getattr(self.classifier, "is_ready", None)  # absent when run in-process
+        return await is_ready(timeout=5) if is_ready else True
+
     @app.get("/", response_class=HTMLResponse)
     def page(self) -> str:
         return PAGE

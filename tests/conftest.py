@@ -1,20 +1,16 @@
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
 from support import (
     DATASET_MIRROR,
     WEIGHTS_DIR,
@@ -28,6 +24,8 @@ from support import (
     prepare_keras_home,
     serve_directory,
     set_param,
+    stop_process_group,
+    wait_until_ready,
 )
 
 
@@ -159,24 +157,3 @@ def service(reproduced, tmp_path_factory) -> RunningService:
         )
     finally:
         stop_process_group(server)
-
-
-def wait_until_ready(url, process, log_path, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log_path.read_text()
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(1)
-    pytest.fail(f"{url} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop_process_group(process):
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()

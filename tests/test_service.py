@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import struct
 import zlib
@@ -12,20 +11,10 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import DATASET_MIRROR
+from support import split_photos
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60
-
-
-def split_photos(service) -> list[tuple[str, str]]:
-    """(label, path in the shared mirror) of every photo in the pipeline's test split."""
-    with open(service.workspace / "data/split.csv", newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
-    return [
-        (row["label"], str(DATASET_MIRROR / "data" / row["label"] / row["path"].split("/")[-1]))
-        for row in rows
-    ]
 
 
 def post_image(service, content: bytes, filename="photo.jpg", field="image", route="predict"):
@@ -41,12 +30,12 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def a_photo(service) -> Image.Image:
-    _, path = split_photos(service)[0]
+    _, path = split_photos(service.workspace)[0]
     return Image.open(path).convert("RGB")
 
 
 def test_predictions_on_the_test_split_match_the_pipelines_accuracy(service):
-    photos = split_photos(service)
+    photos = split_photos(service.workspace)
     assert len(photos) == 60
 
     def predict(item):
@@ -150,7 +139,7 @@ def test_wrong_field_and_wrong_encoding_get_a_clear_4xx(service):
 
 
 def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
-    photos = [open(path, "rb").read() for _, path in split_photos(service)[:3]]
+    photos = [open(path, "rb").read() for _, path in split_photos(service.workspace)[:3]]
     files = [("images", (f"{i}.jpg", content)) for i, content in enumerate(photos)]
     response = requests.post(f"{service.url}/predict_batch", files=files, timeout=TIMEOUT)
     assert response.status_code == 200, response.text

@@ -1,0 +1,86 @@
+"""The bento as an OCI image: `bentoml containerize --backend podman`, run on 127.0.0.1.
+
+There is no Docker engine on the build machines; podman builds and runs the same image.
+tests/podman/ holds what this machine needs: podman settings and a local stand-in for the
+`python:3.11-slim` base image (Docker Hub is unreachable).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+from support import REPO_ROOT, free_port, split_photos, stop_process_group, wait_until_ready
+
+pytestmark = pytest.mark.slow
+PODMAN_DIR = REPO_ROOT / "tests" / "podman"
+
+
+@pytest.fixture(scope="session")
+def container_env(reproduced):
+    missing = [tool for tool in ("podman", "debootstrap", "runc") if not shutil.which(tool)]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} missing: .ci/run installs them (apt-get)")
+        pytest.skip(f"not installed: {missing}")
+    env = dict(reproduced.env, CONTAINERS_CONF=str(PODMAN_DIR / "containers.conf"))
+    subprocess.run(["bash", str(PODMAN_DIR / "base-image.sh")], env=env, check=True, timeout=600)
+    return env
+
+
+@pytest.fixture(scope="session")
+def image(container_env):
+    tag = f"dandelion-vs-grass:test-{uuid.uuid4().hex[:8]}"
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "containerize",
+            "dandelion-vs-grass:latest",
+            "--backend",
+            "podman",
+            "-t",
+            tag,
+        ],
+        env=container_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    yield tag
+    subprocess.run(["podman", "rmi", "-f", tag], env=container_env, capture_output=True)
+
+
+def test_container_serves_the_champion(service, image, container_env, tmp_path):
+    port = free_port()
+    log_path = tmp_path / "container.log"
+    with open(log_path, "wb") as log:
+        container = subprocess.Popen(
+            ["podman", "run", "--rm", "--init", "-p", f"127.0.0.1:{port}:3000", image],
+            env=container_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, container, log_path, timeout=240)
+        correct = 0
+        photos = split_photos(service.workspace)
+        for label, path in photos:
+            with open(path, "rb") as handle:
+                answer = requests.post(f"{url}/predict", files={"image": handle}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            correct += answer.json()["label"] == label
+        assert correct / len(photos) >= service.metrics["accuracy"] - 1e-9
+        bad = requests.post(f"{url}/predict", files={"image": ("x.jpg", b"nope")}, timeout=60)
+        assert bad.status_code == 415
+    finally:
+        stop_process_group(container)
