@@ -8,6 +8,7 @@ Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import bentoml
@@ -17,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from serving.uploads import UploadError, UploadLimits, decode_upload
 
+logger = logging.getLogger("bentoml.service.dandelion")
 MODEL_NAME = "dandelion-vs-grass"
 MODEL_FILE = "classifier.keras"
 PAGE = (Path(__file__).parent / "page.html").read_text()
@@ -110,10 +112,15 @@ class DandelionService:
         return {"predictions": [self.verdict(float(score)) for score in scores]}
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
-        try:
-            return await self.classifier.to_async.classify(images)
-        except Exception as exc:  # the model service is overloaded, restarting or down
-            raise UploadError(503, f"the model is unavailable, retry shortly ({exc})") from None
+        # One retry: a pooled keep-alive connection the model service already closed fails
+        # with "Server disconnected"; classifying is idempotent, so asking again is safe.
+        for attempt in (1, 2):
+            try:
+                return await self.classifier.to_async.classify(images)
+            except Exception as exc:  # the model service is overloaded, restarting or down
+                logger.warning("model service call %d failed: %r", attempt, exc)
+                error = exc
+        raise UploadError(503, f"the model is unavailable, retry shortly ({error})")
 
     async def read_files(self, request: Request, field: str, most: int) -> list[np.ndarray]:
         """Decode the files of a multipart ``field``; UploadError (4xx) for anything else."""

@@ -15,6 +15,7 @@ version, training params, test metrics and revision shown by its /model-info end
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -47,12 +48,15 @@ def save_to_bentoml(
     revision: dict[str, str],
     trained_at: str | None = None,
 ) -> bentoml.Model:
-    """Store ``model_file`` as ``dandelion-vs-grass:<version>``; reuse it if already there."""
+    """Store ``model_file`` as ``dandelion-vs-grass:<version>``, replacing an older copy.
+
+    The stage only runs when something it depends on changed (e.g. the `serve` limits in
+    the metadata), so a stored model of the same version is replaced, never reused.
+    """
     tag = f"{MODEL_NAME}:{version}"
-    try:
-        return bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        pass
+    for store in (bentoml.bentos, bentoml.models):  # bentos first: they reference the model
+        with contextlib.suppress(bentoml.exceptions.NotFound):
+            store.delete(tag)
     metadata = {
         "version": version,
         "classes": list(classes),
@@ -138,11 +142,7 @@ def package_champion(
                 timespec="seconds"
             ),
         )
-    tag = f"{MODEL_NAME}:v{champion.version}"
-    try:
-        bento = bentoml.bentos.get(tag)
-    except bentoml.exceptions.NotFound:
-        bento = bentoml.bentos.build_bentofile("bentofile.yaml", version=f"v{champion.version}")
+    bento = bentoml.bentos.build_bentofile("bentofile.yaml", version=f"v{champion.version}")
     bento_archive.parent.mkdir(parents=True, exist_ok=True)
     bento_archive.unlink(missing_ok=True)
     bentoml.bentos.export_bento(bento.tag, str(bento_archive.resolve()))  # relative: fs root
