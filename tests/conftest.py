@@ -22,10 +22,9 @@ from support import (
     moto_s3_server,
     pipeline_env,
     prepare_keras_home,
+    running_server,
     serve_directory,
     set_param,
-    stop_process_group,
-    wait_until_ready,
 )
 
 
@@ -129,31 +128,20 @@ class RunningService:
 def service(reproduced, tmp_path_factory) -> RunningService:
     """`bentoml serve` on a free loopback port, serving the bento the pipeline built."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "dandelion-vs-grass:latest",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=reproduced.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "dandelion-vs-grass:latest",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     workspace = reproduced.workspace
-    try:
-        wait_until_ready(url, server, log_path, timeout=240)
-        yield RunningService(
-            url, json.loads((workspace / "results/evaluate/metrics.json").read_text()), workspace
-        )
-    finally:
-        stop_process_group(server)
+    with running_server(command, url, log_path, env=reproduced.env):
+        metrics = json.loads((workspace / "results/evaluate/metrics.json").read_text())
+        yield RunningService(url, metrics, workspace)

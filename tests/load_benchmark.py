@@ -28,9 +28,8 @@ from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the an
 from support import (
     REPO_ROOT,
     free_port,
+    running_server,
     split_photos,
-    stop_process_group,
-    wait_until_ready,
 )
 
 MODEL_TAG = "dandelion-vs-grass:latest"
@@ -67,21 +66,6 @@ async def load(url: str, photos: list[bytes], concurrency: int, total: int) -> d
 def tree_rss_mib(process: subprocess.Popen) -> float:
     parent = psutil.Process(process.pid)
     return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
-
-
-def start(command: list[str], log_path: Path, url: str) -> subprocess.Popen:
-    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO_ROOT,
-        )
-    wait_until_ready(url, process, log_path, timeout=240)
-    return process
 
 
 def naive_app(model_path: str, image_size: int):
@@ -147,6 +131,7 @@ def main() -> None:
     photos = [path.read_bytes() for path in paths]
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
 
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
     rows = []
     for name, command in [
         (
@@ -170,16 +155,17 @@ def main() -> None:
     ]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        process = start(
-            [part.format(port=port) for part in command], logs / f"load-{port}.log", url
-        )
-        try:
+        with running_server(
+            [part.format(port=port) for part in command],
+            url,
+            logs / f"load-{port}.log",
+            env=env,
+            cwd=REPO_ROOT,
+        ) as process:
             asyncio.run(load(f"{url}/predict", photos, 4, 16))  # warm-up
             for concurrency in args.concurrency:
                 stats = asyncio.run(load(f"{url}/predict", photos, concurrency, args.requests))
                 rows.append((name, concurrency, stats, tree_rss_mib(process)))
-        finally:
-            stop_process_group(process)
 
     arrays = np.stack([load_image(path, image_size) for path in paths])
     limit = batched_limit(model_path, arrays)

@@ -263,18 +263,46 @@ def split_photos(workspace: Path) -> list[tuple[str, str]]:
     ]
 
 
-def wait_until_ready(url, process, log_path, timeout):
+@contextlib.contextmanager
+def running_server(
+    command: list[str],
+    url: str,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    timeout: float = 240,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Start a server, wait until ``url + ready_path`` answers 200, stop it (and its children)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its workers
+        )
+    try:
+        _wait_until_ready(f"{url}{ready_path}", process, log_path, timeout)
+        yield process
+    finally:
+        _stop_process_group(process)
+
+
+def _wait_until_ready(probe: str, process: subprocess.Popen, log_path: Path, timeout: float):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, log_path.read_text()
         with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if requests.get(probe, timeout=2).status_code == 200:
                 return
         time.sleep(1)
-    raise AssertionError(f"{url} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+    raise AssertionError(f"{probe} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
-def stop_process_group(process):
+def _stop_process_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import requests
-from support import REPO_ROOT, free_port, split_photos, stop_process_group, wait_until_ready
+from support import REPO_ROOT, free_port, running_server, split_photos
 
 pytestmark = pytest.mark.slow
 PODMAN_DIR = REPO_ROOT / "tests" / "podman"
@@ -60,18 +60,9 @@ def image(container_env):
 
 def test_container_serves_the_champion(service, image, container_env, tmp_path):
     port = free_port()
-    log_path = tmp_path / "container.log"
-    with open(log_path, "wb") as log:
-        container = subprocess.Popen(
-            ["podman", "run", "--rm", "--init", "-p", f"127.0.0.1:{port}:3000", image],
-            env=container_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, container, log_path, timeout=240)
+    command = ["podman", "run", "--rm", "--init", "-p", f"127.0.0.1:{port}:3000", image]
+    with running_server(command, url, tmp_path / "container.log", env=container_env):
         correct = 0
         photos = split_photos(service.workspace)
         for label, path in photos:
@@ -82,5 +73,3 @@ def test_container_serves_the_champion(service, image, container_env, tmp_path):
         assert correct / len(photos) >= service.metrics["accuracy"] - 1e-9
         bad = requests.post(f"{url}/predict", files={"image": ("x.jpg", b"nope")}, timeout=60)
         assert bad.status_code == 415
-    finally:
-        stop_process_group(container)

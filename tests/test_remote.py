@@ -15,7 +15,6 @@ import time
 
 import mlflow
 import pytest
-import requests
 import yaml
 from support import (
     S3Endpoint,
@@ -25,6 +24,7 @@ from support import (
     file_hashes,
     free_port,
     output_paths,
+    running_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -159,27 +159,10 @@ def mlflow_server(s3: S3Endpoint, workdir):
         "--artifacts-destination",
         f"s3://{s3.bucket}/mlflow",
     ]
-    with open(workdir / "mlflow-server.log", "wb") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (workdir / "mlflow-server.log").read_text()
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not become healthy in 90 s")
+    log_path = workdir / "mlflow-server.log"
+    with running_server(command, url, log_path, env=env, ready_path="/health", timeout=90):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_mlflow_model_artifact_lands_in_the_bucket_and_downloads_identical(
