@@ -149,9 +149,9 @@ def package_champion(
     return stored
 
 
-def revision_tags(model_dir: Path) -> dict[str, str]:
+def revision_tags(run_id: str, model_dir: Path) -> dict[str, str]:
     """Which Git commit trained the model, and the model's DVC hash (from dvc.lock)."""
-    run = mlflow.get_run(json.loads((model_dir / RUN_FILE).read_text())["run_id"])
+    run = mlflow.get_run(run_id)
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     outs = {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
     return {
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         test_metrics,
         settings["metric"],
         settings["min_improvement"],
-        revision_tags(args.model_dir),
+        revision_tags(run_id, args.model_dir),
     )
     stored = package_champion(client, champion, params, args.bento_archive)
     verb = "promoted to" if promoted else "kept as"
