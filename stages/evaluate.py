@@ -21,6 +21,7 @@ from dvclive import Live
 from sklearn import metrics
 
 from stages.params import load_params
+from stages.tracking import use_project_store
 from stages.train import MODEL_FILE, RUN_FILE
 
 MISCLASSIFIED_FILE = "misclassified.csv"
@@ -58,6 +59,7 @@ def misclassified_rows(paths, labels, scores, classes: list[str], threshold: flo
 def log_to_training_run(model_dir: Path, test_metrics: dict) -> None:
     """Add the test metrics to the MLflow run that trained the model, if that run exists."""
     run_id = json.loads((model_dir / RUN_FILE).read_text())["run_id"]
+    use_project_store()
     try:
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items() if v is not None})

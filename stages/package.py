@@ -31,7 +31,8 @@ from mlflow.exceptions import MlflowException
 
 from serving.service import MODEL_FILE, MODEL_NAME
 from stages.params import load_params
-from stages.train import MLFLOW_EXPERIMENT, RUN_FILE
+from stages.tracking import use_project_store
+from stages.train import RUN_FILE
 
 CHAMPION = "champion"
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = params["package"]
     run_id = json.loads((args.model_dir / RUN_FILE).read_text())["run_id"]
     test_metrics = json.loads(args.metrics_json.read_text())
-    mlflow.set_experiment(MLFLOW_EXPERIMENT)
+    use_project_store()
     client = MlflowClient()
     champion, promoted = promote_if_better(
         client,

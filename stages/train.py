@@ -25,8 +25,8 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from stages.params import load_params
+from stages.tracking import EXPERIMENT, use_project_store
 
-MLFLOW_EXPERIMENT = "dandelion-vs-grass"
 MODEL_FILE = "classifier.keras"
 RUN_FILE = "mlflow_run.json"
 # Stated rather than inferred: MLflow's inference re-imports the model in a subprocess.
@@ -194,11 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()["train"]
     train, val = (dict(np.load(args.data_dir / f"{split}.npz")) for split in ("train", "val"))
 
-    mlflow.set_experiment(MLFLOW_EXPERIMENT)
+    use_project_store()
     # Params, per-epoch metrics and optimizer settings come from autologging; the model
     # trained by fit() is only the head, so the full classifier is logged explicitly.
     mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
-    run_name = os.environ.get("DVC_EXP_NAME")  # names a `dvc exp run` after its experiment
+    # `dvc exp run` (queued or not) exports the experiment name: the MLflow run gets the same
+    # name, so runs and `dvc exp show` rows match.
+    run_name = os.environ.get("DVC_EXP_NAME")
     with (
         mlflow.start_run(run_name=run_name) as run,
         Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live,
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             classifier, name="model", pip_requirements=SERVING_REQUIREMENTS, signature=signature
         )
         (args.model_dir / RUN_FILE).write_text(
-            json.dumps({"run_id": run.info.run_id, "experiment": MLFLOW_EXPERIMENT}) + "\n"
+            json.dumps({"run_id": run.info.run_id, "experiment": EXPERIMENT}) + "\n"
         )
     print(f"train: {summary['epochs']} epochs, val accuracy {summary['val_accuracy']:.3f}")
 

@@ -1,0 +1,41 @@
+"""One MLflow tracking store per project, also for the copies `dvc exp run --queue` runs in.
+
+Without ``MLFLOW_TRACKING_URI`` MLflow writes ``./mlflow.db`` and ``./mlruns`` in the working
+directory. A queued experiment runs in a temporary copy of the repo, so its runs would vanish
+with that copy. DVC exports the real project root to every stage command as ``DVC_ROOT``
+(for queued experiments too), so the default store is anchored there instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+EXPERIMENT = "dandelion-vs-grass"
+STORE_FILE = "mlflow.db"  # git-ignored, like ARTIFACT_DIR
+ARTIFACT_DIR = "mlruns"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def use_project_store(experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the project's store (unless the user chose one) and select ``experiment``."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        root = project_root()
+        mlflow.set_tracking_uri(f"sqlite:///{root / STORE_FILE}")
+        if mlflow.get_experiment_by_name(experiment) is None:
+            # MLflow would otherwise default the artifact folder to the *current* directory,
+            # i.e. inside the temporary copy of a queued experiment.
+            try:
+                mlflow.create_experiment(
+                    experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
+                )
+            except MlflowException:  # a parallel queue worker created it first
+                pass
+    mlflow.set_experiment(experiment)
+    return mlflow.get_tracking_uri()

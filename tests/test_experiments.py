@@ -1,0 +1,128 @@
+"""A queued `dvc exp run` sweep in a copy of the reproduced repo, as the README shows it.
+
+Each experiment runs in DVC's temporary copy of the repo; its MLflow run must land in the
+workspace's own store, named after the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+from support import dvc
+
+pytestmark = pytest.mark.slow
+
+LEARNING_RATES = [0.001, 0.0001]
+# Small: the sweep trains on the reproduced features for a few epochs only.
+SWEEP = ["-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)), "-S", "train.epochs=5"]
+EVALUATE_METRICS = "results/evaluate/metrics.json"
+
+
+def git(workspace, *args):
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
+        cwd=workspace,
+        check=True,
+        capture_output=True,
+    )
+
+
+def run_queued_sweep(workspace, env) -> list[str]:
+    queued = dvc(workspace, "exp", "run", "--queue", *SWEEP, "evaluate", env=env)
+    assert queued.returncode == 0, queued.stderr
+    names = re.findall(r"Queued experiment '([\w-]+)'", queued.stdout)
+    assert len(names) == len(LEARNING_RATES), queued.stdout
+    try:
+        started = dvc(workspace, "queue", "start", env=env)
+        assert started.returncode == 0, started.stderr
+        for name in names:  # `logs --follow` returns when that experiment has finished
+            followed = dvc(workspace, "queue", "logs", "--follow", name, env=env)
+            assert followed.returncode == 0, followed.stderr
+    finally:
+        dvc(workspace, "queue", "stop", env=env)  # the worker must not outlive the test
+    return names
+
+
+def experiments_shown(workspace, env) -> dict[str, dict]:
+    """name -> {"status", "params" (train group), "metrics" (evaluate)} from `dvc exp show`."""
+    shown = dvc(workspace, "exp", "show", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    experiments = {}
+    for baseline in json.loads(shown.stdout):
+        for experiment in baseline.get("experiments") or []:
+            (rev,) = experiment["revs"]
+            data = rev["data"]
+            experiments[experiment["name"]] = {
+                "params": data["params"]["params.yaml"]["data"]["train"],
+                "metrics": data["metrics"][EVALUATE_METRICS]["data"],
+            }
+    return experiments
+
+
+def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, reproduced, tmp_path):
+    workspace = pipeline_copy
+    env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "bentoml_home"))
+    # Start without an MLflow store, so the first run to create one is a queued experiment's,
+    # in its temporary copy: the hard case. (A copied store would also point at the original.)
+    (workspace / "mlflow.db").unlink()
+    shutil.rmtree(workspace / "mlruns")
+    git(workspace, "add", "-A")
+    git(workspace, "commit", "-q", "-m", "reproduced baseline")
+
+    names = run_queued_sweep(workspace, env)
+
+    # Both experiments are listed with their own params and evaluate metrics.
+    experiments = experiments_shown(workspace, env)
+    assert set(experiments) == set(names)
+    assert sorted(e["params"]["learning_rate"] for e in experiments.values()) == sorted(
+        LEARNING_RATES
+    )
+    for experiment in experiments.values():
+        assert experiment["params"]["epochs"] == 5
+        assert 0.0 <= experiment["metrics"]["accuracy"] <= 1.0
+
+    # One MLflow run per experiment, named after it, in the workspace's store (not the
+    # temporary copies), with the experiment's params, test metrics and model artifacts.
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(
+            experiment_names=["dandelion-vs-grass"],
+            filter_string="attributes.status = 'FINISHED'",
+            output_format="list",
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
+    sweep_runs = {run.info.run_name: run for run in runs if run.info.run_name in names}
+    assert set(sweep_runs) == set(names)
+    assert len([run for run in runs if run.info.run_name in names]) == len(names)
+    for name, run in sweep_runs.items():
+        shown = experiments[name]
+        assert float(run.data.params["train.learning_rate"]) == shown["params"]["learning_rate"]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(shown["metrics"]["accuracy"])
+        artifacts = run.info.artifact_uri.removeprefix("file://")
+        assert artifacts.startswith(str(workspace / "mlruns")), artifacts
+        assert (workspace / "mlruns").is_dir()
+    assert not list((workspace / ".dvc/tmp").rglob("mlflow.db"))
+
+    # Applying the better experiment brings its params and metrics into the workspace.
+    best = max(experiments, key=lambda n: (experiments[n]["metrics"]["accuracy"], n))
+    applied = dvc(workspace, "exp", "apply", best, env=env)
+    assert applied.returncode == 0, applied.stderr
+    train_params = yaml.safe_load((workspace / "params.yaml").read_text())["train"]
+    assert train_params["learning_rate"] == experiments[best]["params"]["learning_rate"]
+    assert train_params["epochs"] == 5
+    metrics = json.loads((workspace / EVALUATE_METRICS).read_text())
+    assert metrics == pytest.approx(experiments[best]["metrics"])
+
+    # ... and the packaging step takes it from there: only `package` is out of date.
+    packaged = dvc(workspace, "repro", env=env)
+    assert packaged.returncode == 0, packaged.stdout + packaged.stderr
+    assert re.findall(r"Running stage '(\w+)'", packaged.stdout) == ["package"]
+    # The store started empty, so the applied experiment's model is the first champion.
+    assert "package: version 1 promoted to champion" in packaged.stdout, packaged.stdout
