@@ -1,0 +1,111 @@
+"""Markdown model report of the workspace against a base revision, for CML to post.
+
+    python .github/scripts/report.py origin/main report/report.md
+    cml comment update --watermark-title="model report" report/report.md
+
+Tables come from `dvc metrics diff` and `dvc params diff`; the plots are the named plots of
+dvc.yaml as `dvc plots diff` renders them (base and workspace side by side), turned into
+PNG files next to the report so CML can upload them. On GitHub Actions the script also sets
+the step output ``metrics_changed`` (true/false) for the retrain workflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import vl_convert
+
+# Named plots of dvc.yaml shown in the report.
+PLOTS = ("Confusion matrix", "Learning curves (loss)", "Learning curves (accuracy)")
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ReportError(f"dvc {' '.join(args)} failed:\n{result.stderr.strip()}")
+    return result.stdout
+
+
+def metrics_changed(base: str, repo: Path) -> bool:
+    changes = json.loads(dvc("metrics", "diff", base, "--json", cwd=repo) or "{}")
+    return any(
+        entry.get("old") != entry.get("new")
+        for metrics in changes.values()
+        for entry in metrics.values()
+    )
+
+
+def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
+    """Each named plot as a PNG, drawn from DVC's own Vega-Lite spec of base vs workspace."""
+    specs = json.loads(dvc("plots", "diff", base, "--json", cwd=repo))["data"]
+    missing = [name for name in PLOTS if name not in specs]
+    if missing:
+        raise ReportError(f"plots {missing} are not defined in dvc.yaml (have {sorted(specs)})")
+    images = {}
+    for name in PLOTS:
+        path = out_dir / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".png")
+        path.write_bytes(vl_convert.vegalite_to_png(specs[name][0]["content"], scale=1.5))
+        images[name] = path
+    return images
+
+
+def build_report(base: str, report: Path, repo: Path = Path(".")) -> bool:
+    """Write ``report`` (and its images beside it); return whether any metric changed."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    changed = metrics_changed(base, repo)
+    metrics = dvc("metrics", "diff", base, "--all", "--md", "--precision", "4", cwd=repo)
+    params_changed = any(
+        json.loads(dvc("params", "diff", base, "--json", cwd=repo) or "{}").values()
+    )
+    params = dvc("params", "diff", base, "--md", cwd=repo) if params_changed else ""
+    images = render_plots(base, repo, report.parent)
+    lines = [
+        f"## Model report: workspace vs `{base}`",
+        "",
+        "### Metrics",
+        "",
+        metrics.strip() or "No metrics found.",
+        "",
+        *([] if changed else ["No metric changed.", ""]),
+        "### Params",
+        "",
+        params.strip() or "No parameter changed.",
+        "",
+        "### Plots",
+        "",
+    ]
+    for name, path in images.items():
+        lines += [f"#### {name}", "", f"![{name}](./{path.name})", ""]
+    report.write_text("\n".join(lines))
+    return changed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="Git revision to compare with, e.g. origin/main")
+    parser.add_argument("report", type=Path, help="Markdown file to write (images go beside it)")
+    args = parser.parse_args(argv)
+    try:
+        changed = build_report(args.base, args.report)
+    except ReportError as error:
+        sys.exit(f"report: {error}")
+    if github_output := os.environ.get("GITHUB_OUTPUT"):
+        with open(github_output, "a") as handle:
+            handle.write(f"metrics_changed={str(changed).lower()}\n")
+    print(f"report: {args.report} (metrics {'changed' if changed else 'unchanged'})")
+
+
+if __name__ == "__main__":
+    main()
