@@ -84,11 +84,18 @@ def copy_workspace(dest: Path) -> Path:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "workspace copy"], cwd=dest, check=True)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "workspace copy")
     return dest
+
+
+def git(cwd: Path, *args: str, env=None, check: bool = True) -> subprocess.CompletedProcess:
+    """``git`` with a fixed test identity (for commits), its output captured."""
+    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+    return subprocess.run(
+        ["git", *identity, *args], cwd=cwd, env=env, check=check, capture_output=True, text=True
+    )
 
 
 def set_param(workspace: Path, dotted_key: str, value) -> None:
@@ -115,15 +122,22 @@ def pipeline_env(keras_home: Path, bentoml_home: Path) -> dict[str, str]:
     return env
 
 
-def dvc(workspace: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def python_module(
+    module: str, cwd: Path, *args: str, env: dict[str, str], timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` with this interpreter, its output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=workspace,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
+
+
+def dvc(workspace: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return python_module("dvc", workspace, *args, env=env)
 
 
 def make_image(color=(200, 180, 40), size=(64, 48), mode="RGB", fmt="JPEG", seed=0) -> bytes:

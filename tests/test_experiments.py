@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 
 import mlflow
 import pytest
 import yaml
-from support import dvc
+from support import dvc, git
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +21,6 @@ LEARNING_RATES = [0.001, 0.0001]
 # Small: the sweep trains on the reproduced features for a few epochs only.
 SWEEP = ["-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)), "-S", "train.epochs=5"]
 EVALUATE_METRICS = "results/evaluate/metrics.json"
-
-
-def git(workspace, *args):
-    subprocess.run(
-        ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args],
-        cwd=workspace,
-        check=True,
-        capture_output=True,
-    )
 
 
 def run_queued_sweep(workspace, env) -> list[str]:

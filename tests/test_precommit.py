@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, copy_workspace
+from support import REPO_ROOT, copy_workspace, git, python_module
 
 HOOKS = [
     "ruff-check",
@@ -36,14 +36,7 @@ def hook_env(tmp_path_factory) -> dict[str, str]:
 
 
 def pre_commit(workspace, *args, env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pre_commit", *args],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return python_module("pre_commit", workspace, *args, env=env, timeout=600)
 
 
 def hook_ids(config: dict) -> list[str]:
@@ -82,11 +75,8 @@ def test_installed_hooks_refuse_a_bad_commit(tmp_path, hook_env):
     (workspace / "deploy_key").write_text(f"-----BEGIN {marker}\nb3BlbnNzaC1r\n-----END {marker}\n")
     (workspace / "photos.npz").write_bytes(os.urandom(600_000))
     (workspace / "broken.json").write_text('{"accuracy": 0.9,}')
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "add", "-A"], cwd=workspace, check=True)
-    commit = subprocess.run(
-        [*git, "commit", "-m", "bad"], cwd=workspace, env=hook_env, capture_output=True, text=True
-    )
+    git(workspace, "add", "-A")
+    commit = git(workspace, "commit", "-m", "bad", env=hook_env, check=False)
     assert commit.returncode != 0
     output = commit.stdout + commit.stderr
     failed = re.findall(r"^(.+?)\.+Failed$", output, re.M)
@@ -97,7 +87,5 @@ def test_installed_hooks_refuse_a_bad_commit(tmp_path, hook_env):
         "refuse large files (data and models belong in DVC)",
         "refuse private keys",
     ], output
-    head = subprocess.run(
-        ["git", "log", "--format=%s"], cwd=workspace, capture_output=True, text=True
-    )
-    assert head.stdout.splitlines() == ["workspace copy"]  # nothing was committed
+    log = git(workspace, "log", "--format=%s").stdout
+    assert log.splitlines() == ["workspace copy"]  # nothing was committed

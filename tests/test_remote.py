@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -23,6 +22,7 @@ from support import (
     dvc,
     file_hashes,
     free_port,
+    git,
     output_paths,
     running_server,
 )
@@ -72,13 +72,12 @@ def test_a_pushed_experiment_is_pulled_with_its_outputs_into_a_fresh_clone(
     pipeline_copy, reproduced, s3, tmp_path
 ):
     env = reproduced.env
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-    subprocess.run([*git, "add", "-A"], cwd=pipeline_copy, check=True)
-    subprocess.run([*git, "commit", "-qm", "pipeline run"], cwd=pipeline_copy, check=True)
-    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=pipeline_copy, check=True)
-    subprocess.run(["git", "push", "-q", "origin", "main"], cwd=pipeline_copy, check=True)
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
+    git(pipeline_copy, "add", "-A")
+    git(pipeline_copy, "commit", "-qm", "pipeline run")
+    git(pipeline_copy, "remote", "add", "origin", str(origin))
+    git(pipeline_copy, "push", "-q", "origin", "main")
     configure_remote(pipeline_copy, s3, env)
 
     run = dvc(pipeline_copy, "exp", "run", "-n", "dropout-03", "-S", "train.dropout=0.3", env=env)
@@ -89,7 +88,7 @@ def test_a_pushed_experiment_is_pulled_with_its_outputs_into_a_fresh_clone(
     assert push.returncode == 0, push.stdout + push.stderr
 
     teammate = tmp_path / "teammate"
-    subprocess.run(["git", "clone", "-q", str(origin), str(teammate)], check=True)
+    git(tmp_path, "clone", "-q", str(origin), str(teammate))
     configure_remote(teammate, s3, env)
     pull = dvc(teammate, "exp", "pull", "origin", "dropout-03", env=env)
     assert pull.returncode == 0, pull.stdout + pull.stderr

@@ -14,16 +14,11 @@ import sys
 
 import pytest
 from PIL import Image
-from support import REPO_ROOT, copy_workspace, set_param
+from support import REPO_ROOT, copy_workspace, git, set_param
 
 REPORT_SCRIPT = REPO_ROOT / ".github/scripts/report.py"
 EVALUATE_METRICS = "results/evaluate/metrics.json"
 CONFUSION = "results/evaluate/plots/sklearn/confusion_matrix.json"
-
-
-def commit(workspace, message):
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "commit", "-qam", message], cwd=workspace, check=True)
 
 
 def run_report(workspace, base, tmp_path):
@@ -59,7 +54,7 @@ def two_revisions(tmp_path):
     confusion[0]["predicted"] = "grass" if confusion[0]["predicted"] == "dandelion" else "dandelion"
     (workspace / CONFUSION).write_text(json.dumps(confusion))
     set_param(workspace, "train.dropout", 0.2)
-    commit(workspace, "retrained")
+    git(workspace, "commit", "-qam", "retrained")
     return workspace, before, after
 
 
