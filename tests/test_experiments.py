@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,7 +25,16 @@ SWEEP = ["-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)), "-S"
 EVALUATE_METRICS = "results/evaluate/metrics.json"
 
 
-def run_queued_sweep(workspace, env) -> list[str]:
+def queue_states(workspace, env) -> dict[str, str]:
+    """Experiment name -> state (Queued, Running, Success, Failed...) from `dvc queue status`."""
+    status = dvc(workspace, "queue", "status", env=env)
+    assert status.returncode == 0, status.stderr
+    rows = (line.split() for line in status.stdout.splitlines())
+    return {row[1]: row[-1] for row in rows if len(row) >= 4 and row[0] != "Task"}
+
+
+def run_queued_sweep(workspace, env, timeout=600) -> list[str]:
+    """Queue the sweep, start a worker as the README does, wait (bounded) until it is done."""
     queued = dvc(workspace, "exp", "run", "--queue", *SWEEP, "evaluate", env=env)
     assert queued.returncode == 0, queued.stderr
     names = re.findall(r"Queued experiment '([\w-]+)'", queued.stdout)
@@ -31,11 +42,18 @@ def run_queued_sweep(workspace, env) -> list[str]:
     try:
         started = dvc(workspace, "queue", "start", env=env)
         assert started.returncode == 0, started.stderr
-        for name in names:  # `logs --follow` returns when that experiment has finished
-            followed = dvc(workspace, "queue", "logs", "--follow", name, env=env)
-            assert followed.returncode == 0, followed.stderr
+        deadline = time.monotonic() + timeout
+        while True:
+            states = queue_states(workspace, env)
+            if all(states.get(name) in ("Success", "Failed") for name in names):
+                break
+            assert time.monotonic() < deadline, f"sweep still running after {timeout} s: {states}"
+            time.sleep(5)
     finally:
-        dvc(workspace, "queue", "stop", env=env)  # the worker must not outlive the test
+        dvc(workspace, "queue", "stop", "--kill", env=env)  # no worker outlives the test
+    for name in names:
+        logs = dvc(workspace, "queue", "logs", name, env=env)
+        assert states[name] == "Success", logs.stdout + logs.stderr
     return names
 
 
@@ -86,19 +104,25 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
             filter_string="attributes.status = 'FINISHED'",
             output_format="list",
         )
+        models = {
+            run.info.run_name: mlflow.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run.info.run_id}'",
+                output_format="list",
+            )
+            for run in runs
+        }
     finally:
         mlflow.set_tracking_uri(None)
-    sweep_runs = {run.info.run_name: run for run in runs if run.info.run_name in names}
-    assert set(sweep_runs) == set(names)
-    assert len([run for run in runs if run.info.run_name in names]) == len(names)
-    for name, run in sweep_runs.items():
-        shown = experiments[name]
+    assert sorted(run.info.run_name for run in runs) == sorted(names)
+    for run in runs:
+        shown = experiments[run.info.run_name]
         assert float(run.data.params["train.learning_rate"]) == shown["params"]["learning_rate"]
         assert run.data.metrics["test_accuracy"] == pytest.approx(shown["metrics"]["accuracy"])
-        artifacts = run.info.artifact_uri.removeprefix("file://")
-        assert artifacts.startswith(str(workspace / "mlruns")), artifacts
-        assert (workspace / "mlruns").is_dir()
-    assert not list((workspace / ".dvc/tmp").rglob("mlflow.db"))
+        assert run.info.artifact_uri.startswith((workspace / "mlruns").as_uri())
+        (model,) = models[run.info.run_name]
+        model_dir = Path(model.artifact_location.removeprefix("file://"))
+        assert model_dir.is_relative_to(workspace / "mlruns") and (model_dir / "MLmodel").is_file()
 
     # Applying the better experiment brings its params and metrics into the workspace.
     best = max(experiments, key=lambda n: (experiments[n]["metrics"]["accuracy"], n))

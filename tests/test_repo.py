@@ -25,19 +25,25 @@ def test_every_stage_input_is_in_git_or_made_by_a_stage():
     """Queued experiments run in temp copies holding only Git- and DVC-tracked files."""
     from dvc.repo import Repo
 
-    tracked = set(
-        subprocess.run(
-            ["git", "ls-files"], cwd=REPO_ROOT, check=True, capture_output=True, text=True
-        ).stdout.splitlines()
-    )
+    def git_files(*options: str) -> list[str]:
+        listed = subprocess.run(
+            ["git", "ls-files", *options], cwd=REPO_ROOT, check=True, capture_output=True
+        )
+        return listed.stdout.decode().splitlines()
+
+    tracked, untracked = git_files(), git_files("--others", "--exclude-standard")
     with Repo(str(REPO_ROOT)) as repo:
         outputs = [out.def_path for out in repo.index.outs]
         deps = {dep.def_path for stage in repo.index.stages for dep in stage.deps}
 
-    def covered(path: str) -> bool:
-        in_git = path in tracked or any(name.startswith(path + "/") for name in tracked)
-        made = any(path == out or path.startswith(out + "/") for out in outputs)
-        return in_git or made
+    def under(path: str, names) -> list[str]:
+        return [name for name in names if name == path or name.startswith(path + "/")]
+
+    def made_by_a_stage(path: str) -> bool:
+        return any(path == out or path.startswith(out + "/") for out in outputs)
 
     assert "params.yaml" in deps and "data/catalogue.csv" in deps
-    assert [path for path in sorted(deps) if not covered(path)] == []
+    missing = [p for p in sorted(deps) if not (under(p, tracked) or made_by_a_stage(p))]
+    assert missing == []
+    # A new file inside a tracked dependency (say serving/new.py) must be added to Git too.
+    assert [name for dep in sorted(deps) for name in under(dep, untracked)] == []

@@ -78,7 +78,8 @@ def test_pipeline_workflows_pull_reproduce_report_and_comment(name):
     uses = [step.get("uses", "") for step in job["steps"]]
     assert "./.github/actions/pipeline-setup" in uses  # setup-python, setup-cml, dvc pull
     scripts = run_scripts(document)
-    assert "dvc repro" in scripts
+    # Up to evaluate: packaging would touch the model registry before a human merged.
+    assert "dvc repro evaluate" in scripts
     assert "python .github/scripts/report.py" in scripts
     assert "cml comment update" in scripts
     assert job["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.MINIO_SECRET_KEY }}"
@@ -88,8 +89,19 @@ def test_retrain_runs_on_a_schedule_and_on_demand_and_opens_a_pr_only_on_change(
     retrain = workflow("retrain")
     assert {"schedule", "workflow_dispatch"} <= set(retrain[True])
     (job,) = retrain["jobs"].values()
-    conditional = [step for step in job["steps"] if "cml pr create" in step.get("run", "")]
-    assert conditional and conditional[0]["if"] == "steps.report.outputs.metrics_changed == 'true'"
+    (pr_step,) = [step for step in job["steps"] if "cml pr create" in step.get("run", "")]
+    assert pr_step["if"] == "steps.report.outputs.metrics_changed == 'true'"
+    # The report goes to the pull request just opened (its number from the URL cml printed).
+    assert 'cml comment update --target="pr/${url##*/}"' in pr_step["run"]
+
+
+def test_cml_comment_flags_are_compatible():
+    """CML rejects --commit-sha together with --target or --pr (mutually exclusive options)."""
+    for name in ("cml", "retrain"):
+        for line in run_scripts(workflow(name)).splitlines():
+            if "cml comment" in line:
+                assert "--watermark-title" in line, line  # what `update` finds its comment by
+                assert not ("--commit-sha" in line and ("--target" in line or "--pr" in line))
 
 
 def test_pipeline_setup_action_installs_cml_and_pulls_with_the_minio_remote(tmp_path):
