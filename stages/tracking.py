@@ -8,6 +8,7 @@ with that copy. DVC exports the real project root to every stage command as ``DV
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,14 +29,15 @@ def use_project_store(experiment: str = EXPERIMENT) -> str:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         root = project_root()
         mlflow.set_tracking_uri(f"sqlite:///{root / STORE_FILE}")
-        if mlflow.get_experiment_by_name(experiment) is None:
-            # MLflow would otherwise default the artifact folder to the *current* directory,
-            # i.e. inside the temporary copy of a queued experiment.
-            try:
-                mlflow.create_experiment(
-                    experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
-                )
-            except MlflowException:  # a parallel queue worker created it first
-                pass
+        # MLflow puts the artifacts of a new store and experiment under ./mlruns of the
+        # *current* directory, which for a queued experiment is its temporary copy.
+        with contextlib.chdir(root):
+            if mlflow.get_experiment_by_name(experiment) is None:
+                try:
+                    mlflow.create_experiment(
+                        experiment, artifact_location=(root / ARTIFACT_DIR).as_uri()
+                    )
+                except MlflowException:  # a parallel queue worker created it first
+                    pass
     mlflow.set_experiment(experiment)
     return mlflow.get_tracking_uri()

@@ -104,6 +104,8 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
             filter_string="attributes.status = 'FINISHED'",
             output_format="list",
         )
+        # MLflow's own "Default" experiment too: created with the store, by a queued run.
+        default_experiment = mlflow.get_experiment_by_name("Default")
         models = {
             run.info.run_name: mlflow.search_logged_models(
                 experiment_ids=[run.info.experiment_id],
@@ -115,6 +117,7 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     finally:
         mlflow.set_tracking_uri(None)
     assert sorted(run.info.run_name for run in runs) == sorted(names)
+    assert default_experiment.artifact_location.startswith(str(workspace / "mlruns"))
     for run in runs:
         shown = experiments[run.info.run_name]
         assert float(run.data.params["train.learning_rate"]) == shown["params"]["learning_rate"]
