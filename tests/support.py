@@ -33,6 +33,7 @@ SHARED = REPO_ROOT.parent / "shared"
 DATASET_MIRROR = SHARED / "datasets" / "greenr-airflow"
 WEIGHTS_DIR = SHARED / "weights"
 MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 
 
 @contextlib.contextmanager
@@ -138,6 +139,27 @@ def python_module(
 
 def dvc(workspace: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return python_module("dvc", workspace, *args, env=env)
+
+
+@dataclass(frozen=True)
+class ReportRun:
+    result: subprocess.CompletedProcess
+    markdown: Path  # images beside it
+    github_output: Path  # the step outputs the workflows read
+
+
+def run_report(workspace: Path, base: str, out_dir: Path, env=None) -> ReportRun:
+    """Run .github/scripts/report.py in ``workspace`` as the workflows do."""
+    markdown, github_output = out_dir / "report" / "report.md", out_dir / "github_output"
+    github_output.unlink(missing_ok=True)
+    result = subprocess.run(
+        [sys.executable, str(REPORT_SCRIPT), base, str(markdown)],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        env=dict(env or os.environ, GITHUB_OUTPUT=str(github_output)),
+    )
+    return ReportRun(result, markdown, github_output)
 
 
 def make_image(color=(200, 180, 40), size=(64, 48), mode="RGB", fmt="JPEG", seed=0) -> bytes:

@@ -7,31 +7,14 @@ train param and the test metrics, as a retrained model would.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
-from support import REPO_ROOT, copy_workspace, git, set_param
+from support import copy_workspace, git, run_report, set_param
 
-REPORT_SCRIPT = REPO_ROOT / ".github/scripts/report.py"
 EVALUATE_METRICS = "results/evaluate/metrics.json"
 CONFUSION = "results/evaluate/plots/sklearn/confusion_matrix.json"
-
-
-def run_report(workspace, base, tmp_path):
-    github_output = tmp_path / "github_output"
-    report = tmp_path / "report" / "report.md"
-    result = subprocess.run(
-        [sys.executable, str(REPORT_SCRIPT), base, str(report)],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, GITHUB_OUTPUT=str(github_output)),
-    )
-    return result, report, github_output
 
 
 def table_row(markdown: str, *cells: str) -> list[str]:
@@ -60,16 +43,16 @@ def two_revisions(tmp_path):
 
 def test_report_tables_hold_before_and_after_and_the_plots_exist(two_revisions, tmp_path):
     workspace, before, after = two_revisions
-    result, report, github_output = run_report(workspace, "HEAD~1", tmp_path)
-    assert result.returncode == 0, result.stderr
-    markdown = report.read_text()
+    run = run_report(workspace, "HEAD~1", tmp_path)
+    assert run.result.returncode == 0, run.result.stderr
+    markdown = run.markdown.read_text()
 
     accuracy = table_row(markdown, EVALUATE_METRICS, "accuracy")
     assert accuracy[2:] == [f"{before['accuracy']:.4g}", "0.75", f"{0.75 - before['accuracy']:.4g}"]
     recall = table_row(markdown, EVALUATE_METRICS, "recall")  # unchanged, still listed
     assert float(recall[2]) == float(recall[3]) == pytest.approx(before["recall"], abs=1e-4)
     assert table_row(markdown, "params.yaml", "train.dropout")[2:] == ["0.5", "0.2"]
-    assert "metrics_changed=true" in github_output.read_text()
+    assert "metrics_changed=true" in run.github_output.read_text()
 
     images = re.findall(r"!\[([^\]]+)\]\(\./([^)]+)\)", markdown)
     assert [name for name, _ in images] == [
@@ -78,23 +61,23 @@ def test_report_tables_hold_before_and_after_and_the_plots_exist(two_revisions, 
         "Learning curves (accuracy)",
     ]
     for _, file_name in images:
-        with Image.open(report.parent / file_name) as image:
+        with Image.open(run.markdown.parent / file_name) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
 
 
 def test_report_against_itself_says_nothing_changed(two_revisions, tmp_path):
     workspace, _, after = two_revisions
-    result, report, github_output = run_report(workspace, "HEAD", tmp_path)
-    assert result.returncode == 0, result.stderr
-    markdown = report.read_text()
+    run = run_report(workspace, "HEAD", tmp_path)
+    assert run.result.returncode == 0, run.result.stderr
+    markdown = run.markdown.read_text()
     assert "No metric changed." in markdown and "No parameter changed." in markdown
     assert table_row(markdown, EVALUATE_METRICS, "accuracy")[2:4] == ["0.75", "0.75"]
-    assert "metrics_changed=false" in github_output.read_text()
+    assert "metrics_changed=false" in run.github_output.read_text()
 
 
 def test_unknown_base_revision_is_a_clear_error(two_revisions, tmp_path):
     workspace, _, _ = two_revisions
-    result, report, _ = run_report(workspace, "no-such-branch", tmp_path)
-    assert result.returncode != 0
-    assert "unknown Git revision 'no-such-branch'" in result.stderr
-    assert not report.exists()
+    run = run_report(workspace, "no-such-branch", tmp_path)
+    assert run.result.returncode != 0
+    assert "unknown Git revision 'no-such-branch'" in run.result.stderr
+    assert not run.markdown.exists()

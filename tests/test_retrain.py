@@ -1,0 +1,68 @@
+"""The steps of .github/workflows/retrain.yml on a copy of the reproduced repo, minus GitHub.
+
+A change to the catalogue reaches main; retraining (`dvc repro evaluate`) reruns everything
+from `download` on, and the report script tells the workflow to open a pull request. A
+scheduled run with nothing new must not. (`cml pr create` and GitHub itself cannot run here.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from support import dvc, git, run_report, serve_directory, set_param
+
+pytestmark = pytest.mark.slow
+
+DROPPED_PER_CLASS = 10  # 190 photos per class stay, above download.min_per_class
+
+
+def retrain_and_report(workspace, env, tmp_path) -> tuple[list[str], str, str]:
+    """`dvc repro evaluate`, then the report against HEAD: (stages run, report, step output)."""
+    repro = dvc(workspace, "repro", "evaluate", env=env)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    report = run_report(workspace, "HEAD", tmp_path, env=env)
+    assert report.result.returncode == 0, report.result.stderr
+    stages = re.findall(r"Running stage '(\w+)'", repro.stdout)
+    return stages, report.markdown.read_text(), report.github_output.read_text()
+
+
+def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
+    pipeline_copy, reproduced, dataset_mirror, tmp_path
+):
+    workspace, env = pipeline_copy, reproduced.env
+    with serve_directory(dataset_mirror) as mirror_url:
+        # Where the photos come from is not a dependency (see dvc.yaml): nothing reruns.
+        set_param(workspace, "download.base_url", f"{mirror_url}/data")
+        git(workspace, "add", "-A")
+        git(workspace, "commit", "-qm", "reproduced main")
+
+        stages, report, output = retrain_and_report(workspace, env, tmp_path)
+        assert stages == [] and "metrics_changed=false" in output  # scheduled run, no news
+
+        catalogue = workspace / "data/catalogue.csv"
+        with catalogue.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        kept = [
+            row for row in rows if int(row["filename"].removesuffix(".jpg")) >= DROPPED_PER_CLASS
+        ]
+        with catalogue.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+        git(workspace, "commit", "-qam", "catalogue: drop 10 photos per class")
+
+        stages, report, output = retrain_and_report(workspace, env, tmp_path)
+
+    assert stages == ["download", "split", "preprocess", "train", "evaluate"]
+    assert "metrics_changed=true" in output
+    download = json.loads((workspace / "results/download.json").read_text())
+    assert {label: c["ok"] for label, c in download["classes"].items()} == {
+        "dandelion": 200 - DROPPED_PER_CLASS,
+        "grass": 200 - DROPPED_PER_CLASS,
+    }
+    assert "| results/train/metrics.json" in report and "Change" in report
+    changed = git(workspace, "status", "--porcelain").stdout
+    assert "dvc.lock" in changed and "results/evaluate/metrics.json" in changed, changed
