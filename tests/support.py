@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,8 +120,18 @@ def pipeline_env(keras_home: Path, bentoml_home: Path) -> dict[str, str]:
         BENTOML_DO_NOT_TRACK="true",
     )
     env.pop("MLFLOW_TRACKING_URI", None)  # the workspace's own default store
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    return with_interpreter_tools(env)
+
+
+def with_interpreter_tools(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's scripts (dvc, ruff...) first on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return dict(env, PATH=path)
+
+
+def stages_run(dvc_output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` ran, in order, from its output."""
+    return re.findall(r"Running stage '(\w+)'", dvc_output)
 
 
 def python_module(

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import dvc, git
+from support import dvc, git, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +140,6 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     # ... and the packaging step takes it from there: only `package` is out of date.
     packaged = dvc(workspace, "repro", env=env)
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
-    assert re.findall(r"Running stage '(\w+)'", packaged.stdout) == ["package"]
+    assert stages_run(packaged.stdout) == ["package"]
     # The store started empty, so the applied experiment's model is the first champion.
     assert "package: version 1 promoted to champion" in packaged.stdout, packaged.stdout

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
-from support import dvc, output_paths, set_param
+from support import dvc, output_paths, set_param, stages_run
 
 STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
@@ -16,10 +15,6 @@ STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
 MIN_TEST_ACCURACY = 0.85
 
 pytestmark = pytest.mark.slow
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '(\w+)'", output)
 
 
 def evaluate_metrics(workspace, env) -> dict:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, git, python_module
+from support import REPO_ROOT, git, python_module, with_interpreter_tools
 
 HOOKS = [
     "ruff-check",
@@ -30,9 +29,8 @@ HOOKS = [
 
 @pytest.fixture(scope="module")
 def hook_env(tmp_path_factory) -> dict[str, str]:
-    env = dict(os.environ, PRE_COMMIT_HOME=str(tmp_path_factory.mktemp("pre-commit-home")))
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])  # dvc
-    return env
+    cache = tmp_path_factory.mktemp("pre-commit-home")
+    return with_interpreter_tools(dict(os.environ, PRE_COMMIT_HOME=str(cache)))  # dvc hooks
 
 
 def fresh_clone(dest: Path) -> Path:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 
 import pytest
-from support import dvc, git, run_report, serve_directory, set_param
+from support import dvc, git, run_report, serve_directory, set_param, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +24,7 @@ def retrain_and_report(workspace, env, tmp_path) -> tuple[list[str], str, str]:
     assert repro.returncode == 0, repro.stdout + repro.stderr
     report = run_report(workspace, "HEAD", tmp_path, env=env)
     assert report.result.returncode == 0, report.result.stderr
-    stages = re.findall(r"Running stage '(\w+)'", repro.stdout)
-    return stages, report.markdown.read_text(), report.github_output.read_text()
+    return stages_run(repro.stdout), report.markdown.read_text(), report.github_output.read_text()
 
 
 def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
