@@ -13,6 +13,7 @@ import mlflow
 import pytest
 from support import (
     DATASET_MIRROR,
+    EVALUATE_METRICS,
     WEIGHTS_DIR,
     S3Endpoint,
     copy_workspace,
@@ -143,5 +144,5 @@ def service(reproduced, tmp_path_factory) -> RunningService:
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     workspace = reproduced.workspace
     with running_server(command, url, log_path, env=reproduced.env):
-        metrics = json.loads((workspace / "results/evaluate/metrics.json").read_text())
+        metrics = json.loads((workspace / EVALUATE_METRICS).read_text())
         yield RunningService(url, metrics, workspace)

@@ -35,6 +35,9 @@ DATASET_MIRROR = SHARED / "datasets" / "greenr-airflow"
 WEIGHTS_DIR = SHARED / "weights"
 MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
+# The pipeline's paths, declared once in dvc.yaml's `vars` (catalogue, model_dir, ...).
+PIPELINE_PATHS: dict[str, str] = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["vars"][0]
+EVALUATE_METRICS = f"{PIPELINE_PATHS['evaluate_dir']}/metrics.json"
 
 
 @contextlib.contextmanager

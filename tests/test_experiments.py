@@ -15,14 +15,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import dvc, git, stages_run
+from support import EVALUATE_METRICS, dvc, git, stages_run
 
 pytestmark = pytest.mark.slow
 
 LEARNING_RATES = [0.001, 0.0001]
 # Small: the sweep trains on the reproduced features for a few epochs only.
 SWEEP = ["-S", "train.learning_rate=" + ",".join(map(str, LEARNING_RATES)), "-S", "train.epochs=5"]
-EVALUATE_METRICS = "results/evaluate/metrics.json"
 
 
 def queue_states(workspace, env) -> dict[str, str]:

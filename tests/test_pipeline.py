@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import dvc, output_paths, set_param, stages_run
+from support import PIPELINE_PATHS, dvc, output_paths, set_param, stages_run
 
 STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
@@ -28,7 +28,9 @@ def evaluate_metrics(workspace, env) -> dict:
 
 def test_cold_repro_runs_every_stage_on_all_photos(reproduced):
     assert stages_run(reproduced.cold.stdout) == STAGES
-    download_report = json.loads((reproduced.workspace / "results/download.json").read_text())
+    download_report = json.loads(
+        (reproduced.workspace / PIPELINE_PATHS["download_report"]).read_text()
+    )
     ok = {label: result["ok"] for label, result in download_report["classes"].items()}
     assert ok == {"dandelion": 200, "grass": 200}
     metrics = evaluate_metrics(reproduced.workspace, reproduced.env)

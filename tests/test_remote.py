@@ -16,6 +16,8 @@ import mlflow
 import pytest
 import yaml
 from support import (
+    EVALUATE_METRICS,
+    PIPELINE_PATHS,
     S3Endpoint,
     configure_remote,
     delete_cache_and_outputs,
@@ -46,7 +48,7 @@ def test_push_then_pull_restores_every_output(pipeline_copy, reproduced, s3, che
     env = dict(reproduced.env, **(CHECKSUM_WHEN_REQUIRED if checksums == "when_required" else {}))
     configure_remote(pipeline_copy, s3, env)
     outputs = output_paths(pipeline_copy)
-    assert {"data/raw", "data/preprocessed", "data/model"} <= set(outputs)
+    assert {PIPELINE_PATHS[key] for key in ("raw_dir", "arrays_dir", "model_dir")} <= set(outputs)
     before = file_hashes(pipeline_copy, outputs)
 
     push = dvc(pipeline_copy, "push", env=env)
@@ -82,8 +84,8 @@ def test_a_pushed_experiment_is_pulled_with_its_outputs_into_a_fresh_clone(
 
     run = dvc(pipeline_copy, "exp", "run", "-n", "dropout-03", "-S", "train.dropout=0.3", env=env)
     assert run.returncode == 0, run.stdout + run.stderr
-    metrics = (pipeline_copy / "results/evaluate/metrics.json").read_text()
-    model = file_hashes(pipeline_copy, ["data/model"])
+    metrics = (pipeline_copy / EVALUATE_METRICS).read_text()
+    model = file_hashes(pipeline_copy, [PIPELINE_PATHS["model_dir"]])
     push = dvc(pipeline_copy, "exp", "push", "origin", "dropout-03", env=env)
     assert push.returncode == 0, push.stdout + push.stderr
 
@@ -98,8 +100,8 @@ def test_a_pushed_experiment_is_pulled_with_its_outputs_into_a_fresh_clone(
     apply = dvc(teammate, "exp", "apply", "dropout-03", env=env)
     assert apply.returncode == 0, apply.stdout + apply.stderr
     assert yaml.safe_load((teammate / "params.yaml").read_text())["train"]["dropout"] == 0.3
-    assert (teammate / "results/evaluate/metrics.json").read_text() == metrics
-    assert file_hashes(teammate, ["data/model"]) == model
+    assert (teammate / EVALUATE_METRICS).read_text() == metrics
+    assert file_hashes(teammate, [PIPELINE_PATHS["model_dir"]]) == model
 
 
 def test_wrong_credentials_fail_clearly_and_touch_nothing(pipeline_copy, reproduced, s3):
@@ -175,7 +177,7 @@ def test_mlflow_model_artifact_lands_in_the_bucket_and_downloads_identical(
     # Bounded client retries: a failure shows up in seconds, not after minutes of backoff.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    model_file = reproduced.workspace / "data/model/classifier.keras"
+    model_file = reproduced.workspace / PIPELINE_PATHS["model_dir"] / "classifier.keras"
     with mlflow_server(s3, tmp_path) as url:
         client = mlflow.MlflowClient(tracking_uri=url)
         experiment_id = client.create_experiment("team")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from support import REPO_ROOT
+from support import PIPELINE_PATHS, REPO_ROOT
 
 
 def command_lines(path):
@@ -42,7 +42,7 @@ def test_every_stage_input_is_in_git_or_made_by_a_stage():
     def made_by_a_stage(path: str) -> bool:
         return any(path == out or path.startswith(out + "/") for out in outputs)
 
-    assert "params.yaml" in deps and "data/catalogue.csv" in deps
+    assert "params.yaml" in deps and PIPELINE_PATHS["catalogue"] in deps
     missing = [p for p in sorted(deps) if not (under(p, tracked) or made_by_a_stage(p))]
     assert missing == []
     # A new file inside a tracked dependency (say serving/new.py) must be added to Git too.

@@ -11,10 +11,9 @@ import re
 
 import pytest
 from PIL import Image
-from support import copy_workspace, git, run_report, set_param
+from support import EVALUATE_METRICS, PIPELINE_PATHS, copy_workspace, git, run_report, set_param
 
-EVALUATE_METRICS = "results/evaluate/metrics.json"
-CONFUSION = "results/evaluate/plots/sklearn/confusion_matrix.json"
+CONFUSION = f"{PIPELINE_PATHS['evaluate_dir']}/plots/sklearn/confusion_matrix.json"
 
 
 def table_row(markdown: str, *cells: str) -> list[str]:

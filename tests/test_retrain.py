@@ -11,7 +11,16 @@ import csv
 import json
 
 import pytest
-from support import dvc, git, run_report, serve_directory, set_param, stages_run
+from support import (
+    EVALUATE_METRICS,
+    PIPELINE_PATHS,
+    dvc,
+    git,
+    run_report,
+    serve_directory,
+    set_param,
+    stages_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +49,7 @@ def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
         stages, report, output = retrain_and_report(workspace, env, tmp_path)
         assert stages == [] and "metrics_changed=false" in output  # scheduled run, no news
 
-        catalogue = workspace / "data/catalogue.csv"
+        catalogue = workspace / PIPELINE_PATHS["catalogue"]
         with catalogue.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         kept = [
@@ -56,11 +65,11 @@ def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
 
     assert stages == ["download", "split", "preprocess", "train", "evaluate"]
     assert "metrics_changed=true" in output
-    download = json.loads((workspace / "results/download.json").read_text())
+    download = json.loads((workspace / PIPELINE_PATHS["download_report"]).read_text())
     assert {label: c["ok"] for label, c in download["classes"].items()} == {
         "dandelion": 200 - DROPPED_PER_CLASS,
         "grass": 200 - DROPPED_PER_CLASS,
     }
-    assert "| results/train/metrics.json" in report and "Change" in report
+    assert f"| {PIPELINE_PATHS['train_dir']}/metrics.json" in report and "Change" in report
     changed = git(workspace, "status", "--porcelain").stdout
-    assert "dvc.lock" in changed and "results/evaluate/metrics.json" in changed, changed
+    assert "dvc.lock" in changed and EVALUATE_METRICS in changed, changed
