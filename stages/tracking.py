@@ -24,7 +24,7 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
-def use_project_store(experiment: str = EXPERIMENT) -> str:
+def use_project_store(experiment: str = EXPERIMENT) -> None:
     """Point MLflow at the project's store (unless the user chose one) and select ``experiment``."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         root = project_root()
@@ -40,4 +40,3 @@ def use_project_store(experiment: str = EXPERIMENT) -> str:
                 except MlflowException:  # a parallel queue worker created it first
                     pass
     mlflow.set_experiment(experiment)
-    return mlflow.get_tracking_uri()
