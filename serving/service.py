@@ -4,6 +4,10 @@ Two services, as BentoML does adaptive batching: `Classifier` holds the Keras mo
 batchable endpoint, so concurrent single-image requests reach the model as one batch;
 `DandelionService` is the HTTP front (upload checks, JSON answers, the web page) and calls it.
 Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins.
+
+Everything model-specific (classes, decision threshold, input size, upload limits) comes from
+the packaged model's card (serving/contract.py), so the service decides exactly as the
+pipeline's evaluate stage did for the model it serves.
 """
 
 from __future__ import annotations
@@ -16,11 +20,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
 from serving.uploads import UploadError, UploadLimits, decode_upload
 
 logger = logging.getLogger("bentoml.service.dandelion")
-MODEL_NAME = "dandelion-vs-grass"
-MODEL_FILE = "classifier.keras"
 PAGE = (Path(__file__).parent / "page.html").read_text()
 
 
@@ -60,28 +63,16 @@ class DandelionService:
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
 
     def __init__(self) -> None:
-        metadata = self.bento_model.info.metadata
-        self.classes: list[str] = metadata["classes"]
-        self.image_size: int = metadata["image_size"]
+        card = ModelCard.from_metadata(self.bento_model.info.metadata)
+        self.rule = card.rule
+        self.image_size = card.image_size
         self.limits = UploadLimits(
-            **{k: metadata["serve"][k] for k in ("max_upload_bytes", "min_side", "max_pixels")}
+            **{k: card.serve[k] for k in ("max_upload_bytes", "min_side", "max_pixels")}
         )
-        self.max_batch_files: int = metadata["serve"]["max_batch_files"]
+        self.max_batch_files: int = card.serve["max_batch_files"]
         self.info = {
             "model": str(self.bento_model.tag),
-            **{
-                key: metadata.get(key)  # older stored models may lack a key
-                for key in (
-                    "version",
-                    "classes",
-                    "image_size",
-                    "trained_at",
-                    "git_revision",
-                    "dvc_md5",
-                    "test_metrics",
-                    "train_params",
-                )
-            },
+            **{key: value for key, value in card.to_metadata().items() if key != "serve"},
         }
 
     async def __is_ready__(self) -> bool:
@@ -159,11 +150,4 @@ class DandelionService:
         return arrays
 
     def verdict(self, score: float) -> dict:
-        probabilities = {self.classes[1]: score, self.classes[0]: 1.0 - score}
-        label = max(probabilities, key=probabilities.get)
-        return {
-            "label": label,
-            "confidence": probabilities[label],
-            "probabilities": probabilities,
-            "model_version": self.info["version"],
-        }
+        return {**self.rule.verdict(score), "model_version": self.info["version"]}

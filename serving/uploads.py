@@ -11,9 +11,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image
 
-from stages.preprocess import load_image
+from serving.contract import load_image
 
 
 class UploadError(Exception):
@@ -30,15 +30,6 @@ class UploadLimits:
     max_upload_bytes: int
     min_side: int
     max_pixels: int
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit integer images (e.g. 16-bit PNG) scaled to 8 bits, not clipped."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
-    return image
 
 
 def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndarray:
@@ -66,8 +57,6 @@ def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndar
             422, f"the image is {width}x{height}: each side must be at least {limits.min_side} px"
         )
     try:
-        first_frame = next(ImageSequence.Iterator(image))  # animated GIF/PNG/WebP: frame 1
-        first_frame.load()
-        return load_image(to_8bit(first_frame), image_size)
+        return load_image(image, image_size)
     except Exception:
         raise UploadError(422, "the image data is corrupt or truncated") from None

@@ -1,16 +1,16 @@
 """Evaluate stage: score the trained classifier on the held-out test split.
 
-Writes the metrics (accuracy, precision, recall, F1, ROC AUC; the positive class is
-``classes[1]``), the confusion matrix and ROC curve as dvclive plots, and the list of
-misclassified files with their scores. The metrics are also added to the training run
-in MLflow.
+Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC; the positive class is
+``classes[1]``), the confusion matrix and ROC curve as dvclive plots, and every test photo's
+score and predicted label (``predictions.csv``). Labels come from the contract's decision rule
+at ``evaluate.threshold``, the rule the packaged service applies too. The metrics are also
+added to the MLflow run that trained the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -20,16 +20,14 @@ import numpy as np
 from dvclive import Live
 from sklearn import metrics
 
+from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule, sha256_of
 from stages.params import load_params
-from stages.tracking import use_project_store
-from stages.train import MODEL_FILE, RUN_FILE
-
-MISCLASSIFIED_FILE = "misclassified.csv"
+from stages.tracking import training_run, use_project_store
 
 
-def score_predictions(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:
     """Binary classification metrics for ``scores`` = P(class 1)."""
-    predicted = (scores >= threshold).astype(int)
+    predicted = rule.predict(scores)
     return {
         "accuracy": metrics.accuracy_score(labels, predicted),
         "precision": metrics.precision_score(labels, predicted, zero_division=0),
@@ -40,32 +38,31 @@ def score_predictions(labels: np.ndarray, scores: np.ndarray, threshold: float) 
     }
 
 
-def misclassified_rows(paths, labels, scores, classes: list[str], threshold: float) -> list[dict]:
-    rows = []
-    for path, label, score in zip(paths, labels, scores, strict=True):
-        predicted = int(score >= threshold)
-        if predicted != label:
-            rows.append(
-                {
-                    "path": str(path),
-                    "label": classes[label],
-                    "predicted": classes[predicted],
-                    "score": round(float(score), 6),
-                }
-            )
-    return rows
+def prediction_rows(paths, labels, scores, rule: DecisionRule) -> list[dict]:
+    """One row per photo: its file, true label, predicted label and score (P(classes[1]))."""
+    return [
+        {
+            "path": str(path),
+            "label": rule.classes[label],
+            "predicted": rule.classes[predicted],
+            "score": f"{float(score):.6f}",
+        }
+        for path, label, predicted, score in zip(
+            paths, labels, rule.predict(scores), scores, strict=True
+        )
+    ]
 
 
-def log_to_training_run(model_dir: Path, test_metrics: dict) -> None:
-    """Add the test metrics to the MLflow run that trained the model, if that run exists."""
-    run_id = json.loads((model_dir / RUN_FILE).read_text())["run_id"]
+def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
+    """Add the test metrics to the MLflow run that trained the model, if it is in the store."""
     use_project_store()
-    try:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items() if v is not None})
-    except mlflow.exceptions.MlflowException as exc:
+    run = training_run(sha256_of(model_file))
+    if run is None:
         # The model may come from a DVC cache whose MLflow store is not on this machine.
-        print(f"evaluate: not logged to MLflow run {run_id}: {exc}", file=sys.stderr)
+        print(f"evaluate: no MLflow run trained {model_file}; metrics not logged", file=sys.stderr)
+        return
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,34 +73,34 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     params = load_params()
-    classes, threshold = params["classes"], params["evaluate"]["threshold"]
+    rule = DecisionRule(tuple(params["classes"]), params["evaluate"]["threshold"])
     test = np.load(args.test_npz)
-    model = keras.models.load_model(args.model_dir / MODEL_FILE, compile=False)
+    model_file = args.model_dir / MODEL_FILE
+    model = keras.models.load_model(model_file, compile=False)
     scores = model.predict(test["images"], batch_size=32, verbose=0).ravel()
     labels = test["labels"]
-    test_metrics = score_predictions(labels, scores, threshold)
+    test_metrics = score_predictions(labels, scores, rule)
 
     with Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         for name, value in test_metrics.items():
             if value is not None:
-                live.log_metric(name, value, plot=False)
-        predicted = (scores >= threshold).astype(int)
+                live.log_metric(f"test/{name}", value, plot=False)
         live.log_sklearn_plot(
             "confusion_matrix",
-            [classes[i] for i in labels],
-            [classes[i] for i in predicted],
+            [rule.classes[i] for i in labels],
+            [rule.classes[i] for i in rule.predict(scores)],
             name="confusion_matrix.json",
         )
         live.log_sklearn_plot("roc", labels, scores, name="roc.json")
 
-    with open(args.live_dir / MISCLASSIFIED_FILE, "w", newline="") as handle:
+    with open(args.live_dir / PREDICTIONS_FILE, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label", "predicted", "score"])
         writer.writeheader()
-        writer.writerows(misclassified_rows(test["paths"], labels, scores, classes, threshold))
+        writer.writerows(prediction_rows(test["paths"], labels, scores, rule))
 
-    log_to_training_run(args.model_dir, test_metrics)
+    log_to_training_run(model_file, test_metrics)
     print(
-        "evaluate: "
+        "evaluate: test "
         + ", ".join(
             f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
         )

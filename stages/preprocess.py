@@ -1,39 +1,19 @@
 """Preprocess stage: decode each split's images to fixed-size RGB arrays, one .npz per split.
 
-``load_image`` is the single definition of how a picture becomes model input; the
-prediction service uses it too, so training and serving can never drift apart.
+How a picture becomes model input is defined once, by ``serving.contract.load_image``, which
+the prediction service uses too, so training and serving can never drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from serving.contract import load_image
 from stages.params import load_params
 from stages.split import SPLITS, read_split
-
-WHITE = (255, 255, 255)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB version of any Pillow image; transparent areas become white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(source: str | Path | BinaryIO | Image.Image, image_size: int) -> np.ndarray:
-    """Decode ``source`` to a ``(image_size, image_size, 3)`` uint8 RGB array."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    rgb = to_rgb(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def preprocess_split(

@@ -15,6 +15,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from serving.contract import MODEL_SHA256_TAG
+
 EXPERIMENT = "dandelion-vs-grass"
 STORE_FILE = "mlflow.db"  # git-ignored, like ARTIFACT_DIR
 ARTIFACT_DIR = "mlruns"
@@ -40,3 +42,19 @@ def use_project_store(experiment: str = EXPERIMENT) -> None:
                 except MlflowException:  # a parallel queue worker created it first
                     pass
     mlflow.set_experiment(experiment)
+
+
+def training_run(model_sha256: str) -> mlflow.entities.Run | None:
+    """The newest finished run of ``EXPERIMENT`` that trained the model with this SHA-256.
+
+    Training is deterministic, so several runs may share one model; any of them describes it.
+    Call ``use_project_store`` first.
+    """
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        filter_string=f"tags.{MODEL_SHA256_TAG} = '{model_sha256}' and status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None

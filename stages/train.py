@@ -7,13 +7,13 @@
    augmentation in the model and a small learning rate (Keras' transfer-learning recipe).
 
 Per-epoch metrics go to dvclive (learning curves for ``dvc plots``) and the run (params,
-metrics, model) to MLflow.
+metrics, model) to MLflow. The model directory holds the model alone: the MLflow run finds
+it by the model file's SHA-256 (tag ``model_sha256``), so no run id enters a DVC output.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -24,11 +24,10 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
+from serving.contract import MODEL_FILE, MODEL_SHA256_TAG, sha256_of
 from stages.params import load_params
-from stages.tracking import EXPERIMENT, use_project_store
+from stages.tracking import use_project_store
 
-MODEL_FILE = "classifier.keras"
-RUN_FILE = "mlflow_run.json"
 # Stated rather than inferred: MLflow's inference re-imports the model in a subprocess.
 SERVING_REQUIREMENTS = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
 
@@ -107,6 +106,17 @@ def frozen_features(
     return extractor.predict(images, batch_size=batch_size, verbose=0)
 
 
+class LiveMetrics(DVCLiveCallback):
+    """dvclive's Keras callback, naming validation metrics ``val/...`` (dvclive says
+    ``eval/...``) so that they cannot be mistaken for evaluate's ``test/...`` metrics."""
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None):
+        for metric, value in (logs or {}).items():
+            split, name = ("val", metric[4:]) if metric.startswith("val_") else ("train", metric)
+            self.live.log_metric(f"{split}/{name}", value)
+        self.live.next_step()
+
+
 def compile_for_training(model: keras.Model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -136,11 +146,12 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
     head = build_head(train_features.shape[1], params["dropout"])
     compile_for_training(head, params["learning_rate"])
 
-    def callbacks():
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params["patience"], restore_best_weights=True
-        )
-        return [stop, DVCLiveCallback(live=live)]
+    # Each fit's EarlyStopping restores the weights of that fit's best epoch (lowest val loss);
+    # Keras resets it at the start of every fit, and numbers epochs across both phases.
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=params["patience"], restore_best_weights=True
+    )
+    callbacks = [stop, LiveMetrics(live=live)]
 
     history = head.fit(
         train_features,
@@ -148,10 +159,10 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         validation_data=(val_features, val["labels"]),
         epochs=params["epochs"],
         batch_size=batch_size,
-        callbacks=callbacks(),
+        callbacks=callbacks,
         verbose=2,
     )
-    epochs_done = len(history.epoch)
+    epochs_run = len(history.epoch)
 
     if params["fine_tune_layers"] > 0:
         backbone.trainable = True
@@ -165,21 +176,22 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
                 train["images"],
                 train["labels"],
                 validation_data=(val["images"], val["labels"]),
-                initial_epoch=epochs_done,
-                epochs=epochs_done + params["fine_tune_epochs"],
+                initial_epoch=epochs_run,
+                epochs=epochs_run + params["fine_tune_epochs"],
                 batch_size=batch_size,
-                callbacks=callbacks(),
+                callbacks=callbacks,
                 verbose=2,
             )
-        epochs_done += len(history.epoch)
+        epochs_run += len(history.epoch)
 
     classifier = assemble(backbone, head)
     # Scored without compile(): the saved model then carries no optimizer state.
     val_scores = classifier.predict(val["images"], batch_size=batch_size, verbose=0).ravel()
     summary = {
-        "val_loss": float(keras.losses.BinaryCrossentropy()(val["labels"], val_scores)),
-        "val_accuracy": float(np.mean((val_scores >= 0.5) == val["labels"])),
-        "epochs": epochs_done,
+        "best/epoch": stop.best_epoch + 1,  # 1-based: the epoch whose weights the model holds
+        "best/val_loss": float(keras.losses.BinaryCrossentropy()(val["labels"], val_scores)),
+        "best/val_accuracy": float(np.mean((val_scores >= 0.5) == val["labels"])),
+        "epochs_run": epochs_run,
     }
     return classifier, summary
 
@@ -202,27 +214,28 @@ def main(argv: list[str] | None = None) -> None:
     # name, so runs and `dvc exp show` rows match.
     run_name = os.environ.get("DVC_EXP_NAME")
     with (
-        mlflow.start_run(run_name=run_name) as run,
+        mlflow.start_run(run_name=run_name),
         Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live,
     ):
         mlflow.log_params({f"train.{key}": value for key, value in params.items()})
         classifier, summary = train_classifier(train, val, params, live)
         for name, value in summary.items():
-            live.log_metric(f"best/{name}", value, plot=False)
-        mlflow.log_metrics({f"best_{name}": value for name, value in summary.items()})
+            live.log_metric(name, value, plot=False)
+        mlflow.log_metrics({name.replace("/", "_"): value for name, value in summary.items()})
 
         args.model_dir.mkdir(parents=True, exist_ok=True)
         model_path = args.model_dir / MODEL_FILE
         classifier.save(model_path)
+        mlflow.set_tag(MODEL_SHA256_TAG, sha256_of(model_path))  # how evaluate/promote find it
         examples = val["images"][:2]
         signature = mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0))
         mlflow.keras.log_model(
             classifier, name="model", pip_requirements=SERVING_REQUIREMENTS, signature=signature
         )
-        (args.model_dir / RUN_FILE).write_text(
-            json.dumps({"run_id": run.info.run_id, "experiment": EXPERIMENT}) + "\n"
-        )
-    print(f"train: {summary['epochs']} epochs, val accuracy {summary['val_accuracy']:.3f}")
+    print(
+        f"train: {summary['epochs_run']} epochs run, best epoch {summary['best/epoch']}, "
+        f"val accuracy {summary['best/val_accuracy']:.3f}"
+    )
 
 
 if __name__ == "__main__":

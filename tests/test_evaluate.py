@@ -1,18 +1,25 @@
-"""Evaluate stage: metric arithmetic and the misclassified list."""
+"""Evaluate stage: metric arithmetic and the per-photo predictions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from serving.contract import DecisionRule
 from stages import evaluate
+
+CLASSES = ("grass", "dandelion")
+
+
+def rule(threshold: float) -> DecisionRule:
+    return DecisionRule(CLASSES, threshold)
 
 
 def test_scores_match_a_hand_computed_confusion_matrix():
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.6, 0.2, 0.1, 0.3, 0.7, 0.4])
     # threshold 0.5: TP=3, FN=1, FP=1, TN=3
-    result = evaluate.score_predictions(labels, scores, threshold=0.5)
+    result = evaluate.score_predictions(labels, scores, rule(0.5))
     assert result["accuracy"] == pytest.approx(6 / 8)
     assert result["precision"] == pytest.approx(3 / 4)
     assert result["recall"] == pytest.approx(3 / 4)
@@ -24,21 +31,22 @@ def test_scores_match_a_hand_computed_confusion_matrix():
 def test_threshold_moves_the_decision():
     labels = np.array([1, 0])
     scores = np.array([0.6, 0.4])
-    assert evaluate.score_predictions(labels, scores, 0.5)["accuracy"] == 1.0
-    assert evaluate.score_predictions(labels, scores, 0.7)["accuracy"] == 0.5
+    assert evaluate.score_predictions(labels, scores, rule(0.5))["accuracy"] == 1.0
+    assert evaluate.score_predictions(labels, scores, rule(0.7))["accuracy"] == 0.5
 
 
 def test_auc_is_missing_not_zero_for_a_single_class():
-    result = evaluate.score_predictions(np.array([1, 1]), np.array([0.9, 0.2]), 0.5)
+    result = evaluate.score_predictions(np.array([1, 1]), np.array([0.9, 0.2]), rule(0.5))
     assert result["roc_auc"] is None
     assert result["accuracy"] == 0.5
 
 
-def test_misclassified_rows_name_both_labels():
-    rows = evaluate.misclassified_rows(
-        ["a.jpg", "b.jpg", "c.jpg"], [1, 0, 0], [0.2, 0.1, 0.75], ["grass", "dandelion"], 0.5
+def test_prediction_rows_list_every_photo_with_both_labels():
+    rows = evaluate.prediction_rows(
+        ["a.jpg", "b.jpg", "c.jpg"], [1, 0, 0], np.float32([0.2, 0.1, 0.75]), rule(0.5)
     )
     assert rows == [
-        {"path": "a.jpg", "label": "dandelion", "predicted": "grass", "score": 0.2},
-        {"path": "c.jpg", "label": "grass", "predicted": "dandelion", "score": 0.75},
+        {"path": "a.jpg", "label": "dandelion", "predicted": "grass", "score": "0.200000"},
+        {"path": "b.jpg", "label": "grass", "predicted": "grass", "score": "0.100000"},
+        {"path": "c.jpg", "label": "grass", "predicted": "dandelion", "score": "0.750000"},
     ]

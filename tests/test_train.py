@@ -10,7 +10,9 @@ import pytest
 import yaml
 from dvclive import Live
 
+from serving.contract import MODEL_FILE, PREDICTIONS_FILE, sha256_of
 from stages import evaluate, train
+from stages.tracking import training_run
 
 PARAMS = {
     "seed": 1,
@@ -62,16 +64,22 @@ def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflo
     probabilities = model.predict(tiny_split(4, 2)["images"], verbose=0)
     assert probabilities.shape == (4, 1)
     assert ((0 <= probabilities) & (probabilities <= 1)).all()
-    assert 1 <= summary["epochs"] <= PARAMS["epochs"]
-    curve = (tmp_path / "live" / "plots" / "metrics" / "eval" / "loss.tsv").read_text()
-    assert len(curve.strip().splitlines()) == summary["epochs"] + 1  # header + one row per epoch
+    assert 1 <= summary["best/epoch"] <= summary["epochs_run"] <= PARAMS["epochs"]
+    curve = (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").read_text()
+    rows = [line.split("\t") for line in curve.strip().splitlines()[1:]]  # step, loss
+    assert len(rows) == summary["epochs_run"]
+    # The model holds the weights of the best epoch: the one with the lowest val loss.
+    losses = [float(loss) for _, loss in rows]
+    assert summary["best/epoch"] == losses.index(min(losses)) + 1
+    assert summary["best/val_loss"] == pytest.approx(min(losses), rel=1e-4)
 
 
 def test_fine_tuning_continues_the_epoch_count_in_a_nested_run(tmp_path, mlflow_store):
     mlflow.set_experiment("test")
     with mlflow.start_run() as parent:
         _, summary = run_training(tmp_path, fine_tune_layers=5, fine_tune_epochs=2, patience=5)
-    assert summary["epochs"] == PARAMS["epochs"] + 2
+    assert summary["epochs_run"] == PARAMS["epochs"] + 2
+    assert PARAMS["epochs"] < summary["best/epoch"] <= PARAMS["epochs"] + 2  # a fine-tuned one
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert children["tags.mlflow.runName"].tolist() == ["fine-tune"]
 
@@ -106,19 +114,24 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     train.main([str(data_dir), "model", "results/train"])
     evaluate.main(["model", str(data_dir / "test.npz"), "results/evaluate"])
 
-    assert (tmp_path / "model" / train.MODEL_FILE).is_file()
-    test_metrics = json.loads((tmp_path / "results/evaluate/metrics.json").read_text())
+    # The model directory holds the model alone: no run id or time in a DVC output.
+    assert [p.name for p in (tmp_path / "model").iterdir()] == [MODEL_FILE]
+    train_metrics = json.loads((tmp_path / "results/train/metrics.json").read_text())
+    assert set(train_metrics) == {"train", "val", "best", "epochs_run", "step"}
+    assert set(train_metrics["best"]) == {"epoch", "val_loss", "val_accuracy"}
+    (test_metrics,) = json.loads((tmp_path / "results/evaluate/metrics.json").read_text()).values()
     assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"}
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
-    header = (tmp_path / "results/evaluate" / evaluate.MISCLASSIFIED_FILE).read_text()
-    assert header.startswith("path,label,predicted,score")
+    predictions = (tmp_path / "results/evaluate" / PREDICTIONS_FILE).read_text().splitlines()
+    assert predictions[0] == "path,label,predicted,score" and len(predictions) == 1 + 8
 
-    run_id = json.loads((tmp_path / "model" / train.RUN_FILE).read_text())["run_id"]
-    run = mlflow.get_run(run_id)
+    # The run is found by the model's SHA-256, as evaluate and promote find it.
+    run = training_run(sha256_of(tmp_path / "model" / MODEL_FILE))
+    run_id = run.info.run_id
     assert run.data.params["train.dropout"] == "0.2"
     assert run.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
-    assert "best_val_accuracy" in run.data.metrics and "val_loss" in run.data.metrics
+    assert {"best_val_accuracy", "best_epoch", "epochs_run", "val_loss"} <= set(run.data.metrics)
     model_uri = f"runs:/{run_id}/model"
     reloaded = mlflow.keras.load_model(model_uri)
     assert reloaded.predict(tiny_split(2, 5)["images"], verbose=0).shape == (2, 1)
