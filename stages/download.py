@@ -181,7 +181,9 @@ def download_dataset(
             classes[entry.label]["ok"] += 1
         else:
             classes[entry.label]["failed"].append({"file": entry.filename, "reason": reason})
-    return {"base_url": settings.base_url, "classes": dict(sorted(classes.items()))}
+    # Where the files came from stays out of the report: any mirror gives the same bytes,
+    # and the report is a tracked output (dvc.lock must not depend on the mirror).
+    return {"classes": dict(sorted(classes.items()))}
 
 
 def check_enough_images(report: dict, min_per_class: int) -> None:
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = DownloadSettings(**load_params()["download"])
+    print(f"download: from {settings.base_url}")
     try:
         report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
         args.report.parent.mkdir(parents=True, exist_ok=True)

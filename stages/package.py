@@ -1,194 +1,126 @@
-"""Package stage: promote the evaluated model if it beats the champion, then ship the champion.
+"""Package stage: build the evaluated model and the service into a bento, reproducibly.
 
-1. MLflow Model Registry: the trained model is registered, and the alias ``champion`` moved
-   to it, only if its test metric (``package.metric``) beats the current champion's by more
-   than ``package.min_improvement``. Otherwise nothing in the registry changes.
-2. The champion, whichever run it came from, is stored in BentoML's model store with its
-   metrics, params and Git/DVC revision as metadata, built into a bento (bentofile.yaml)
-   and exported as an archive.
+The bento holds the model file, its ``ModelCard`` (the metadata the service reads: classes,
+decision threshold, input size, upload limits, train params and the test metrics of exactly
+this model) and the service code that ``bentofile.yaml`` includes. Its version is a hash of
+all of these, so the same inputs always give the same tag.
 
-The prediction service (serving/service.py) reads everything it needs from the stored
-model: the Keras file, and as metadata the classes, input size, upload limits, and the
-version, training params, test metrics and revision shown by its /model-info endpoint.
+Two promises shape this stage:
+
+- It changes no state outside Git and DVC: BentoML works in a throwaway home, and only the
+  exported archive is kept. Registering the model and deploying the bento is a separate,
+  explicit step after ``dvc repro``: ``python -m stages.promote``.
+- The same inputs give the same archive bytes, so ``dvc.lock`` is identical from any clean
+  run. BentoML stamps build times into ``bento.yaml`` and ``model.yaml`` and its export keeps
+  file times; those become fixed values (``BUILD_TIME``) and the archive is written with
+  sorted entries and neutral file attributes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
 import json
+import os
+import re
 import shutil
+import tarfile
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
-import bentoml
-import mlflow
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 
-from serving.service import MODEL_FILE, MODEL_NAME
+from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
 from stages.params import load_params
-from stages.tracking import use_project_store
-from stages.train import RUN_FILE
 
-CHAMPION = "champion"
+BENTOFILE = "bentofile.yaml"
+# The Unix epoch stands in for BentoML's build times; any fixed value would do.
+BUILD_TIME = "1970-01-01T00:00:00+00:00"
+CREATION_TIME_LINE = re.compile(r"^(\s*)creation_time: .*$", re.MULTILINE)
 
 
-def save_to_bentoml(
-    model_file: Path,
-    *,
-    version: str,
-    classes: list[str],
-    image_size: int,
-    serve_params: dict,
-    train_params: dict,
-    test_metrics: dict,
-    revision: dict[str, str],
-    trained_at: str | None = None,
-) -> bentoml.Model:
-    """Store ``model_file`` as ``dandelion-vs-grass:<version>``, replacing an older copy.
+def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
+    """The project files the bento ships: ``bentofile.yaml`` and what its ``include`` matches."""
+    bentofile = Path(bentofile)
+    patterns = yaml.safe_load(bentofile.read_text())["include"]
+    matched = {path for pattern in patterns for path in bentofile.parent.glob(pattern)}
+    return sorted({bentofile, *(path for path in matched if path.is_file())})
 
-    The stage only runs when something it depends on changed (e.g. the `serve` limits in
-    the metadata), so a stored model of the same version is replaced, never reused.
-    """
-    tag = f"{MODEL_NAME}:{version}"
-    for store in (bentoml.bentos, bentoml.models):  # bentos first: they reference the model
-        with contextlib.suppress(bentoml.exceptions.NotFound):
-            store.delete(tag)
-    metadata = {
-        "version": version,
-        "classes": list(classes),
-        "image_size": int(image_size),
-        "serve": dict(serve_params),
-        "train_params": dict(train_params),
+
+def model_card(model_file: Path, params: dict, test_metrics: dict, code: list[Path]) -> ModelCard:
+    """The card for ``model_file``; its version hashes the card and the service ``code``."""
+    content = {
+        "model_sha256": sha256_of(model_file),
+        "classes": list(params["classes"]),
+        "threshold": float(params["evaluate"]["threshold"]),
+        "image_size": int(params["preprocess"]["image_size"]),
+        "serve": dict(params["serve"]),
+        "train_params": dict(params["train"]),
         "test_metrics": dict(test_metrics),
-        **revision,  # git_revision (commit that trained it) and dvc_md5 (of its model dir)
-        "trained_at": trained_at or datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    with bentoml.models.create(tag, labels={"stage": "champion"}, metadata=metadata) as model:
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+    for path in code:
+        digest.update(f"\0{path.as_posix()}\0".encode() + path.read_bytes())
+    return ModelCard(version=digest.hexdigest()[:16], **content)
+
+
+def build_bento(model_file: Path, card: ModelCard, archive: Path, bento_home: Path) -> str:
+    """Build the bento in the BentoML home ``bento_home`` and export it to ``archive``."""
+    # BentoML resolves its home once per process, on first use: make sure this is the first.
+    os.environ["BENTOML_HOME"] = str(bento_home)
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if Path(BentoMLContainer.bentoml_home.get()) != bento_home:
+        raise RuntimeError("BentoML was used in this process before: run the stage on its own")
+
+    tag = f"{MODEL_NAME}:{card.version}"
+    with bentoml.models.create(tag, metadata=card.to_metadata()) as model:
         shutil.copyfile(model_file, model.path_of(MODEL_FILE))
-    return bentoml.models.get(tag)
+    bento = bentoml.bentos.build_bentofile(BENTOFILE, version=card.version)
+    folder = bento_home / "export"
+    bentoml.bentos.export_bento(bento.tag, str(folder), output_format="folder")
+    write_reproducible_archive(folder, archive)
+    return str(bento.tag)
 
 
-def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no registered model or no alias yet
-        return None
+def write_reproducible_archive(folder: Path, archive: Path) -> None:
+    """``folder`` as the xz-compressed tar BentoML imports, the same bytes for the same files."""
+    for metadata in [folder / "bento.yaml", *folder.glob("models/*/*/model.yaml")]:
+        text = metadata.read_text()
+        metadata.write_text(CREATION_TIME_LINE.sub(rf"\1creation_time: '{BUILD_TIME}'", text))
 
+    def neutral(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
+        return info
 
-def promote_if_better(
-    client: MlflowClient,
-    name: str,
-    run_id: str,
-    test_metrics: dict,
-    metric: str,
-    min_improvement: float,
-    tags: dict[str, str],
-) -> tuple[ModelVersion, bool]:
-    """The champion after the gate, and whether ``run_id``'s model just became it."""
-    candidate = float(test_metrics[metric])
-    champion = current_champion(client, name)
-    if champion is not None:
-        if champion.run_id == run_id:
-            return champion, False
-        if candidate <= float(champion.tags[f"test_{metric}"]) + min_improvement:
-            return champion, False
-    version = mlflow.register_model(
-        f"runs:/{run_id}/model",
-        name,
-        tags={
-            **tags,
-            **{f"test_{key}": str(value) for key, value in test_metrics.items()},
-        },
-    )
-    client.set_registered_model_alias(name, CHAMPION, version.version)
-    return client.get_model_version(name, version.version), True
-
-
-def package_champion(
-    client: MlflowClient, champion: ModelVersion, params: dict, bento_archive: Path
-) -> bentoml.Model:
-    """Store the champion in BentoML, build its bento and export it to ``bento_archive``."""
-    run = client.get_run(champion.run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                f"models:/{champion.name}/{champion.version}",
-                dst_path=tmp,
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".part")
+    with tarfile.open(partial, "w:xz", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(
+                path, arcname=path.relative_to(folder).as_posix(), recursive=False, filter=neutral
             )
-        )
-        (model_file,) = local.rglob("*.keras")
-        stored = save_to_bentoml(
-            model_file,
-            version=f"v{champion.version}",
-            classes=params["classes"],
-            image_size=params["preprocess"]["image_size"],
-            serve_params=params["serve"],
-            train_params={
-                k.removeprefix("train."): v
-                for k, v in run.data.params.items()
-                if k.startswith("train.")
-            },
-            test_metrics={
-                k.removeprefix("test_"): float(v)
-                for k, v in champion.tags.items()
-                if k.startswith("test_")
-            },
-            revision={key: champion.tags.get(key, "") for key in ("git_revision", "dvc_md5")},
-            trained_at=datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(
-                timespec="seconds"
-            ),
-        )
-    bento = bentoml.bentos.build_bentofile("bentofile.yaml", version=f"v{champion.version}")
-    bento_archive.parent.mkdir(parents=True, exist_ok=True)
-    bento_archive.unlink(missing_ok=True)
-    bentoml.bentos.export_bento(bento.tag, str(bento_archive.resolve()))  # relative: fs root
-    return stored
-
-
-def revision_tags(run_id: str, model_dir: Path) -> dict[str, str]:
-    """Which Git commit trained the model, and the model's DVC hash (from dvc.lock)."""
-    run = mlflow.get_run(run_id)
-    lock = yaml.safe_load(Path("dvc.lock").read_text())
-    outs = {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
-    return {
-        "git_revision": run.data.tags.get("mlflow.source.git.commit", ""),
-        "dvc_md5": outs.get(str(model_dir), ""),
-    }
+    os.replace(partial, archive)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("metrics_json", type=Path)
+    parser.add_argument("metrics_json", type=Path, help="evaluate's metrics")
     parser.add_argument("bento_archive", type=Path)
     args = parser.parse_args(argv)
 
-    params = load_params()
-    settings = params["package"]
-    run_id = json.loads((args.model_dir / RUN_FILE).read_text())["run_id"]
-    test_metrics = json.loads(args.metrics_json.read_text())
-    use_project_store()
-    client = MlflowClient()
-    champion, promoted = promote_if_better(
-        client,
-        MODEL_NAME,
-        run_id,
-        test_metrics,
-        settings["metric"],
-        settings["min_improvement"],
-        revision_tags(run_id, args.model_dir),
-    )
-    stored = package_champion(client, champion, params, args.bento_archive)
-    verb = "promoted to" if promoted else "kept as"
+    test_metrics = json.loads(args.metrics_json.read_text())["test"]
+    model_file = args.model_dir / MODEL_FILE
+    card = model_card(model_file, load_params(), test_metrics, included_files())
+    with tempfile.TemporaryDirectory(prefix="bentoml-home-") as home:
+        tag = build_bento(model_file, card, args.bento_archive, Path(home))
     print(
-        f"package: version {champion.version} {verb} {CHAMPION} "
-        f"(test {settings['metric']} {champion.tags['test_' + settings['metric']]}); "
-        f"BentoML model {stored.tag}, bento {args.bento_archive}"
+        f"package: bento {tag} (threshold {card.threshold}, test accuracy "
+        f"{card.test_metrics['accuracy']:.3f}) -> {args.bento_archive}; "
+        "register and deploy it with `python -m stages.promote`"
     )
 
 

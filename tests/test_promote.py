@@ -1,4 +1,4 @@
-"""Package stage: the champion gate on a real MLflow registry (sqlite store)."""
+"""Promotion (`python -m stages.promote`): the champion gate on a real MLflow registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from stages import package
+from stages import promote
 
 NAME = "gate-test"
 
@@ -21,11 +21,12 @@ def logged_run(accuracy: float) -> str:
     return run.info.run_id
 
 
-def gate(client, run_id, accuracy, min_improvement=0.0):
-    return package.promote_if_better(
+def gate(client, run_id, accuracy, min_improvement=0.0, bento=None):
+    return promote.promote_if_better(
         client,
         NAME,
         run_id,
+        bento or f"bento-of-{run_id}",
         {"accuracy": accuracy, "f1": accuracy},
         "accuracy",
         min_improvement,
@@ -49,6 +50,7 @@ def test_first_model_becomes_champion(client):
     assert promoted and champion.run_id == run_id
     assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
     assert champion.tags["test_accuracy"] == "0.8" and champion.tags["git_revision"] == "abc123"
+    assert champion.tags["bento"] == f"bento-of-{run_id}"
 
 
 def test_worse_or_equal_model_changes_nothing(client):
@@ -74,3 +76,14 @@ def test_better_model_takes_the_alias_only_past_the_margin(client):
     better, promoted = gate(client, logged_run(0.95), 0.95, min_improvement=0.02)
     assert promoted and better.version != first.version
     assert client.get_model_version_by_alias(NAME, "champion").version == better.version
+
+
+def test_a_new_bento_of_the_champions_run_is_judged_like_any_candidate(client):
+    """Same trained model, another threshold: a new bento, promoted only if it scores better."""
+    run_id = logged_run(0.90)
+    first, _ = gate(client, run_id, 0.90, bento="threshold-a")
+    _, promoted = gate(client, run_id, 0.88, bento="threshold-b")
+    assert not promoted
+    better, promoted = gate(client, run_id, 0.93, bento="threshold-c")
+    assert promoted and better.version != first.version and better.run_id == run_id
+    assert client.get_model_version_by_alias(NAME, "champion").tags["bento"] == "threshold-c"

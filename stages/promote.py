@@ -1,0 +1,224 @@
+"""Promote: register the evaluated bento's model in MLflow if it beats the champion, and deploy
+the champion's bento to BentoML's store. Run it after ``dvc repro``:
+
+    python -m stages.promote
+
+This is deliberately not a DVC stage: the MLflow Model Registry and BentoML's store are state
+outside Git and DVC, and what ``dvc repro`` produces must not depend on them.
+
+1. Refuses to run unless the pipeline is up to date (``dvc status`` is clean), so the model,
+   its test metrics and the bento archive belong together.
+2. Finds the MLflow run that trained the model (tag ``model_sha256``). The model is
+   registered as ``dandelion-vs-grass`` and the alias ``champion`` moved to it only if its
+   test ``promote.metric`` beats the champion's by more than ``promote.min_improvement``. The
+   registered version carries the bento's tag, the model's DVC md5, the Git revision and the
+   test metrics as tags, and the bento archive is logged to the run (``bento/``), so any
+   machine can deploy the champion.
+3. Deploys the champion: imports its bento into BentoML's store (``$BENTOML_HOME``) and makes
+   it what ``bentoml serve dandelion-vs-grass:latest`` serves.
+
+Running it again changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from serving.contract import MODEL_FILE, MODEL_NAME, MODEL_SHA256_TAG, sha256_of
+from stages.package import included_files, model_card
+from stages.params import load_params, pipeline_paths
+from stages.tracking import training_run, use_project_store
+
+CHAMPION = "champion"
+BENTO_TAG = "bento"  # registered version tag: the version of the bento that ships it
+BENTO_ARTIFACTS = "bento"  # run artifact folder holding the bento archive
+
+
+class PromotionError(Exception):
+    """Promotion cannot go ahead; the message says what to do."""
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no registered model or no alias yet
+        return None
+
+
+def promote_if_better(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    bento_version: str,
+    test_metrics: dict,
+    metric: str,
+    min_improvement: float,
+    tags: dict[str, str],
+) -> tuple[ModelVersion, bool]:
+    """The champion after the gate, and whether ``run_id``'s model just became it.
+
+    A candidate is identified by its bento version (model, decision threshold and service
+    code together); promoting the champion's own bento again changes nothing.
+    """
+    candidate = float(test_metrics[metric])
+    champion = current_champion(client, name)
+    if champion is not None:
+        if champion.tags.get(BENTO_TAG) == bento_version:
+            return champion, False
+        if candidate <= float(champion.tags[f"test_{metric}"]) + min_improvement:
+            return champion, False
+    version = mlflow.register_model(
+        f"runs:/{run_id}/model",
+        name,
+        tags={
+            **tags,
+            BENTO_TAG: bento_version,
+            **{f"test_{key}": str(value) for key, value in test_metrics.items()},
+        },
+    )
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return client.get_model_version(name, version.version), True
+
+
+def check_up_to_date() -> None:
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        changed = repo.status()
+    if changed:
+        raise PromotionError(
+            f"the pipeline is not up to date (stages changed: {', '.join(sorted(changed))}); "
+            "run `dvc repro` first, so the model, its metrics and its bento belong together"
+        )
+
+
+def git_revision() -> str:
+    """HEAD's commit, with ``-dirty`` if tracked files differ from it; "" outside Git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit}-dirty" if commit and dirty else commit
+
+
+def dvc_md5(model_dir: str) -> str:
+    """The model directory's md5 as dvc.lock records it."""
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    outs = {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
+    return outs.get(model_dir, "")
+
+
+def deploy(client: MlflowClient, champion: ModelVersion, local_archive: Path) -> str:
+    """Make the champion's bento what ``bentoml serve dandelion-vs-grass:latest`` serves."""
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    tag = f"{MODEL_NAME}:{champion.tags[BENTO_TAG]}"
+    try:
+        bentoml.bentos.get(tag)
+    except bentoml.exceptions.NotFound:
+        with tempfile.TemporaryDirectory() as tmp:
+            if local_archive.is_file() and bento_version_of(local_archive) == tag:
+                archive = local_archive
+            else:  # the champion came from another commit: its run holds its bento
+                archive = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=champion.run_id,
+                        artifact_path=f"{BENTO_ARTIFACTS}/{local_archive.name}",
+                        dst_path=tmp,
+                    )
+                )
+            bentoml.bentos.import_bento(str(archive.resolve()))  # relative: fs root
+    # `latest` is the version named in the store's pointer file (BentoML otherwise moves it
+    # to whichever bento was stored last).
+    latest = Path(BentoMLContainer.bento_store_dir.get()) / MODEL_NAME / "latest"
+    latest.write_text(champion.tags[BENTO_TAG])
+    return tag
+
+
+def bento_version_of(archive: Path) -> str:
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        bento = yaml.safe_load(tar.extractfile("bento.yaml"))
+    return f"{bento['name']}:{bento['version']}"
+
+
+def promote(paths: dict[str, str], params: dict) -> str:
+    """Gate, register and deploy; return a one-line summary."""
+    check_up_to_date()
+    model_file = Path(paths["model_dir"]) / MODEL_FILE
+    archive = Path(paths["bento_archive"])
+    test_metrics = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())["test"]
+    card = model_card(model_file, params, test_metrics, included_files())
+    if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
+        raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
+
+    use_project_store()
+    run = training_run(sha256_of(model_file))
+    if run is None:
+        raise PromotionError(
+            f"no MLflow run in {mlflow.get_tracking_uri()} trained {model_file} "
+            f"(tag {MODEL_SHA256_TAG}={card.model_sha256}); train it here with `dvc repro`, or "
+            "set MLFLOW_TRACKING_URI to the store that trained it"
+        )
+    client = MlflowClient()
+    settings = params["promote"]
+    champion, promoted = promote_if_better(
+        client,
+        MODEL_NAME,
+        run.info.run_id,
+        card.version,
+        test_metrics,
+        settings["metric"],
+        settings["min_improvement"],
+        {
+            MODEL_SHA256_TAG: card.model_sha256,
+            "dvc_md5": dvc_md5(paths["model_dir"]),
+            "git_revision": git_revision(),
+        },
+    )
+    if promoted:
+        client.log_artifact(run.info.run_id, str(archive), BENTO_ARTIFACTS)
+    deployed = deploy(client, champion, archive)
+    metric = settings["metric"]
+    verdict = (
+        "promoted to champion"
+        if promoted
+        else "already champion"
+        if champion.tags[BENTO_TAG] == card.version
+        else f"not promoted (test {metric} {test_metrics[metric]:.4f} does not beat "
+        f"{float(champion.tags['test_' + metric]):.4f} + {settings['min_improvement']})"
+    )
+    return (
+        f"promote: bento {MODEL_NAME}:{card.version} {verdict}; champion is version "
+        f"{champion.version}, serving {deployed} as {MODEL_NAME}:latest"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.parse_args(argv)
+    try:
+        print(promote(pipeline_paths(), load_params()))
+    except PromotionError as error:
+        sys.exit(f"promote: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Every stage declares everything it runs: DVC can only rerun a stage for a change it knows of.
+
+For each stage in dvc.yaml, the project modules its command imports (transitively, read with
+`ast`) must be among its deps, and the stage that builds the bento must also declare every file
+`bentofile.yaml` puts in it. The service itself may import only what the bento ships.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from support import REPO_ROOT
+
+from stages.package import included_files
+
+PACKAGES = ("stages", "serving")  # the project's own top-level packages
+
+
+def module_file(module: str) -> Path | None:
+    """The project file defining ``module`` (e.g. stages.split), or None if not ours."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = REPO_ROOT / module.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names ``path`` imports anywhere (``from a import b``: a, and a.b)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def project_files_imported(module: str) -> set[str]:
+    """Repo-relative files Python runs for ``python -m module``: it, its imports and their
+    packages' ``__init__.py``, transitively."""
+    seen: set[Path] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        for depth in range(1, len(parts) + 1):  # importing a.b.c runs a, a.b and a.b.c
+            path = module_file(".".join(parts[:depth]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                pending.extend(imported_modules(path))
+    return {path.relative_to(REPO_ROOT).as_posix() for path in seen}
+
+
+def undeclared(required: set[str], deps: list[str]) -> list[str]:
+    """Files in ``required`` that no dep (a file, or a directory above it) covers."""
+    return sorted(
+        path for path in required if not any(path == d or path.startswith(d + "/") for d in deps)
+    )
+
+
+def stage_requirements(stage: dict) -> set[str]:
+    """The project files a dvc.yaml stage runs, plus the bento's files if it builds one."""
+    (module,) = re.findall(r"python -m ([\w.]+)", stage["cmd"])
+    required = project_files_imported(module)
+    if "stages/package.py" in required:
+        required |= {path.relative_to(REPO_ROOT).as_posix() for path in bento_files()}
+    return required
+
+
+def bento_files() -> list[Path]:
+    return included_files(REPO_ROOT / "bentofile.yaml")
+
+
+DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+PATHS = DVC_YAML["vars"][0]
+
+
+def declared_deps(stage: dict) -> list[str]:
+    return [re.sub(r"\$\{(\w+)\}", lambda m: PATHS[m.group(1)], dep) for dep in stage["deps"]]
+
+
+@pytest.mark.parametrize("name", list(DVC_YAML["stages"]))
+def test_stage_declares_every_project_file_it_runs(name):
+    stage = DVC_YAML["stages"][name]
+    assert undeclared(stage_requirements(stage), declared_deps(stage)) == []
+
+
+def test_a_dropped_dependency_is_caught():
+    """The check above is not vacuous: remove one dep and it names the file."""
+    stage = DVC_YAML["stages"]["evaluate"]
+    deps = [dep for dep in declared_deps(stage) if dep != "serving/contract.py"]
+    assert undeclared(stage_requirements(stage), deps) == ["serving/contract.py"]
+    package = DVC_YAML["stages"]["package"]
+    deps = [dep for dep in declared_deps(package) if dep != "serving"]
+    missing = undeclared(stage_requirements(package), deps)
+    assert {"serving/contract.py", "serving/service.py", "serving/page.html"} <= set(missing)
+
+
+def test_the_service_imports_only_what_the_bento_ships():
+    bentofile = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())
+    module = bentofile["service"].split(":")[0]
+    shipped = {path.relative_to(REPO_ROOT).as_posix() for path in bento_files()}
+    imported = project_files_imported(module)
+    assert imported - shipped == set()
+    assert not [path for path in imported if path.startswith("stages/")]
