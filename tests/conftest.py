@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +11,18 @@ import mlflow
 import pytest
 from support import (
     DATASET_MIRROR,
-    EVALUATE_METRICS,
     WEIGHTS_DIR,
+    RunningService,
     S3Endpoint,
     copy_workspace,
     dvc,
-    free_port,
     fresh_moto_account,
     moto_s3_server,
     pipeline_env,
     prepare_keras_home,
-    running_server,
+    python_module,
     serve_directory,
+    serving,
     set_param,
 )
 
@@ -118,31 +116,17 @@ def s3(request) -> S3Endpoint:
     client.delete_bucket(Bucket=endpoint.bucket)
 
 
-@dataclass(frozen=True)
-class RunningService:
-    url: str
-    metrics: dict  # what evaluate reported for the served model
-    workspace: Path
+@pytest.fixture(scope="session")
+def promoted(reproduced) -> subprocess.CompletedProcess:
+    """`python -m stages.promote` after the cold repro: the bento becomes champion and latest."""
+    result = python_module("stages.promote", reproduced.workspace, env=reproduced.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 @pytest.fixture(scope="session")
-def service(reproduced, tmp_path_factory) -> RunningService:
-    """`bentoml serve` on a free loopback port, serving the bento the pipeline built."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "bentoml",
-        "serve",
-        "dandelion-vs-grass:latest",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    workspace = reproduced.workspace
-    with running_server(command, url, log_path, env=reproduced.env):
-        metrics = json.loads((workspace / EVALUATE_METRICS).read_text())
-        yield RunningService(url, metrics, workspace)
+def service(reproduced, promoted, tmp_path_factory) -> RunningService:
+    """The champion as users serve it after promotion: `dandelion-vs-grass:latest`."""
+    log_dir = tmp_path_factory.mktemp("serve")
+    with serving("dandelion-vs-grass:latest", reproduced.workspace, reproduced.env, log_dir) as s:
+        yield s

@@ -29,6 +29,8 @@ import requests
 import yaml
 from PIL import Image
 
+from serving.contract import PREDICTIONS_FILE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
 DATASET_MIRROR = SHARED / "datasets" / "greenr-airflow"
@@ -38,6 +40,7 @@ REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 # The pipeline's paths, declared once in dvc.yaml's `vars` (catalogue, model_dir, ...).
 PIPELINE_PATHS: dict[str, str] = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["vars"][0]
 EVALUATE_METRICS = f"{PIPELINE_PATHS['evaluate_dir']}/metrics.json"
+EVALUATE_PREDICTIONS = f"{PIPELINE_PATHS['evaluate_dir']}/{PREDICTIONS_FILE}"
 
 
 @contextlib.contextmanager
@@ -360,3 +363,61 @@ def _stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row of evaluate's predictions file, with the photo's path in the shared mirror."""
+
+    photo: str
+    label: str
+    predicted: str
+    score: float
+
+
+def evaluated_predictions(workspace: Path) -> list[Prediction]:
+    """What evaluate decided for every test photo (data/raw/<label>/<file> -> the mirror)."""
+    with open(workspace / EVALUATE_PREDICTIONS, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        Prediction(
+            str(DATASET_MIRROR / "data" / Path(row["path"]).relative_to(PIPELINE_PATHS["raw_dir"])),
+            row["label"],
+            row["predicted"],
+            float(row["score"]),
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    metrics: dict  # what evaluate reported (test split) for the served model
+    workspace: Path
+
+
+@contextlib.contextmanager
+def serving(bento_tag: str, workspace: Path, env: dict, log_dir: Path) -> Iterator[RunningService]:
+    """`bentoml serve bento_tag` on a free loopback port, for the model ``workspace`` evaluated."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with running_server(command, url, log_dir / "serve.log", env=env):
+        metrics = json.loads((workspace / EVALUATE_METRICS).read_text())["test"]
+        yield RunningService(url, metrics, workspace)
+
+
+def served_answers(url: str, photos: list[str], workers: int = 8) -> list[dict]:
+    """`POST /predict` of every photo (bounded: one request each), the JSON answers in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def predict(photo: str) -> dict:
+        with open(photo, "rb") as handle:
+            response = requests.post(f"{url}/predict", files={"image": handle}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(predict, photos))

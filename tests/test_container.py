@@ -22,7 +22,8 @@ PODMAN_DIR = REPO_ROOT / "tests" / "podman"
 
 
 @pytest.fixture(scope="session")
-def container_env(reproduced):
+def container_env(reproduced, promoted):
+    """podman set up; the image is built from the promoted `dandelion-vs-grass:latest`."""
     missing = [tool for tool in ("podman", "debootstrap", "runc") if not shutil.which(tool)]
     if missing:
         if os.environ.get("CI"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import EVALUATE_METRICS, dvc, git, stages_run
+from support import EVALUATE_METRICS, dvc, git, python_module, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def experiments_shown(workspace, env) -> dict[str, dict]:
             data = rev["data"]
             experiments[experiment["name"]] = {
                 "params": data["params"]["params.yaml"]["data"]["train"],
-                "metrics": data["metrics"][EVALUATE_METRICS]["data"],
+                "metrics": data["metrics"][EVALUATE_METRICS]["data"]["test"],
             }
     return experiments
 
@@ -133,12 +133,14 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     train_params = yaml.safe_load((workspace / "params.yaml").read_text())["train"]
     assert train_params["learning_rate"] == experiments[best]["params"]["learning_rate"]
     assert train_params["epochs"] == 5
-    metrics = json.loads((workspace / EVALUATE_METRICS).read_text())
+    metrics = json.loads((workspace / EVALUATE_METRICS).read_text())["test"]
     assert metrics == pytest.approx(experiments[best]["metrics"])
 
     # ... and the packaging step takes it from there: only `package` is out of date.
     packaged = dvc(workspace, "repro", env=env)
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
     assert stages_run(packaged.stdout) == ["package"]
-    # The store started empty, so the applied experiment's model is the first champion.
-    assert "package: version 1 promoted to champion" in packaged.stdout, packaged.stdout
+    # The store started empty, so promoting the applied experiment makes it the first champion.
+    promoted = python_module("stages.promote", workspace, env=env)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "promoted to champion; champion is version 1" in promoted.stdout, promoted.stdout

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import PIPELINE_PATHS, dvc, output_paths, set_param, stages_run
+from support import (
+    PIPELINE_PATHS,
+    REPO_ROOT,
+    copy_workspace,
+    dvc,
+    output_paths,
+    serve_directory,
+    set_param,
+    stages_run,
+)
 
 STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
@@ -33,7 +42,7 @@ def test_cold_repro_runs_every_stage_on_all_photos(reproduced):
     )
     ok = {label: result["ok"] for label, result in download_report["classes"].items()}
     assert ok == {"dandelion": 200, "grass": 200}
-    metrics = evaluate_metrics(reproduced.workspace, reproduced.env)
+    metrics = evaluate_metrics(reproduced.workspace, reproduced.env)["test"]
     assert set(metrics) >= {"accuracy", "precision", "recall", "f1", "roc_auc"}
     assert metrics["accuracy"] >= MIN_TEST_ACCURACY, metrics
     (archive,) = [p for p in output_paths(reproduced.workspace) if p.endswith(".bento")]
@@ -66,3 +75,31 @@ def test_changing_a_train_param_reruns_only_what_depends_on_it(pipeline_copy, re
     changed = dvc(pipeline_copy, "repro", env=reproduced.env)
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert stages_run(changed.stdout) == ["train", "evaluate", "package"]
+
+
+def test_a_second_clean_run_elsewhere_gives_the_committed_dvc_lock_byte_for_byte(
+    reproduced, dataset_mirror, tmp_path
+):
+    """Another directory, another mirror port, empty cache: the same dvc.lock, every md5 of
+    every output (model directory and bento archive included) and the one committed here."""
+    workspace = copy_workspace(tmp_path / "somewhere" / "else")
+    with serve_directory(dataset_mirror) as mirror_url:
+        set_param(workspace, "download.base_url", f"{mirror_url}/data")
+        second = dvc(workspace, "repro", env=reproduced.env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert stages_run(second.stdout) == STAGES
+    first_lock = (reproduced.workspace / "dvc.lock").read_text()
+    assert (workspace / "dvc.lock").read_text() == first_lock
+    assert (REPO_ROOT / "dvc.lock").read_text() == first_lock, "commit the regenerated dvc.lock"
+
+
+def test_editing_image_decoding_makes_packaging_out_of_date(pipeline_copy, reproduced):
+    """The bento ships serving/contract.py: a change there must rebuild it, even one (here,
+    transparent images only) that leaves every preprocessed array as it was."""
+    contract = pipeline_copy / "serving" / "contract.py"
+    source = contract.read_text()
+    assert "WHITE = (255, 255, 255)" in source
+    contract.write_text(source.replace("WHITE = (255, 255, 255)", "WHITE = (250, 250, 250)"))
+    status = dvc(pipeline_copy, "status", "--json", env=reproduced.env)
+    assert status.returncode == 0, status.stderr
+    assert {"preprocess", "package"} <= set(json.loads(status.stdout)), status.stdout

@@ -1,8 +1,9 @@
 """The steps of .github/workflows/retrain.yml on a copy of the reproduced repo, minus GitHub.
 
-A change to the catalogue reaches main; retraining (`dvc repro evaluate`) reruns everything
-from `download` on, and the report script tells the workflow to open a pull request. A
-scheduled run with nothing new must not. (`cml pr create` and GitHub itself cannot run here.)
+A change to the catalogue reaches main; retraining (`dvc repro`) reruns everything from
+`download` on, and the report script tells the workflow to open a pull request. A scheduled
+run with nothing new must not. Once such a pull request is merged, the workflow's promote job
+runs `python -m stages.promote` on main. (`cml pr create` and GitHub itself cannot run here.)
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ DROPPED_PER_CLASS = 10  # 190 photos per class stay, above download.min_per_clas
 
 
 def retrain_and_report(workspace, env, tmp_path) -> tuple[list[str], str, str]:
-    """`dvc repro evaluate`, then the report against HEAD: (stages run, report, step output)."""
-    repro = dvc(workspace, "repro", "evaluate", env=env)
+    """`dvc repro`, then the report against HEAD: (stages run, report, step output)."""
+    repro = dvc(workspace, "repro", env=env)
     assert repro.returncode == 0, repro.stdout + repro.stderr
     report = run_report(workspace, "HEAD", tmp_path, env=env)
     assert report.result.returncode == 0, report.result.stderr
@@ -63,7 +64,7 @@ def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
 
         stages, report, output = retrain_and_report(workspace, env, tmp_path)
 
-    assert stages == ["download", "split", "preprocess", "train", "evaluate"]
+    assert stages == ["download", "split", "preprocess", "train", "evaluate", "package"]
     assert "metrics_changed=true" in output
     download = json.loads((workspace / PIPELINE_PATHS["download_report"]).read_text())
     assert {label: c["ok"] for label, c in download["classes"].items()} == {

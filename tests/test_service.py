@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import split_photos
+from support import (
+    PIPELINE_PATHS,
+    dvc,
+    evaluated_predictions,
+    python_module,
+    served_answers,
+    serving,
+    set_param,
+    split_photos,
+    stages_run,
+)
+
+from serving.contract import MODEL_FILE, sha256_of
+from stages.promote import bento_version_of
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60
@@ -34,27 +47,55 @@ def a_photo(service) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def test_predictions_on_the_test_split_match_the_pipelines_accuracy(service):
-    photos = split_photos(service.workspace)
-    assert len(photos) == 60
-
-    def predict(item):
-        label, path = item
-        with open(path, "rb") as handle:
-            response = post_image(service, handle.read())
-        assert response.status_code == 200, response.text
-        return label, response.json()
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(predict, photos))
-    for _, body in results:
+def assert_serves_what_evaluate_decided(service) -> list[dict]:
+    """Every test photo gets, over HTTP, the label evaluate predicted for it; the answers."""
+    predictions = evaluated_predictions(service.workspace)
+    assert len(predictions) == 60
+    answers = served_answers(service.url, [p.photo for p in predictions])
+    for prediction, body in zip(predictions, answers, strict=True):
         assert set(body) == {"label", "confidence", "probabilities", "model_version"}
-        assert body["probabilities"]["dandelion"] + body["probabilities"]["grass"] == (
-            pytest.approx(1.0)
-        )
-        assert body["confidence"] == max(body["probabilities"].values())
-    accuracy = np.mean([body["label"] == label for label, body in results])
-    assert accuracy >= service.metrics["accuracy"] - 1e-9, accuracy
+        assert body["label"] == prediction.predicted, (prediction, body)
+        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=1e-4)
+        assert body["confidence"] == body["probabilities"][body["label"]]
+        assert sum(body["probabilities"].values()) == pytest.approx(1.0)
+    accuracy = np.mean(
+        [body["label"] == p.label for p, body in zip(predictions, answers, strict=True)]
+    )
+    assert accuracy == pytest.approx(service.metrics["accuracy"])
+    return answers
+
+
+def test_every_test_photo_gets_the_label_evaluate_predicted(service):
+    assert_serves_what_evaluate_decided(service)
+
+
+def test_a_new_threshold_reaches_the_served_decisions(pipeline_copy, reproduced, tmp_path):
+    """Change evaluate.threshold so that a label flips, rebuild, serve the new bento."""
+    before = evaluated_predictions(pipeline_copy)
+    # Just above the lowest dandelion score(s), midway to the next score so that float
+    # noise from batching cannot decide: the photos below it flip to grass.
+    above = sorted(p.score for p in before if p.predicted == "dandelion")[:6]
+    low, high = max(itertools.pairwise(above), key=lambda pair: pair[1] - pair[0])
+    threshold = round((low + high) / 2, 6)
+    set_param(pipeline_copy, "evaluate.threshold", threshold)
+    rebuilt = dvc(pipeline_copy, "repro", env=reproduced.env)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert stages_run(rebuilt.stdout) == ["evaluate", "package"]
+
+    after = evaluated_predictions(pipeline_copy)
+    flipped = [a.photo for b, a in zip(before, after, strict=True) if b.predicted != a.predicted]
+    assert flipped, threshold
+
+    # A bento that is not (yet) champion is served by its tag after importing the archive.
+    env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "bentoml_home"))
+    archive = pipeline_copy / PIPELINE_PATHS["bento_archive"]
+    imported = python_module("bentoml", pipeline_copy, "import", str(archive), env=env)
+    assert imported.returncode == 0, imported.stderr
+    with serving(bento_version_of(archive), pipeline_copy, env, tmp_path) as service:
+        answers = assert_serves_what_evaluate_decided(service)
+        info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
+    assert info["threshold"] == threshold
+    assert {a["model_version"] for a in answers} == {info["version"]}
 
 
 def sixteen_bit_png(photo: Image.Image) -> bytes:
@@ -158,9 +199,13 @@ def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
 def test_model_info_health_and_metrics(service):
     info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
     assert info["classes"] == ["grass", "dandelion"]
-    assert info["test_metrics"]["accuracy"] == service.metrics["accuracy"]
-    assert {"version", "train_params", "trained_at", "image_size"} <= set(info)
-    assert len(info["git_revision"]) == 40 and info["dvc_md5"].endswith(".dir")
+    assert info["test_metrics"] == service.metrics
+    assert info["threshold"] == 0.5 and info["image_size"] == 224
+    assert info["train_params"]["seed"] == 42  # the params' own types, not strings
+    assert info["model_sha256"] == sha256_of(
+        service.workspace / PIPELINE_PATHS["model_dir"] / MODEL_FILE
+    )
+    assert info["model"] == f"dandelion-vs-grass:{info['version']}"
     for probe in ("livez", "readyz"):
         assert requests.get(f"{service.url}/{probe}", timeout=TIMEOUT).status_code == 200
     metrics = requests.get(f"{service.url}/metrics", timeout=TIMEOUT)
