@@ -1,7 +1,7 @@
 """Load benchmark: the BentoML service vs a naive FastAPI server vs the hardware limit.
 
-Needs the packaged champion in BentoML's store and the photos in data/ (`dvc repro` or
-`dvc pull` first). Everything runs on 127.0.0.1, in one go, on the same test photos:
+Needs the champion in BentoML's store and the photos in data/ (`dvc repro` or `dvc pull`,
+then `python -m stages.promote`). Everything runs on 127.0.0.1, in one go, on the same test photos:
 
 - service: `bentoml serve dandelion-vs-grass:latest` (adaptive batching);
 - naive:   one `model.predict` per request behind a minimal FastAPI app, as the project's
@@ -31,6 +31,8 @@ from support import (
     running_server,
     split_photos,
 )
+
+from serving.contract import MODEL_FILE
 
 MODEL_TAG = "dandelion-vs-grass:latest"
 
@@ -72,7 +74,7 @@ def naive_app(model_path: str, image_size: int):
     """The baseline: FastAPI, one Keras `predict` per request, no batching."""
     import keras
 
-    from stages.preprocess import load_image
+    from serving.contract import load_image
 
     model = keras.models.load_model(model_path, compile=False)
     app = FastAPI()
@@ -122,10 +124,10 @@ def main() -> None:
 
     import bentoml
 
-    from stages.preprocess import load_image
+    from serving.contract import load_image
 
     stored = bentoml.models.get(MODEL_TAG)
-    model_path = stored.path_of("classifier.keras")
+    model_path = stored.path_of(MODEL_FILE)
     image_size = stored.info.metadata["image_size"]
     paths = [REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)]
     photos = [path.read_bytes() for path in paths]

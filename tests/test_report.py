@@ -29,9 +29,9 @@ def table_row(markdown: str, *cells: str) -> list[str]:
 def two_revisions(tmp_path):
     """A repo whose HEAD~1 is this project's results and HEAD a retrained variant."""
     workspace = copy_workspace(tmp_path / "repo")
-    before = json.loads((workspace / EVALUATE_METRICS).read_text())
+    before = json.loads((workspace / EVALUATE_METRICS).read_text())["test"]
     after = dict(before, accuracy=0.75, f1=0.7)
-    (workspace / EVALUATE_METRICS).write_text(json.dumps(after, indent=4) + "\n")
+    (workspace / EVALUATE_METRICS).write_text(json.dumps({"test": after}, indent=4) + "\n")
     confusion = json.loads((workspace / CONFUSION).read_text())
     confusion[0]["predicted"] = "grass" if confusion[0]["predicted"] == "dandelion" else "dandelion"
     (workspace / CONFUSION).write_text(json.dumps(confusion))
@@ -46,9 +46,9 @@ def test_report_tables_hold_before_and_after_and_the_plots_exist(two_revisions, 
     assert run.result.returncode == 0, run.result.stderr
     markdown = run.markdown.read_text()
 
-    accuracy = table_row(markdown, EVALUATE_METRICS, "accuracy")
+    accuracy = table_row(markdown, EVALUATE_METRICS, "test.accuracy")
     assert accuracy[2:] == [f"{before['accuracy']:.4g}", "0.75", f"{0.75 - before['accuracy']:.4g}"]
-    recall = table_row(markdown, EVALUATE_METRICS, "recall")  # unchanged, still listed
+    recall = table_row(markdown, EVALUATE_METRICS, "test.recall")  # unchanged, still listed
     assert float(recall[2]) == float(recall[3]) == pytest.approx(before["recall"], abs=1e-4)
     assert table_row(markdown, "params.yaml", "train.dropout")[2:] == ["0.5", "0.2"]
     assert "metrics_changed=true" in run.github_output.read_text()
@@ -70,7 +70,7 @@ def test_report_against_itself_says_nothing_changed(two_revisions, tmp_path):
     assert run.result.returncode == 0, run.result.stderr
     markdown = run.markdown.read_text()
     assert "No metric changed." in markdown and "No parameter changed." in markdown
-    assert table_row(markdown, EVALUATE_METRICS, "accuracy")[2:4] == ["0.75", "0.75"]
+    assert table_row(markdown, EVALUATE_METRICS, "test.accuracy")[2:4] == ["0.75", "0.75"]
     assert "metrics_changed=false" in run.github_output.read_text()
 
 
