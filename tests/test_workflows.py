@@ -70,25 +70,45 @@ def test_ci_workflow_runs_ci_run_on_push_and_pull_request():
     assert "bash repo/.ci/run" in run_scripts(ci)
 
 
-@pytest.mark.parametrize("name", ["cml", "retrain"])
-def test_pipeline_workflows_pull_reproduce_report_and_comment(name):
+def job_scripts(job: dict) -> list[str]:
+    return [step.get("run", "") for step in job["steps"]]
+
+
+@pytest.mark.parametrize(("name", "job_name"), [("cml", "report"), ("retrain", "retrain")])
+def test_pipeline_workflows_pull_reproduce_report_and_comment(name, job_name):
     document = workflow(name)
     assert document["permissions"]["pull-requests"] == "write"
-    (job,) = document["jobs"].values()
+    job = document["jobs"][job_name]
     uses = [step.get("uses", "") for step in job["steps"]]
     assert "./.github/actions/pipeline-setup" in uses  # setup-python, setup-cml, dvc pull
-    scripts = run_scripts(document)
-    # Up to evaluate: packaging would touch the model registry before a human merged.
-    assert "dvc repro evaluate" in scripts
-    assert "python .github/scripts/report.py" in scripts
-    assert "cml comment update" in scripts
+    scripts = job_scripts(job)
+    # The whole pipeline, bento included (it registers nothing), and no promotion before a merge.
+    assert "dvc repro" in scripts
+    assert not [script for script in scripts if "stages.promote" in script]
+    assert any("python .github/scripts/report.py" in script for script in scripts)
+    assert any("cml comment update" in script for script in scripts)
     assert job["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.MINIO_SECRET_KEY }}"
+
+
+def test_retrain_promotes_only_after_the_merge_on_main():
+    retrain = workflow("retrain")
+    assert retrain[True]["push"] == {"branches": ["main"], "paths": ["dvc.lock"]}
+    jobs = retrain["jobs"]
+    assert jobs["retrain"]["if"] == "github.event_name != 'push'"
+    promote = jobs["promote"]
+    assert promote["if"] == "github.event_name == 'push'"
+    assert promote["steps"][0]["with"]["ref"] == "main"
+    assert "./.github/actions/pipeline-setup" in [s.get("uses", "") for s in promote["steps"]]
+    assert job_scripts(promote)[-1] == "python -m stages.promote"
+    # Both jobs talk to the team's MLflow: promote finds the run the retrain job logged.
+    for job in (jobs["retrain"], promote):
+        assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
 
 
 def test_retrain_runs_on_a_schedule_and_on_demand_and_opens_a_pr_only_on_change():
     retrain = workflow("retrain")
     assert {"schedule", "workflow_dispatch"} <= set(retrain[True])
-    (job,) = retrain["jobs"].values()
+    job = retrain["jobs"]["retrain"]
     (pr_step,) = [step for step in job["steps"] if "cml pr create" in step.get("run", "")]
     assert pr_step["if"] == "steps.report.outputs.metrics_changed == 'true'"
     # The report goes to the pull request just opened (its number from the URL cml printed).
