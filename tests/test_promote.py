@@ -1,4 +1,5 @@
-"""Promotion (`python -m stages.promote`): the champion gate on a real MLflow registry."""
+"""Promotion (`python -m stages.promote`): the champion gate on a real MLflow registry, and the
+command itself on the reproduced pipeline."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import keras
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from support import PIPELINE_PATHS, dvc, python_module, set_param
 
+from serving.contract import MODEL_NAME
 from stages import promote
+from stages.promote import bento_version_of
 
 NAME = "gate-test"
 
@@ -87,3 +91,34 @@ def test_a_new_bento_of_the_champions_run_is_judged_like_any_candidate(client):
     better, promoted = gate(client, run_id, 0.93, bento="threshold-c")
     assert promoted and better.version != first.version and better.run_id == run_id
     assert client.get_model_version_by_alias(NAME, "champion").tags["bento"] == "threshold-c"
+
+
+@pytest.mark.slow
+def test_promotion_of_the_reproduced_pipeline_is_idempotent_and_gated(
+    reproduced, promoted, pipeline_copy, tmp_path
+):
+    """After the session's promotion: a rerun changes nothing; a stale pipeline is refused;
+    a worse bento is not promoted, and a fresh BentoML store gets the champion from MLflow."""
+    champion_bento = bento_version_of(reproduced.workspace / PIPELINE_PATHS["bento_archive"])
+    assert "promoted to champion; champion is version 1" in promoted.stdout, promoted.stdout
+    again = python_module("stages.promote", reproduced.workspace, env=reproduced.env)
+    assert again.returncode == 0, again.stderr
+    assert "already champion; champion is version 1" in again.stdout, again.stdout
+
+    workspace = pipeline_copy
+    env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "fresh_bentoml_home"))
+    set_param(workspace, "evaluate.threshold", 0.99)  # nearly everything becomes grass
+    stale = python_module("stages.promote", workspace, env=env)
+    assert stale.returncode != 0 and "not up to date" in stale.stderr, stale.stderr
+    assert dvc(workspace, "repro", env=env).returncode == 0
+
+    worse = python_module("stages.promote", workspace, env=env)
+    assert worse.returncode == 0, worse.stderr
+    assert "not promoted" in worse.stdout and "champion is version 1" in worse.stdout
+    latest = tmp_path / "fresh_bentoml_home" / "bentos" / MODEL_NAME / "latest"
+    assert f"{MODEL_NAME}:{latest.read_text()}" == champion_bento
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    try:
+        assert len(MlflowClient().search_model_versions(f"name='{MODEL_NAME}'")) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
