@@ -26,6 +26,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def dvc_md5(model_dir: str) -> str:
     return outs.get(model_dir, "")
 
 
-def deploy(client: MlflowClient, champion: ModelVersion, local_archive: Path) -> str:
+def deploy(champion: ModelVersion, local_archive: Path) -> str:
     """Make the champion's bento what ``bentoml serve dandelion-vs-grass:latest`` serves."""
     import bentoml
     from bentoml._internal.configuration.containers import BentoMLContainer
@@ -150,8 +151,7 @@ def deploy(client: MlflowClient, champion: ModelVersion, local_archive: Path) ->
 
 
 def bento_version_of(archive: Path) -> str:
-    import tarfile
-
+    """``name:version`` of a bento archive, from its ``bento.yaml``."""
     with tarfile.open(archive) as tar:
         bento = yaml.safe_load(tar.extractfile("bento.yaml"))
     return f"{bento['name']}:{bento['version']}"
@@ -193,7 +193,7 @@ def promote(paths: dict[str, str], params: dict) -> str:
     )
     if promoted:
         client.log_artifact(run.info.run_id, str(archive), BENTO_ARTIFACTS)
-    deployed = deploy(client, champion, archive)
+    deployed = deploy(champion, archive)
     metric = settings["metric"]
     verdict = (
         "promoted to champion"
