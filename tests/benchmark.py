@@ -90,7 +90,7 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.machine()}"
     )
-    print(f"cold dvc repro (all stages, 400 images from 127.0.0.1): {cold:5.1f} s")
+    print(f"cold dvc repro (empty cache, 400 images from 127.0.0.1): {cold:5.1f} s")
     print(
         f"no-op dvc repro (median of {len(noops)}):                 "
         f"{statistics.median(noops):6.1f} s"
