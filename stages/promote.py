@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from serving.contract import MODEL_FILE, MODEL_NAME, MODEL_SHA256_TAG, sha256_of
+from serving.contract import MODEL_FILE, MODEL_NAME, MODEL_SHA256_TAG
 from stages.package import included_files, model_card
 from stages.params import load_params, pipeline_paths
 from stages.tracking import training_run, use_project_store
@@ -168,7 +168,7 @@ def promote(paths: dict[str, str], params: dict) -> str:
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
 
     use_project_store()
-    run = training_run(sha256_of(model_file))
+    run = training_run(card.model_sha256)
     if run is None:
         raise PromotionError(
             f"no MLflow run in {mlflow.get_tracking_uri()} trained {model_file} "
