@@ -30,6 +30,7 @@ import yaml
 from PIL import Image
 
 from serving.contract import PREDICTIONS_FILE
+from stages.params import pipeline_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = REPO_ROOT.parent / "shared"
@@ -38,7 +39,7 @@ WEIGHTS_DIR = SHARED / "weights"
 MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 # The pipeline's paths, declared once in dvc.yaml's `vars` (catalogue, model_dir, ...).
-PIPELINE_PATHS: dict[str, str] = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["vars"][0]
+PIPELINE_PATHS: dict[str, str] = pipeline_paths(REPO_ROOT / "dvc.yaml")
 EVALUATE_METRICS = f"{PIPELINE_PATHS['evaluate_dir']}/metrics.json"
 EVALUATE_PREDICTIONS = f"{PIPELINE_PATHS['evaluate_dir']}/{PREDICTIONS_FILE}"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT
+from support import PIPELINE_PATHS, REPO_ROOT
 
 from stages.package import included_files
 
@@ -80,11 +80,13 @@ def bento_files() -> list[Path]:
 
 
 DVC_YAML = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
-PATHS = DVC_YAML["vars"][0]
 
 
 def declared_deps(stage: dict) -> list[str]:
-    return [re.sub(r"\$\{(\w+)\}", lambda m: PATHS[m.group(1)], dep) for dep in stage["deps"]]
+    def expand(dep: str) -> str:  # ${model_dir} -> data/model
+        return re.sub(r"\$\{(\w+)\}", lambda m: PIPELINE_PATHS[m.group(1)], dep)
+
+    return [expand(dep) for dep in stage["deps"]]
 
 
 @pytest.mark.parametrize("name", list(DVC_YAML["stages"]))

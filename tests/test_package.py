@@ -49,8 +49,8 @@ def bento_contents(archive) -> tuple[dict, ModelCard, list[str]]:
         bento = yaml.safe_load(tar.extractfile("bento.yaml"))
         (model_yaml,) = [name for name in tar.getnames() if name.endswith("/model.yaml")]
         card = ModelCard.from_metadata(yaml.safe_load(tar.extractfile(model_yaml))["metadata"])
-        sources = sorted(n.removeprefix("src/") for n in tar.getnames() if n.startswith("src/"))
-    return bento, card, [name for name in sources if "." in name.rsplit("/", 1)[-1]]
+        files = [member.name for member in tar.getmembers() if member.isfile()]
+    return bento, card, sorted(n.removeprefix("src/") for n in files if n.startswith("src/"))
 
 
 def test_same_inputs_in_two_directories_give_identical_archives(model_dir, tmp_path):
