@@ -76,6 +76,7 @@ class ModelCard:
 
     version: str  # content-derived; also the bento's version
     model_sha256: str  # of MODEL_FILE; MLflow tags runs and registered versions with it
+    dvc_md5: str  # DVC's hash of the model directory, as dvc.lock records it
     classes: list[str]
     threshold: float
     image_size: int

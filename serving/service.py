@@ -3,7 +3,9 @@
 Two services, as BentoML does adaptive batching: `Classifier` holds the Keras model behind a
 batchable endpoint, so concurrent single-image requests reach the model as one batch;
 `DandelionService` is the HTTP front (upload checks, JSON answers, the web page) and calls it.
-Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins.
+Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins; the model's
+own metrics (answers by label, confidence, rejected uploads, what is served) are added to
+/metrics by serving/metrics.py.
 
 Everything model-specific (classes, decision threshold, input size, upload limits) comes from
 the packaged model's card (serving/contract.py), so the service decides exactly as the
@@ -13,6 +15,7 @@ pipeline's evaluate stage did for the model it serves.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import bentoml
@@ -21,19 +24,24 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
+from serving.metrics import model_metrics, sample_process
 from serving.uploads import UploadError, UploadLimits, decode_upload
 
 logger = logging.getLogger("bentoml.service.dandelion")
 PAGE = (Path(__file__).parent / "page.html").read_text()
+# A request gets its answer or an error within this; deployments give SIGTERM'd pods longer
+# (compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
+TRAFFIC_TIMEOUT_SECONDS = 60
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60})
+@bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
 class Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
 
     def __init__(self) -> None:
         import keras  # only this service loads TensorFlow
 
+        sample_process("model")
         self.model = keras.models.load_model(self.bento_model.path_of(MODEL_FILE), compile=False)
         # Warm up: the first call builds TensorFlow's graph (seconds); without this the
         # batcher's latency estimate starts out far too high and it sheds requests.
@@ -53,11 +61,12 @@ app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
 
 @app.exception_handler(UploadError)
 async def upload_error(request: Request, error: UploadError) -> JSONResponse:
+    model_metrics().count_rejection(error.reason, error.status)
     return JSONResponse({"error": error.message}, status_code=error.status)
 
 
 @bentoml.asgi_app(app, path="/")
-@bentoml.service(workers=1, traffic={"timeout": 60})
+@bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
 class DandelionService:
     classifier = bentoml.depends(Classifier)
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
@@ -70,10 +79,17 @@ class DandelionService:
             **{k: card.serve[k] for k in ("max_upload_bytes", "min_side", "max_pixels")}
         )
         self.max_batch_files: int = card.serve["max_batch_files"]
+        # Which commit was deployed is not part of the (content-addressed) bento: whoever
+        # deploys it says so (compose and the Kubernetes overlay pass GIT_REVISION).
+        git_revision = os.environ.get("GIT_REVISION") or "unknown"
         self.info = {
             "model": str(self.bento_model.tag),
+            "git_revision": git_revision,
             **{key: value for key, value in card.to_metadata().items() if key != "serve"},
         }
+        self.metrics = model_metrics()
+        self.metrics.describe(card, card.dvc_md5, git_revision)
+        sample_process("front")
 
     async def __is_ready__(self) -> bool:
         """/readyz: ready once the model service answers (it loads TensorFlow and the model)."""
@@ -93,14 +109,14 @@ class DandelionService:
         """One image in the multipart field ``image``."""
         (upload,) = await self.read_files(request, field="image", most=1)
         (score,) = await self.scores(upload[np.newaxis])
-        return self.verdict(float(score))
+        return self.answer(float(score))
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request) -> dict:
         """Several images, each in a multipart field ``images``."""
         uploads = await self.read_files(request, field="images", most=self.max_batch_files)
         scores = await self.scores(np.stack(uploads))
-        return {"predictions": [self.verdict(float(score)) for score in scores]}
+        return {"predictions": [self.answer(float(score)) for score in scores]}
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
         # One retry: a pooled keep-alive connection the model service already closed fails
@@ -111,34 +127,38 @@ class DandelionService:
             except Exception as exc:  # the model service is overloaded, restarting or down
                 logger.warning("model service call %d failed: %r", attempt, exc)
                 error = exc
-        raise UploadError(503, f"the model is unavailable, retry shortly ({error})")
+        raise UploadError("model_unavailable", f"the model is unavailable, retry shortly ({error})")
 
     async def read_files(self, request: Request, field: str, most: int) -> list[np.ndarray]:
         """Decode the files of a multipart ``field``; UploadError (4xx) for anything else."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise UploadError(415, f"send multipart/form-data with the file in the field '{field}'")
+            raise UploadError(
+                "not_multipart", f"send multipart/form-data with the file in the field '{field}'"
+            )
         length = request.headers.get("content-length")
         if length is None:
-            raise UploadError(411, "the request needs a Content-Length header")
+            raise UploadError("no_content_length", "the request needs a Content-Length header")
+        if not length.isdigit():
+            raise UploadError("bad_content_length", f"Content-Length is not a number: {length!r}")
         if int(length) > most * self.limits.max_upload_bytes + 64 * 1024:
             raise UploadError(
-                413,
+                "request_too_large",
                 f"the request exceeds the upload limit "
                 f"({self.limits.max_upload_bytes} bytes per image)",
             )
         try:
             form = await request.form(max_files=most, max_fields=most + 16)
         except Exception as exc:  # malformed multipart, too many parts
-            raise UploadError(400, f"unreadable multipart body: {exc}") from None
+            raise UploadError("malformed_multipart", f"unreadable multipart body: {exc}") from None
         files = form.getlist(field)
         if not files:
             raise UploadError(
-                422,
+                "missing_file",
                 f"no file in the multipart field '{field}' "
                 f"(fields sent: {sorted(form.keys()) or 'none'})",
             )
         if not all(hasattr(file, "read") for file in files):
-            raise UploadError(422, f"the field '{field}' must hold a file, not text")
+            raise UploadError("not_a_file", f"the field '{field}' must hold a file, not text")
         arrays = []
         for index, file in enumerate(files):
             try:
@@ -149,5 +169,7 @@ class DandelionService:
                 raise
         return arrays
 
-    def verdict(self, score: float) -> dict:
-        return {**self.rule.verdict(score), "model_version": self.info["version"]}
+    def answer(self, score: float) -> dict:
+        verdict = self.rule.verdict(score)
+        self.metrics.count_answer(verdict)
+        return {**verdict, "model_version": self.info["version"]}

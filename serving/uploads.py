@@ -1,7 +1,8 @@
 """Turn an uploaded file into model input, or say precisely why it cannot be one.
 
-Every rejection is an ``UploadError`` carrying the HTTP status the client gets; the service
-turns it into a JSON 4xx answer. Nothing here raises anything else for bad bytes.
+Every rejection is an ``UploadError`` naming one of the ``REJECTIONS`` reasons, which fixes the
+HTTP status the client gets; the service turns it into a JSON answer and counts it on /metrics
+by reason and status. Nothing here raises anything else for bad bytes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,34 @@ from PIL import Image
 
 from serving.contract import load_image
 
+# Why a request gets no prediction -> the HTTP status it is answered with. The reasons are
+# the `reason` label of classifier_rejected_uploads_total: a short, fixed set (the message,
+# which names sizes and fields, would make a label of unbounded cardinality).
+REJECTIONS = {
+    "not_multipart": 415,
+    "no_content_length": 411,
+    "bad_content_length": 400,
+    "request_too_large": 413,
+    "malformed_multipart": 400,
+    "missing_file": 422,
+    "not_a_file": 422,
+    "empty_file": 400,
+    "file_too_large": 413,
+    "too_many_pixels": 413,
+    "not_an_image": 415,
+    "image_too_small": 422,
+    "corrupt_image": 422,
+    "model_unavailable": 503,
+}
+
 
 class UploadError(Exception):
-    """A request the service answers with ``status`` and ``{"error": message}``."""
+    """A request answered with ``REJECTIONS[reason]`` and ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, reason: str, message: str):
         super().__init__(message)
-        self.status = status
+        self.reason = reason
+        self.status = REJECTIONS[reason]
         self.message = message
 
 
@@ -35,28 +57,32 @@ class UploadLimits:
 def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndarray:
     """``(image_size, image_size, 3)`` uint8 array from an uploaded file's bytes."""
     if not data:
-        raise UploadError(400, "the upload is empty")
+        raise UploadError("empty_file", "the upload is empty")
     if len(data) > limits.max_upload_bytes:
-        raise UploadError(413, f"the upload exceeds {limits.max_upload_bytes} bytes")
+        raise UploadError("file_too_large", f"the upload exceeds {limits.max_upload_bytes} bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(413, f"the image has more than {limits.max_pixels} pixels") from None
+        raise UploadError(
+            "too_many_pixels", f"the image has more than {limits.max_pixels} pixels"
+        ) from None
     except Exception:
-        raise UploadError(415, "the upload is not an image Pillow can read") from None
+        raise UploadError("not_an_image", "the upload is not an image Pillow can read") from None
 
     width, height = image.size
     if width * height > limits.max_pixels:
         raise UploadError(
-            413, f"the image is {width}x{height}: more than {limits.max_pixels} pixels"
+            "too_many_pixels",
+            f"the image is {width}x{height}: more than {limits.max_pixels} pixels",
         )
     if min(width, height) < limits.min_side:
         raise UploadError(
-            422, f"the image is {width}x{height}: each side must be at least {limits.min_side} px"
+            "image_too_small",
+            f"the image is {width}x{height}: each side must be at least {limits.min_side} px",
         )
     try:
         return load_image(image, image_size)
     except Exception:
-        raise UploadError(422, "the image data is corrupt or truncated") from None
+        raise UploadError("corrupt_image", "the image data is corrupt or truncated") from None

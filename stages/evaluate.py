@@ -1,9 +1,10 @@
 """Evaluate stage: score the trained classifier on the held-out test split.
 
-Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC; the positive class is
-``classes[1]``), the confusion matrix and ROC curve as dvclive plots, and every test photo's
-score and predicted label (``predictions.csv``). Labels come from the contract's decision rule
-at ``evaluate.threshold``, the rule the packaged service applies too. The metrics are also
+Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC, and the share predicted
+positive with its 95 % interval; the positive class is ``classes[1]``), the confusion matrix
+and ROC curve as dvclive plots, and every test photo's score and predicted label
+(``predictions.csv``). Labels come from the contract's decision rule at
+``evaluate.threshold``, the rule the packaged service applies too. The metrics are also
 added to the MLflow run that trained the model.
 """
 
@@ -18,6 +19,7 @@ import keras
 import mlflow
 import numpy as np
 from dvclive import Live
+from scipy.stats import binomtest
 from sklearn import metrics
 
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule, sha256_of
@@ -26,8 +28,14 @@ from stages.tracking import training_run, use_project_store
 
 
 def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:
-    """Binary classification metrics for ``scores`` = P(class 1)."""
+    """Binary classification metrics for ``scores`` = P(class 1).
+
+    ``positive_share`` is the share of photos predicted ``classes[1]``, with its 95 % Wilson
+    interval (``_low``, ``_high``): the range live traffic like the test split should stay in.
+    The service exposes that interval, and an alert fires when live answers leave it.
+    """
     predicted = rule.predict(scores)
+    interval = binomtest(int(predicted.sum()), len(predicted)).proportion_ci(method="wilson")
     return {
         "accuracy": metrics.accuracy_score(labels, predicted),
         "precision": metrics.precision_score(labels, predicted, zero_division=0),
@@ -35,6 +43,9 @@ def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule
         "f1": metrics.f1_score(labels, predicted, zero_division=0),
         # AUC is undefined on a single-class test set; report it as missing, not as 0.
         "roc_auc": metrics.roc_auc_score(labels, scores) if len(set(labels)) == 2 else None,
+        "positive_share": float(predicted.mean()),
+        "positive_share_low": float(interval.low),
+        "positive_share_high": float(interval.high),
     }
 
 

@@ -47,10 +47,23 @@ def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
     return sorted({bentofile, *(path for path in matched if path.is_file())})
 
 
-def model_card(model_file: Path, params: dict, test_metrics: dict, code: list[Path]) -> ModelCard:
-    """The card for ``model_file``; its version hashes the card and the service ``code``."""
+def dvc_md5(path: Path) -> str:
+    """DVC's hash of a file or directory (``<md5>.dir``), the value ``dvc.lock`` records."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="dvc-hash-") as scratch:
+        *_, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
+    return obj.hash_info.value
+
+
+def model_card(model_dir: Path, params: dict, test_metrics: dict, code: list[Path]) -> ModelCard:
+    """The card for the model in ``model_dir``; its version hashes the card and the ``code``."""
     content = {
-        "model_sha256": sha256_of(model_file),
+        "model_sha256": sha256_of(model_dir / MODEL_FILE),
+        "dvc_md5": dvc_md5(model_dir),
         "classes": list(params["classes"]),
         "threshold": float(params["evaluate"]["threshold"]),
         "image_size": int(params["preprocess"]["image_size"]),
@@ -113,10 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     test_metrics = json.loads(args.metrics_json.read_text())["test"]
-    model_file = args.model_dir / MODEL_FILE
-    card = model_card(model_file, load_params(), test_metrics, included_files())
+    card = model_card(args.model_dir, load_params(), test_metrics, included_files())
     with tempfile.TemporaryDirectory(prefix="bentoml-home-") as home:
-        tag = build_bento(model_file, card, args.bento_archive, Path(home))
+        tag = build_bento(args.model_dir / MODEL_FILE, card, args.bento_archive, Path(home))
     print(
         f"package: bento {tag} (threshold {card.threshold}, test accuracy "
         f"{card.test_metrics['accuracy']:.3f}) -> {args.bento_archive}; "

@@ -160,10 +160,11 @@ def bento_version_of(archive: Path) -> str:
 def promote(paths: dict[str, str], params: dict) -> str:
     """Gate, register and deploy; return a one-line summary."""
     check_up_to_date()
-    model_file = Path(paths["model_dir"]) / MODEL_FILE
+    model_dir = Path(paths["model_dir"])
+    model_file = model_dir / MODEL_FILE
     archive = Path(paths["bento_archive"])
     test_metrics = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())["test"]
-    card = model_card(model_file, params, test_metrics, included_files())
+    card = model_card(model_dir, params, test_metrics, included_files())
     if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
 

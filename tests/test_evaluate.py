@@ -35,6 +35,18 @@ def test_threshold_moves_the_decision():
     assert evaluate.score_predictions(labels, scores, rule(0.7))["accuracy"] == 0.5
 
 
+def test_positive_share_comes_with_its_95_percent_wilson_interval():
+    scores = np.array([0.9] * 29 + [0.1] * 31)  # 29 of 60 photos predicted dandelion
+    result = evaluate.score_predictions(np.ones(60, dtype=int), scores, rule(0.5))
+    # Wilson score interval, written out: centre and half-width for z = 1.959964 (95 %).
+    n, share, z = 60, 29 / 60, 1.959964
+    centre = (share + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    assert result["positive_share"] == pytest.approx(29 / 60)
+    assert result["positive_share_low"] == pytest.approx(centre - half, abs=1e-6)
+    assert result["positive_share_high"] == pytest.approx(centre + half, abs=1e-6)
+
+
 def test_auc_is_missing_not_zero_for_a_single_class():
     result = evaluate.score_predictions(np.array([1, 1]), np.array([0.9, 0.2]), rule(0.5))
     assert result["roc_auc"] is None

@@ -136,7 +136,11 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert set(train_metrics) == {"train", "val", "best", "epochs_run", "step"}
     assert set(train_metrics["best"]) == {"epoch", "val_loss", "val_accuracy"}
     (test_metrics,) = json.loads((tmp_path / "results/evaluate/metrics.json").read_text()).values()
-    assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"}
+    assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"} | {
+        "positive_share",
+        "positive_share_low",
+        "positive_share_high",
+    }
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
     predictions = (tmp_path / "results/evaluate" / PREDICTIONS_FILE).read_text().splitlines()

@@ -1,0 +1,126 @@
+"""The model's own Prometheus metrics, served on /metrics next to BentoML's request metrics.
+
+BentoML runs prometheus_client in multiprocess mode: each worker writes its samples to files
+in ``PROMETHEUS_MULTIPROC_DIR`` and the front's /metrics merges them (in a thread, so a scrape
+never blocks a prediction). The worker sets that variable only after importing the service
+module, so the metrics are created on first use in a worker, never at import time.
+
+Names follow Prometheus conventions: counters end in ``_total``, units are base units
+(seconds, bytes), and a value between 0 and 1 is a ratio. Every series a dashboard or alert
+reads is created at start-up (at 0), so a rate is defined before the first request.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from dataclasses import dataclass
+
+from serving.contract import ModelCard
+from serving.uploads import REJECTIONS
+
+# Confidence = the probability of the label returned. Answers at or below LOW_CONFIDENCE are
+# "low confidence"; the dashboards and the alert rules read that bucket (le="0.7").
+LOW_CONFIDENCE = 0.7
+CONFIDENCE_BUCKETS = (0.5, 0.6, LOW_CONFIDENCE, 0.8, 0.9, 0.95, 0.99, 1.0)
+PROCESS_SAMPLE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    predictions: object  # Counter by label
+    confidence: object  # Histogram
+    rejected: object  # Counter by reason and status
+    info: object  # Gauge, 1, labelled with what is being served
+    expected_share: object  # Gauge by label and bound: the test split's predicted share
+
+    def describe(self, card: ModelCard, dvc_md5: str, git_revision: str) -> None:
+        """Publish what is served, and start every series the dashboards read at 0."""
+        self.info.labels(card.version, git_revision, dvc_md5).set(1)
+        positive = card.rule.positive
+        self.expected_share.labels(positive, "lower").set(card.test_metrics["positive_share_low"])
+        self.expected_share.labels(positive, "upper").set(card.test_metrics["positive_share_high"])
+        for label in card.classes:
+            self.predictions.labels(label)
+        for reason, status in REJECTIONS.items():
+            self.rejected.labels(reason, str(status))
+
+    def count_answer(self, verdict: dict) -> None:
+        self.predictions.labels(verdict["label"]).inc()
+        self.confidence.observe(verdict["confidence"])
+
+    def count_rejection(self, reason: str, status: int) -> None:
+        self.rejected.labels(reason, str(status)).inc()
+
+
+@functools.cache
+def model_metrics() -> ModelMetrics:
+    """The front's metrics, created once per process."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return ModelMetrics(
+        predictions=Counter(
+            "classifier_predictions", "Answers given, by predicted label.", ["label"]
+        ),
+        confidence=Histogram(
+            "classifier_prediction_confidence_ratio",
+            "Probability of the label returned, per answer.",
+            buckets=CONFIDENCE_BUCKETS,
+        ),
+        rejected=Counter(
+            "classifier_rejected_uploads",
+            "Requests answered without a prediction, by reason and HTTP status.",
+            ["reason", "status"],
+        ),
+        info=Gauge(
+            "classifier_model_info",
+            "The model in service: bento version, Git revision deployed, DVC md5 of the model.",
+            ["model_version", "git_revision", "dvc_md5"],
+            multiprocess_mode="max",
+        ),
+        expected_share=Gauge(
+            "classifier_expected_predicted_share_ratio",
+            "95 % interval of the share of answers with this label on the test split.",
+            ["label", "bound"],
+            multiprocess_mode="max",
+        ),
+    )
+
+
+@functools.cache
+def sample_process(service: str) -> threading.Thread:
+    """Publish this process's RSS and CPU time every few seconds, labelled ``service``.
+
+    BentoML's multiprocess /metrics has no process collector; this samples the same figures
+    (prometheus_client's ProcessCollector, from /proc) for each BentoML service process.
+    """
+    from prometheus_client import Counter, Gauge
+    from prometheus_client.process_collector import ProcessCollector
+
+    rss = Gauge(
+        "classifier_process_resident_memory_bytes",
+        "Resident memory of the service's process.",
+        ["service"],
+        multiprocess_mode="mostrecent",
+    ).labels(service)
+    cpu = Counter(
+        "classifier_process_cpu_seconds",
+        "CPU time (user and system) of the service's process.",
+        ["service"],
+    ).labels(service)
+    collector = ProcessCollector(registry=None)
+
+    def sample() -> None:
+        counted = 0.0
+        while True:
+            values = {s.name: s.value for f in collector.collect() for s in f.samples}
+            if values:  # empty where /proc is missing
+                rss.set(values["process_resident_memory_bytes"])
+                cpu.inc(values["process_cpu_seconds_total"] - counted)
+                counted = values["process_cpu_seconds_total"]
+            time.sleep(PROCESS_SAMPLE_SECONDS)
+
+    thread = threading.Thread(target=sample, name=f"process-metrics-{service}", daemon=True)
+    thread.start()
+    return thread
