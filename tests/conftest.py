@@ -17,6 +17,7 @@ from support import (
     copy_workspace,
     dvc,
     fresh_moto_account,
+    git,
     moto_s3_server,
     pipeline_env,
     prepare_keras_home,
@@ -34,6 +35,17 @@ def require_shared(path):
     if os.environ.get("CI"):
         pytest.fail(f"{path} is missing: CI must have ../shared beside the checkout")
     pytest.skip(f"{path} not present (it ships beside the repo on build machines only)")
+
+
+def require_tools(*names: str) -> list[str]:
+    """Paths of Debian-packaged tools the test needs: .ci/run installs them; elsewhere, skip."""
+    found = {name: shutil.which(name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} missing: .ci/run installs them (apt-get)")
+        pytest.skip(f"not installed (Debian packages): {missing}")
+    return list(found.values())
 
 
 @pytest.fixture(scope="session")
@@ -128,5 +140,8 @@ def promoted(reproduced) -> subprocess.CompletedProcess:
 def service(reproduced, promoted, tmp_path_factory) -> RunningService:
     """The champion as users serve it after promotion: `dandelion-vs-grass:latest`."""
     log_dir = tmp_path_factory.mktemp("serve")
-    with serving("dandelion-vs-grass:latest", reproduced.workspace, reproduced.env, log_dir) as s:
+    # As compose and the Kubernetes overlay do: the deployer names the Git revision.
+    revision = git(reproduced.workspace, "rev-parse", "--short", "HEAD").stdout.strip()
+    env = dict(reproduced.env, GIT_REVISION=revision)
+    with serving("dandelion-vs-grass:latest", reproduced.workspace, env, log_dir) as s:
         yield s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import functools
@@ -299,6 +300,15 @@ def delete_cache_and_outputs(workspace: Path, outputs: list[str]) -> None:
     for path in outputs:
         target = workspace / path
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def service_constant(name: str):
+    """A module-level constant of serving/service.py, read without importing BentoML."""
+    tree = ast.parse((REPO_ROOT / "serving" / "service.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise LookupError(name)
 
 
 def free_port() -> int:

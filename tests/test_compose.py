@@ -8,24 +8,22 @@ the file exactly as `docker compose up` would before starting anything.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
 import yaml
+from conftest import require_tools
 from dvc.repo import Repo
-from support import REPO_ROOT, copy_workspace
+from support import REPO_ROOT, copy_workspace, service_constant
 
 
-def compose_config(*extra_args: str) -> dict:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is missing: .ci/run installs it (apt-get)")
-        pytest.skip("docker-compose not installed (Debian package docker-compose)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "MLFLOW_"))}
+def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) -> dict:
+    (binary,) = require_tools("docker-compose")
+    ours = ("MINIO_", "MLFLOW_", "CLASSIFIER_", "PROMETHEUS_", "GRAFANA_", "GIT_REVISION")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(extra_env or {})
     result = subprocess.run(
         [binary, "--project-directory", str(REPO_ROOT), *extra_args, "config"],
         cwd=REPO_ROOT,
@@ -36,6 +34,10 @@ def compose_config(*extra_args: str) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+SERVE_PROFILE = ("classifier", "prometheus", "grafana")
+MONITORING = REPO_ROOT / "deploy" / "monitoring"
 
 
 def dvc_remote() -> dict[str, str]:
@@ -53,7 +55,7 @@ def published_ports(service: dict) -> list[tuple[str, str, str]]:
 
 def test_stack_has_minio_bootstrap_and_mlflow():
     services = compose_config()["services"]
-    assert set(services) == {"minio", "create-buckets", "mlflow"}
+    assert set(services) == {"minio", "create-buckets", "mlflow"} | set(SERVE_PROFILE)
 
     minio = services["minio"]
     assert "@sha256:" in minio["image"] and ":RELEASE." in minio["image"]
@@ -124,3 +126,73 @@ def test_pre_commit_refuses_a_force_added_credential_file(tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert ".dvc/config.local" in result.stdout and "credentials stay local" in result.stdout
+
+
+def mounts(service: dict) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    binds = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        if host.startswith(("/", ".")):
+            binds[container] = Path(host).resolve()
+    return binds
+
+
+def test_the_serve_profile_adds_service_prometheus_and_grafana_only():
+    services = compose_config("--profile", "serve")["services"]
+    for name, service in services.items():
+        assert service.get("profiles", []) == (["serve"] if name in SERVE_PROFILE else []), name
+
+
+def test_every_pulled_image_is_pinned_by_tag_and_digest():
+    for name, service in compose_config("--profile", "serve")["services"].items():
+        image = service["image"]
+        if name == "classifier":  # built locally by `bentoml containerize`, never pulled
+            assert service["pull_policy"] == "never"
+        elif "build" not in service:
+            reference, _, digest = image.partition("@sha256:")
+            assert ":" in reference.split("/")[-1] and len(digest) == 64, name
+
+
+def test_the_prediction_service_runs_the_containerized_bento_and_drains_on_stop():
+    classifier = compose_config(extra_env={"GIT_REVISION": "abc1234"})["services"]["classifier"]
+    assert classifier["image"] == "dandelion-vs-grass:latest"
+    assert classifier["environment"]["GIT_REVISION"] == "abc1234"
+    assert classifier["init"] is True
+    assert "/readyz" in " ".join(classifier["healthcheck"]["test"])
+    grace = classifier["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > service_constant("TRAFFIC_TIMEOUT_SECONDS")
+    assert [container for _, _, container in published_ports(classifier)] == ["3000"]
+
+
+def test_prometheus_scrapes_the_service_and_loads_the_rules_from_the_repository():
+    services = compose_config()["services"]
+    prometheus = services["prometheus"]
+    binds = mounts(prometheus)
+    assert binds["/etc/prometheus/prometheus.yml"] == MONITORING / "prometheus.yml"
+    assert binds["/etc/prometheus/rules"] == MONITORING / "rules"
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert config["rule_files"] == ["rules/*.rules.yml"]  # relative to the config file
+    (job,) = config["scrape_configs"]
+    (target,) = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host == "classifier"
+    assert port in [container for _, _, container in published_ports(services[host])]
+
+
+def test_grafana_is_provisioned_from_the_repository_files():
+    services = compose_config()["services"]
+    binds = mounts(services["grafana"])
+    provisioning = MONITORING / "grafana" / "provisioning"
+    assert binds["/etc/grafana/provisioning"] == provisioning
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())[
+        "providers"
+    ]
+    assert binds[provider["options"]["path"]] == MONITORING / "grafana" / "dashboards"
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    url = urlparse(datasource["url"])
+    prometheus_ports = [c for _, _, c in published_ports(services["prometheus"])]
+    assert url.hostname == "prometheus" and str(url.port) in prometheus_ports

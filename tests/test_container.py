@@ -7,14 +7,13 @@ tests/podman/ holds what this machine needs: podman settings and a local stand-i
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import uuid
 
 import pytest
 import requests
+from conftest import require_tools
 from support import REPO_ROOT, free_port, running_server, split_photos
 
 pytestmark = pytest.mark.slow
@@ -24,11 +23,7 @@ PODMAN_DIR = REPO_ROOT / "tests" / "podman"
 @pytest.fixture(scope="session")
 def container_env(reproduced, promoted):
     """podman set up; the image is built from the promoted `dandelion-vs-grass:latest`."""
-    missing = [tool for tool in ("podman", "debootstrap", "runc") if not shutil.which(tool)]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} missing: .ci/run installs them (apt-get)")
-        pytest.skip(f"not installed: {missing}")
+    require_tools("podman", "debootstrap", "runc")
     env = dict(reproduced.env, CONTAINERS_CONF=str(PODMAN_DIR / "containers.conf"))
     subprocess.run(["bash", str(PODMAN_DIR / "base-image.sh")], env=env, check=True, timeout=600)
     return env

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 
 import pytest
 import requests
+from conftest import require_tools
 from support import DATASET_MIRROR
 
 pytestmark = pytest.mark.slow
@@ -28,11 +27,7 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture
 def browser(tmp_path):
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        if os.environ.get("CI"):
-            pytest.fail("chromium/chromedriver missing: .ci/run installs them (apt-get)")
-        pytest.skip("Debian packages chromium and chromium-driver are not installed")
+    chromium, chromedriver = require_tools("chromium", "chromedriver")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service

@@ -1,0 +1,464 @@
+"""Monitoring: the model's metrics on /metrics, the alert rules, the Grafana dashboards, and a
+real Prometheus (Debian's `prometheus`) scraping a real `bentoml serve` of the pipeline's bento.
+
+Grafana cannot run on the build machines (it is in neither Debian nor PyPI). Its dashboards
+are checked for structure and datasource references, and every query in them is sent to the
+real Prometheus, as Grafana would send it: a panel that would stay empty fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+import requests
+import yaml
+from conftest import require_tools
+from prometheus_client.parser import text_string_to_metric_families
+from support import (
+    PIPELINE_PATHS,
+    REPO_ROOT,
+    evaluated_predictions,
+    free_port,
+    git,
+    make_image,
+    running_server,
+)
+
+from serving.metrics import LOW_CONFIDENCE
+from serving.uploads import REJECTIONS
+
+MONITORING = REPO_ROOT / "deploy" / "monitoring"
+PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
+RULES_FILE = MONITORING / "rules" / "classifier.rules.yml"
+RULES_TESTS = MONITORING / "rules" / "classifier.test.yml"
+PROVISIONING = MONITORING / "grafana" / "provisioning"
+DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
+COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
+
+
+def scrape_job() -> dict:
+    """The one scrape job of deploy/monitoring/prometheus.yml (the job the rules select)."""
+    (job,) = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+    return job
+
+
+def rules() -> list[dict]:
+    groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(dashboard / panel title, PromQL) of every query of every dashboard."""
+    queries = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                queries.append((f"{dashboard['title']} / {panel['title']}", target["expr"]))
+    return queries
+
+
+def top_level_comparison(expr: str) -> int:
+    """Index just after the one comparison operator outside brackets and strings in ``expr``."""
+    depth, quote, found, i = 0, None, [], 0
+    while i < len(expr):
+        char = expr[i]
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'`":
+            quote = char
+        elif char in "({[":
+            depth += 1
+        elif char in ")}]":
+            depth -= 1
+        elif depth == 0:
+            operator = next((op for op in COMPARISONS if expr.startswith(op, i)), None)
+            if operator:
+                found.append(i + len(operator))
+                i += len(operator)
+                continue
+        i += 1
+    assert len(found) == 1, f"expected one top-level comparison in: {expr}"
+    return found[0]
+
+
+def with_bool(expr: str) -> str:
+    """``a > b`` as ``a > bool b``: 0 or 1 for every series the alert compares, firing or not."""
+    at = top_level_comparison(expr)
+    return f"{expr[:at]} bool{expr[at:]}"
+
+
+def test_top_level_comparison_ignores_label_matchers_and_nested_comparisons():
+    assert with_bool('up{job="a", code!="5.."} == 0') == 'up{job="a", code!="5.."} == bool 0'
+    expr = 'x{le="0.7"} < on (job) min by (job) (y{b=~"a>b"} > 1)'
+    assert with_bool(expr) == 'x{le="0.7"} < bool on (job) min by (job) (y{b=~"a>b"} > 1)'
+    with pytest.raises(AssertionError, match="one top-level comparison"):
+        with_bool("a > 1 and b < 2")
+
+
+# --- Static checks (fast tier) ----------------------------------------------------------------
+
+
+def test_alert_rules_pass_promtool_check_and_unit_tests():
+    (promtool,) = require_tools("promtool")
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(RULES_FILE)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run(
+        [promtool, "test", "rules", RULES_TESTS.name],
+        cwd=RULES_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+def test_promtool_unit_tests_cover_every_alert():
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULES_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["exp_alerts"]
+    }
+    assert tested == {rule["alert"] for rule in rules() if "alert" in rule}
+
+
+def test_every_alert_compares_one_signal_and_explains_itself():
+    for rule in rules():
+        if "alert" in rule:
+            top_level_comparison(rule["expr"])
+            assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    # The low-confidence rule reads the service's LOW_CONFIDENCE bucket.
+    (low,) = [
+        rule for rule in rules() if rule.get("record") == "job:classifier_low_confidence:ratio_30m"
+    ]
+    assert f'le="{LOW_CONFIDENCE}"' in low["expr"]
+
+
+def test_prometheus_config_is_valid_and_its_job_is_the_one_rules_select():
+    (promtool,) = require_tools("promtool")
+    checked = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 1 rule files found" in checked.stdout
+    selector = f'job="{scrape_job()["job_name"]}"'
+    recorded = [rule["record"] for rule in rules() if "record" in rule]
+    for rule in rules():
+        # Raw metrics are selected by job; recorded series were already.
+        reads_recorded = any(name in rule["expr"] for name in recorded)
+        assert selector in rule["expr"] or reads_recorded, rule.get("alert") or rule["record"]
+    for where, expr in dashboard_queries():
+        assert selector in expr, where
+
+
+def test_dashboards_are_provisioned_grafana_json_on_the_provisioned_datasource():
+    (datasource,) = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus"
+    (provider,) = yaml.safe_load((PROVISIONING / "dashboards" / "dashboards.yml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file"
+    assert {path.stem for path in DASHBOARDS} == {"service", "model"}
+    uids = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        assert dashboard["title"] and dashboard["uid"] not in uids
+        uids.add(dashboard["uid"])
+        assert isinstance(dashboard["schemaVersion"], int) and dashboard["panels"]
+        panel_ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(panel_ids) == len(set(panel_ids)), path.name
+        for panel in dashboard["panels"]:
+            where = f"{path.name}: {panel['title']}"
+            position = panel["gridPos"]
+            assert position["x"] + position["w"] <= 24 and position["h"] > 0, where
+            assert panel["type"] in {"timeseries", "stat", "table", "heatmap"}, where
+            references = [panel["datasource"], *(t["datasource"] for t in panel["targets"])]
+            assert all(
+                ref == {"type": "prometheus", "uid": datasource["uid"]} for ref in references
+            )
+            ref_ids = [target["refId"] for target in panel["targets"]]
+            assert ref_ids and len(ref_ids) == len(set(ref_ids)), where
+
+
+def test_the_dashboards_show_what_operators_need():
+    queries = " ".join(expr for _, expr in dashboard_queries())
+    for metric in [
+        "bentoml_service_request_total",  # request rate and error ratio
+        "bentoml_service_request_duration_seconds_bucket",  # p50/p95/p99
+        "bentoml_service_request_in_progress",
+        "bentoml_service_adaptive_batch_size_bucket",
+        "classifier_process_cpu_seconds_total",
+        "classifier_process_resident_memory_bytes",
+        "classifier_predictions_total",
+        "classifier_prediction_confidence_ratio_bucket",
+        "classifier_rejected_uploads_total",
+        "classifier_model_info",
+        "classifier_expected_predicted_share_ratio",
+    ]:
+        assert metric in queries, metric
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in queries
+
+
+# --- Against the served bento (slow tier) -----------------------------------------------------
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``url``/metrics: (name, sorted labels) -> value."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def changes(before: dict, after: dict, name: str) -> dict[tuple, float]:
+    """How much each series of ``name`` grew, by its labels; unchanged series left out."""
+    grown = {
+        labels: value - before.get((metric, labels), 0.0)
+        for (metric, labels), value in after.items()
+        if metric == name
+    }
+    return {labels: delta for labels, delta in grown.items() if delta}
+
+
+@dataclass(frozen=True)
+class Burst:
+    answers: list[dict]  # the JSON of every 200 answer, single and batch predictions together
+    rejected: dict[tuple[str, str], int]  # (reason, status) -> requests sent that way
+    before: dict
+    after: dict
+
+
+def bad_requests(url: str) -> dict[tuple[str, str], int]:
+    """Send each kind of bad request; (reason, status) -> how many were sent."""
+    tiny = make_image(size=(8, 8), fmt="PNG")
+    sent = [
+        ("not_an_image", {"files": {"image": ("notes.jpg", b"not a photo")}}),
+        ("not_an_image", {"files": {"image": ("notes.jpg", b"still not a photo")}}),
+        ("empty_file", {"files": {"image": ("empty.jpg", b"")}}),
+        ("image_too_small", {"files": {"image": ("tiny.png", tiny)}}),
+        ("missing_file", {"files": {"photo": ("a.jpg", make_image())}}),
+        ("not_a_file", {"files": {"image": (None, "text")}}),
+        ("not_multipart", {"data": b"raw bytes", "headers": {"Content-Type": "image/jpeg"}}),
+    ]
+    counts: dict[tuple[str, str], int] = {}
+    for reason, request in sent:
+        response = requests.post(f"{url}/predict", timeout=60, **request)
+        assert response.status_code == REJECTIONS[reason], (reason, response.text)
+        key = (reason, str(REJECTIONS[reason]))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def send_burst(url: str, photos: list[str]) -> Burst:
+    """A bounded burst: every test photo twice, two batches of three, and bad requests."""
+    before = scrape(url)
+
+    def predict(photo: str) -> dict:
+        with open(photo, "rb") as handle:
+            response = requests.post(f"{url}/predict", files={"image": handle}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(predict, photos * 2))
+    for batch in (photos[:3], photos[-3:]):
+        files = [("images", open(photo, "rb")) for photo in batch]  # noqa: SIM115
+        try:
+            response = requests.post(f"{url}/predict_batch", files=files, timeout=60)
+        finally:
+            for _, handle in files:
+                handle.close()
+        assert response.status_code == 200, response.text
+        answers += response.json()["predictions"]
+    rejected = bad_requests(url)
+    return Burst(answers, rejected, before, scrape(url))
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, tmp_path_factory) -> str:
+    """Debian's prometheus on 127.0.0.1, scraping the service every second, with our rules."""
+    (binary,) = require_tools("prometheus")
+    root = tmp_path_factory.mktemp("prometheus")
+    job = scrape_job()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            {
+                "job_name": job["job_name"],
+                "metrics_path": job["metrics_path"],
+                "static_configs": [{"targets": [service.url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        binary,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
+        # Counters only grow in Prometheus' eyes after a first sample: scrape before the burst.
+        wait_for(url, f'up{{job="{job["job_name"]}"}} == 1')
+        yield url
+
+
+def query(prometheus_url: str, expr: str) -> list[dict]:
+    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def finite_series(prometheus_url: str, expr: str) -> int:
+    """How many series ``expr`` returns with a number (NaN, as from 0/0, draws nothing)."""
+    return sum(math.isfinite(float(r["value"][1])) for r in query(prometheus_url, expr))
+
+
+def wait_for(prometheus_url: str, expr: str, timeout: float = 30) -> list[dict]:
+    """Poll ``expr`` until it returns data (bounded: ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = query(prometheus_url, expr)
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"no data for {expr} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def burst(service, prometheus) -> Burst:
+    """The known requests, once Prometheus has scraped their effect and evaluated the rules."""
+    photos = [prediction.photo for prediction in evaluated_predictions(service.workspace)]
+    sent = send_burst(service.url, photos)
+    total = sum(changes({}, sent.after, "classifier_predictions_total").values())
+    wait_for(
+        prometheus,
+        f'sum(classifier_predictions_total{{job="{scrape_job()["job_name"]}"}}) == {total}',
+    )
+    for rule in rules():
+        if "record" in rule:
+            wait_for(prometheus, rule["record"])
+    # BentoML creates a series on its first request (a /predict_batch, a 415): give those a
+    # second sample, so that rate() sees them too.
+    time.sleep(3)
+    return sent
+
+
+@pytest.mark.slow
+def test_model_metrics_count_the_known_requests(service, burst):
+    answers = burst.answers
+    assert len(answers) == 2 * 60 + 6
+    by_label = changes(burst.before, burst.after, "classifier_predictions_total")
+    sent_labels = {
+        label: sum(a["label"] == label for a in answers) for label in ("grass", "dandelion")
+    }
+    assert {dict(labels)["label"]: delta for labels, delta in by_label.items()} == {
+        label: count for label, count in sent_labels.items() if count
+    }
+
+    confidence = "classifier_prediction_confidence_ratio"
+    assert changes(burst.before, burst.after, f"{confidence}_count") == {(): len(answers)}
+    low = changes(burst.before, burst.after, f"{confidence}_bucket").get(
+        (("le", str(LOW_CONFIDENCE)),), 0
+    )
+    assert low == sum(a["confidence"] <= LOW_CONFIDENCE for a in answers)
+    assert changes(burst.before, burst.after, f"{confidence}_sum")[()] == pytest.approx(
+        sum(a["confidence"] for a in answers)
+    )
+
+    rejected = changes(burst.before, burst.after, "classifier_rejected_uploads_total")
+    assert {
+        (dict(k)["reason"], dict(k)["status"]): v for k, v in rejected.items()
+    } == burst.rejected
+
+
+@pytest.mark.slow
+def test_info_and_expected_share_describe_the_model_served(service, burst):
+    info = [
+        labels for (name, labels), value in burst.after.items() if name == "classifier_model_info"
+    ]
+    assert len(info) == 1 and burst.after[("classifier_model_info", info[0])] == 1
+    labels = dict(info[0])
+    model_info = requests.get(f"{service.url}/model-info", timeout=10).json()
+    assert labels["model_version"] == model_info["version"]
+    head = git(service.workspace, "rev-parse", "--short", "HEAD").stdout.strip()
+    assert labels["git_revision"] == model_info["git_revision"] == head
+    lock = yaml.safe_load((service.workspace / "dvc.lock").read_text())
+    (model_out,) = [
+        o for o in lock["stages"]["train"]["outs"] if o["path"] == PIPELINE_PATHS["model_dir"]
+    ]
+    assert labels["dvc_md5"] == model_out["md5"]  # `git log -S <md5> -- dvc.lock` finds its commit
+
+    share = {
+        dict(k)["bound"]: v
+        for (name, k), v in burst.after.items()
+        if name == "classifier_expected_predicted_share_ratio"
+    }
+    assert share == {
+        "lower": service.metrics["positive_share_low"],
+        "upper": service.metrics["positive_share_high"],
+    }
+    assert share["lower"] < service.metrics["positive_share"] < share["upper"]
+
+
+@pytest.mark.slow
+def test_metrics_follow_prometheus_naming_conventions(service, burst):
+    (promtool,) = require_tools("promtool")
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    linted = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert linted.returncode == 0 and not linted.stdout.strip(), linted.stdout + linted.stderr
+
+
+@pytest.mark.slow
+def test_every_dashboard_and_alert_expression_returns_data(prometheus, burst, tmp_path):
+    checked: list[tuple[str, str, int]] = []
+    for where, expr in dashboard_queries():
+        checked.append((where, expr, finite_series(prometheus, expr)))
+    for rule in rules():
+        if "record" in rule:
+            name = f"record {rule['record']}"
+            checked.append((name, rule["expr"], finite_series(prometheus, rule["expr"])))
+        else:
+            # `bool` makes the comparison return 0 or 1 instead of filtering: the alert's
+            # signal and bound both exist and match, whether or not it fires.
+            expr = with_bool(rule["expr"])
+            checked.append((f"alert {rule['alert']}", expr, finite_series(prometheus, expr)))
+    report = "\n".join(
+        f"{count:3d}  {where}: {' '.join(expr.split())}" for where, expr, count in checked
+    )
+    print(f"series per expression from the real Prometheus:\n{report}")
+    assert [where for where, _, count in checked if count == 0] == [], report
+
+
+@pytest.mark.slow
+def test_prometheus_loads_and_evaluates_every_rule(prometheus, burst):
+    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert sorted(rule["name"] for rule in loaded) == sorted(
+        rule.get("alert") or rule["record"] for rule in rules()
+    )
+    assert [rule["name"] for rule in loaded if rule["health"] != "ok"] == []
+    # Nothing is wrong with the service under this burst: no alert fires.
+    assert [rule["name"] for rule in loaded if rule.get("state") == "firing"] == []
