@@ -70,6 +70,12 @@ def tree_rss_mib(process: subprocess.Popen) -> float:
     return sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]) / 2**20
 
 
+def tree_cpu_seconds(process: subprocess.Popen) -> float:
+    """User + system CPU time of a server's whole process tree so far."""
+    parent = psutil.Process(process.pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
+
+
 def naive_app(model_path: str, image_size: int):
     """The baseline: FastAPI, one Keras `predict` per request, no batching."""
     import keras
@@ -166,8 +172,10 @@ def main() -> None:
         ) as process:
             asyncio.run(load(f"{url}/predict", photos, 4, 16))  # warm-up
             for concurrency in args.concurrency:
+                cpu_before, started = tree_cpu_seconds(process), time.perf_counter()
                 stats = asyncio.run(load(f"{url}/predict", photos, concurrency, args.requests))
-                rows.append((name, concurrency, stats, tree_rss_mib(process)))
+                cores = (tree_cpu_seconds(process) - cpu_before) / (time.perf_counter() - started)
+                rows.append((name, concurrency, stats, tree_rss_mib(process), cores))
 
     arrays = np.stack([load_image(path, image_size) for path in paths])
     limit = batched_limit(model_path, arrays)
@@ -175,16 +183,16 @@ def main() -> None:
     print(f"{args.requests} requests per level, {len(photos)} test photos, {os.cpu_count()} CPUs")
     print(
         f"{'server':<16} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'req/s':>7} {'RSS MiB':>8}"
+        f"{'req/s':>7} {'RSS MiB':>8} {'CPU':>5}"
     )
-    for name, concurrency, stats, rss in rows:
+    for name, concurrency, stats, rss, cores in rows:
         print(
             f"{name:<16} {concurrency:>4} {stats['p50']:>8.1f} {stats['p95']:>8.1f} "
-            f"{stats['p99']:>8.1f} {stats['throughput']:>7.1f} {rss:>8.0f}"
+            f"{stats['p99']:>8.1f} {stats['throughput']:>7.1f} {rss:>8.0f} {cores:>5.2f}"
         )
     print(f"{'batched predict':<16} {'-':>4} {'':>8} {'':>8} {'':>8} {limit:>7.1f}   (images/s)")
-    service = {c: s for n, c, s, _ in rows if n == "bentoml service"}
-    naive = {c: s for n, c, s, _ in rows if n == "naive FastAPI"}
+    service = {c: s for n, c, s, *_ in rows if n == "bentoml service"}
+    naive = {c: s for n, c, s, *_ in rows if n == "naive FastAPI"}
     top = max(args.concurrency)
     print(
         f"service / naive at concurrency {top}: "
