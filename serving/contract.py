@@ -76,7 +76,8 @@ class ModelCard:
 
     version: str  # content-derived; also the bento's version
     model_sha256: str  # of MODEL_FILE; MLflow tags runs and registered versions with it
-    dvc_md5: str  # DVC's hash of the model directory, as dvc.lock records it
+    engine: str  # serving/engines.py: which engine the shipped export is for
+    dvc_md5: str  # DVC's hash of the export directory (what is served), as dvc.lock records it
     classes: list[str]
     threshold: float
     image_size: int

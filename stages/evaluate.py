@@ -4,8 +4,9 @@ Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC, and the s
 positive with its 95 % interval; the positive class is ``classes[1]``), the confusion matrix
 and ROC curve as dvclive plots, and every test photo's score and predicted label
 (``predictions.csv``). Labels come from the contract's decision rule at
-``evaluate.threshold``, the rule the packaged service applies too. The metrics are also
-added to the MLflow run that trained the model.
+``evaluate.threshold``, the rule the packaged service applies too. The scores come from the
+export stage's model through ``serving.engines.load_engine``, exactly as the service loads
+it. The metrics are also added to the MLflow run that trained the model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import csv
 import sys
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 from dvclive import Live
@@ -23,6 +23,7 @@ from scipy.stats import binomtest
 from sklearn import metrics
 
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule, sha256_of
+from serving.engines import load_engine
 from stages.params import load_params
 from stages.tracking import training_run, use_project_store
 
@@ -78,7 +79,8 @@ def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=Path, help="train's output (the MLflow run's model)")
+    parser.add_argument("export_dir", type=Path, help="export's output: what is served")
     parser.add_argument("test_npz", type=Path)
     parser.add_argument("live_dir", type=Path, help="dvclive metrics and plots")
     args = parser.parse_args(argv)
@@ -87,8 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     rule = DecisionRule(tuple(params["classes"]), params["evaluate"]["threshold"])
     test = np.load(args.test_npz)
     model_file = args.model_dir / MODEL_FILE
-    model = keras.models.load_model(model_file, compile=False)
-    scores = model.predict(test["images"], batch_size=32, verbose=0).ravel()
+    score = load_engine(args.export_dir)
+    # In batches of 32, as the service's batcher at most sends them.
+    scores = np.concatenate(
+        [score(test["images"][i : i + 32]) for i in range(0, len(test["images"]), 32)]
+    )
     labels = test["labels"]
     test_metrics = score_predictions(labels, scores, rule)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
+from serving.engines import ENGINE_PACKAGES, engine_of
 from stages.params import load_params
 
 BENTOFILE = "bentofile.yaml"
@@ -59,11 +60,14 @@ def dvc_md5(path: Path) -> str:
     return obj.hash_info.value
 
 
-def model_card(model_dir: Path, params: dict, test_metrics: dict, code: list[Path]) -> ModelCard:
-    """The card for the model in ``model_dir``; its version hashes the card and the ``code``."""
+def model_card(
+    model_dir: Path, export_dir: Path, params: dict, test_metrics: dict, code: list[Path]
+) -> ModelCard:
+    """The card for the model exported to ``export_dir``; its version hashes it and ``code``."""
     content = {
         "model_sha256": sha256_of(model_dir / MODEL_FILE),
-        "dvc_md5": dvc_md5(model_dir),
+        "engine": engine_of(export_dir),
+        "dvc_md5": dvc_md5(export_dir),
         "classes": list(params["classes"]),
         "threshold": float(params["evaluate"]["threshold"]),
         "image_size": int(params["preprocess"]["image_size"]),
@@ -77,7 +81,7 @@ def model_card(model_dir: Path, params: dict, test_metrics: dict, code: list[Pat
     return ModelCard(version=digest.hexdigest()[:16], **content)
 
 
-def build_bento(model_file: Path, card: ModelCard, archive: Path, bento_home: Path) -> str:
+def build_bento(export_dir: Path, card: ModelCard, archive: Path, bento_home: Path) -> str:
     """Build the bento in the BentoML home ``bento_home`` and export it to ``archive``."""
     # BentoML resolves its home once per process, on first use: make sure this is the first.
     os.environ["BENTOML_HOME"] = str(bento_home)
@@ -89,8 +93,13 @@ def build_bento(model_file: Path, card: ModelCard, archive: Path, bento_home: Pa
 
     tag = f"{MODEL_NAME}:{card.version}"
     with bentoml.models.create(tag, metadata=card.to_metadata()) as model:
-        shutil.copyfile(model_file, model.path_of(MODEL_FILE))
-    bento = bentoml.bentos.build_bentofile(BENTOFILE, version=card.version)
+        for path in sorted(export_dir.iterdir()):
+            shutil.copyfile(path, model.path_of(path.name))
+    # bentofile.yaml, plus the packages of the engine this model is served with (only the
+    # Keras engine brings TensorFlow into the image).
+    config = yaml.safe_load(Path(BENTOFILE).read_text())
+    config["python"]["packages"] += ENGINE_PACKAGES[card.engine]
+    bento = bentoml.bentos.build(**config, version=card.version, build_ctx=".")
     folder = bento_home / "export"
     bentoml.bentos.export_bento(bento.tag, str(folder), output_format="folder")
     write_reproducible_archive(folder, archive)
@@ -120,15 +129,18 @@ def write_reproducible_archive(folder: Path, archive: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", type=Path, help="train's output (the MLflow run's model)")
+    parser.add_argument("export_dir", type=Path, help="export's output: what the bento serves")
     parser.add_argument("metrics_json", type=Path, help="evaluate's metrics")
     parser.add_argument("bento_archive", type=Path)
     args = parser.parse_args(argv)
 
     test_metrics = json.loads(args.metrics_json.read_text())["test"]
-    card = model_card(args.model_dir, load_params(), test_metrics, included_files())
+    card = model_card(
+        args.model_dir, args.export_dir, load_params(), test_metrics, included_files()
+    )
     with tempfile.TemporaryDirectory(prefix="bentoml-home-") as home:
-        tag = build_bento(args.model_dir / MODEL_FILE, card, args.bento_archive, Path(home))
+        tag = build_bento(args.export_dir, card, args.bento_archive, Path(home))
     print(
         f"package: bento {tag} (threshold {card.threshold}, test accuracy "
         f"{card.test_metrics['accuracy']:.3f}) -> {args.bento_archive}; "

@@ -115,13 +115,6 @@ def git_revision() -> str:
     return f"{commit}-dirty" if commit and dirty else commit
 
 
-def dvc_md5(model_dir: str) -> str:
-    """The model directory's md5 as dvc.lock records it."""
-    lock = yaml.safe_load(Path("dvc.lock").read_text())
-    outs = {out["path"]: out["md5"] for out in lock["stages"]["train"]["outs"]}
-    return outs.get(model_dir, "")
-
-
 def deploy(champion: ModelVersion, local_archive: Path) -> str:
     """Make the champion's bento what ``bentoml serve dandelion-vs-grass:latest`` serves."""
     import bentoml
@@ -164,7 +157,7 @@ def promote(paths: dict[str, str], params: dict) -> str:
     model_file = model_dir / MODEL_FILE
     archive = Path(paths["bento_archive"])
     test_metrics = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())["test"]
-    card = model_card(model_dir, params, test_metrics, included_files())
+    card = model_card(model_dir, Path(paths["export_dir"]), params, test_metrics, included_files())
     if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
 
@@ -188,7 +181,7 @@ def promote(paths: dict[str, str], params: dict) -> str:
         settings["min_improvement"],
         {
             MODEL_SHA256_TAG: card.model_sha256,
-            "dvc_md5": dvc_md5(paths["model_dir"]),
+            "dvc_md5": card.dvc_md5,  # of the served export, as on the service's /metrics
             "git_revision": git_revision(),
         },
     )

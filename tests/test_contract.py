@@ -96,6 +96,7 @@ def test_model_card_round_trips_and_names_missing_metadata():
     card = contract.ModelCard(
         version="abc",
         model_sha256="0" * 64,
+        engine="openvino",
         dvc_md5="0" * 32 + ".dir",
         classes=["grass", "dandelion"],
         threshold=0.6,

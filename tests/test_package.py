@@ -12,9 +12,10 @@ import tarfile
 import keras
 import pytest
 import yaml
-from support import PIPELINE_PATHS, copy_workspace, python_module, set_param
+from support import PIPELINE_PATHS, REPO_ROOT, copy_workspace, python_module, set_param
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
+from stages.export import export_model
 from stages.package import included_files
 
 TEST_METRICS = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "roc_auc": 0.95}
@@ -31,14 +32,15 @@ def model_dir(tmp_path_factory):
 
 
 def package(workspace, model_dir, user_bentoml_home):
-    """Run the stage in ``workspace``; return its archive's path."""
+    """Run the stage in ``workspace`` on a Keras-engine export; return its archive's path."""
     metrics = workspace / PIPELINE_PATHS["evaluate_dir"] / "metrics.json"
     metrics.write_text(json.dumps({"test": TEST_METRICS}))
+    export_dir = workspace / PIPELINE_PATHS["export_dir"]
+    export_model(model_dir / MODEL_FILE, export_dir, "keras")
     archive = workspace / PIPELINE_PATHS["bento_archive"]
     env = dict(os.environ, BENTOML_HOME=str(user_bentoml_home), BENTOML_DO_NOT_TRACK="true")
-    result = python_module(
-        "stages.package", workspace, str(model_dir), str(metrics), str(archive), env=env
-    )
+    args = [str(model_dir), str(export_dir), str(metrics), str(archive)]
+    result = python_module("stages.package", workspace, *args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return archive
 
@@ -64,6 +66,12 @@ def test_same_inputs_in_two_directories_give_identical_archives(model_dir, tmp_p
     bento, card, sources = bento_contents(first)
     assert bento["name"] == MODEL_NAME and bento["version"] == card.version
     assert card.model_sha256 == sha256_of(model_dir / MODEL_FILE)
+    assert card.engine == "keras" and card.dvc_md5.endswith(".dir")
+    # The Keras engine brings TensorFlow into the bento; the bentofile alone does not.
+    with tarfile.open(first) as tar:
+        requirements = tar.extractfile("env/python/requirements.txt").read().decode()
+    assert "tensorflow-cpu==" in requirements
+    assert "tensorflow" not in (REPO_ROOT / "bentofile.yaml").read_text()
     assert card.test_metrics == TEST_METRICS and card.threshold == 0.5
     assert card.train_params["seed"] == 42 and isinstance(card.train_params["seed"], int)
     # The bento ships the service and its contract, and no pipeline stage.

@@ -18,7 +18,7 @@ from support import (
     stages_run,
 )
 
-STAGES = ["download", "split", "preprocess", "train", "evaluate", "package"]
+STAGES = ["download", "split", "preprocess", "train", "export", "evaluate", "package"]
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
 # logistic regression on its features). On a 60-photo test split one photo is 1.7 points;
 # 0.85 leaves room for ~3 standard errors of sampling noise below a true 0.95 while still
@@ -79,7 +79,7 @@ def test_changing_a_train_param_reruns_only_what_depends_on_it(pipeline_copy, re
     set_param(pipeline_copy, "train.dropout", 0.3)
     changed = dvc(pipeline_copy, "repro", env=reproduced.env)
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert stages_run(changed.stdout) == ["train", "evaluate", "package"]
+    assert stages_run(changed.stdout) == ["train", "export", "evaluate", "package"]
 
 
 def test_a_second_clean_run_elsewhere_gives_the_committed_dvc_lock_byte_for_byte(

@@ -13,6 +13,7 @@ from dvclive import Live
 
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE, sha256_of
 from stages import evaluate, train
+from stages.export import export_model
 from stages.tracking import training_run
 
 PARAMS = {
@@ -128,7 +129,8 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     monkeypatch.chdir(tmp_path)
 
     train.main([str(data_dir), "model", "results/train"])
-    evaluate.main(["model", str(data_dir / "test.npz"), "results/evaluate"])
+    export_model(tmp_path / "model" / MODEL_FILE, tmp_path / "export", "keras")
+    evaluate.main(["model", "export", str(data_dir / "test.npz"), "results/evaluate"])
 
     # The model directory holds the model alone: no run id or time in a DVC output.
     assert [p.name for p in (tmp_path / "model").iterdir()] == [MODEL_FILE]

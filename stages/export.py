@@ -1,0 +1,50 @@
+"""Export stage: the trained Keras model in the format of the engine that will serve it.
+
+``serve.engine`` chooses (serving/engines.py): ``openvino`` converts the model to OpenVINO IR
+with Keras' own exporter; ``keras`` copies the Keras file. Evaluate scores this export and
+the bento ships it, so the metrics describe exactly what is served. The conversion gives the
+same bytes in every fresh process, so ``dvc.lock`` stays reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from serving.contract import MODEL_FILE
+from serving.engines import OPENVINO_FILE, check_engine
+from stages.params import load_params
+
+
+def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
+    """Write ``keras_file`` for ``engine`` into the (emptied) ``out_dir``."""
+    check_engine(engine)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    if engine == "keras":
+        shutil.copyfile(keras_file, out_dir / MODEL_FILE)
+        return
+    import keras
+
+    model = keras.models.load_model(keras_file, compile=False)
+    # Keras exports a model it has traced: call it once on an input of its shape.
+    model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32))
+    model.export(str(out_dir / OPENVINO_FILE), format="openvino", verbose=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_dir", type=Path, help="train's output")
+    parser.add_argument("export_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    engine = load_params()["serve"]["engine"]
+    export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
+    print(f"export: {args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})")
+
+
+if __name__ == "__main__":
+    main()
