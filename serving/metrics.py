@@ -34,6 +34,7 @@ class ModelMetrics:
     rejected: object  # Counter by reason and status
     info: object  # Gauge, 1, labelled with what is being served
     expected_share: object  # Gauge by label and bound: the test split's predicted share
+    retries: object  # Counter: calls to the model service made again after a failure
 
     def describe(self, card: ModelCard, dvc_md5: str, git_revision: str) -> None:
         """Publish what is served, and start every series the dashboards read at 0."""
@@ -49,6 +50,9 @@ class ModelMetrics:
     def count_answer(self, verdict: dict) -> None:
         self.predictions.labels(verdict["label"]).inc()
         self.confidence.observe(verdict["confidence"])
+
+    def count_retry(self) -> None:
+        self.retries.inc()
 
     def count_rejection(self, reason: str, status: int) -> None:
         self.rejected.labels(reason, str(status)).inc()
@@ -84,6 +88,10 @@ def model_metrics() -> ModelMetrics:
             "95 % interval of the share of answers with this label on the test split.",
             ["label", "bound"],
             multiprocess_mode="max",
+        ),
+        retries=Counter(
+            "classifier_model_call_retries",
+            "Calls from the HTTP front to the model service repeated after a failure.",
         ),
     )
 

@@ -1,8 +1,10 @@
 """BentoML service: the champion dandelion-vs-grass classifier over HTTP.
 
-Two services, as BentoML does adaptive batching: `Classifier` holds the Keras model behind a
-batchable endpoint, so concurrent single-image requests reach the model as one batch;
-`DandelionService` is the HTTP front (upload checks, JSON answers, the web page) and calls it.
+Two services: `Classifier` loads the exported model with its engine (serving/engines.py:
+OpenVINO by default, or Keras); `DandelionService` is the HTTP front (upload checks, JSON
+answers, the web page) and calls it. For the Keras engine the front calls a batchable
+endpoint, so concurrent single-image requests reach the model as one batch; OpenVINO gains
+nothing from batching, and answers each call directly.
 Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins; the model's
 own metrics (answers by label, confidence, rejected uploads, what is served) are added to
 /metrics by serving/metrics.py.
@@ -14,6 +16,7 @@ pipeline's evaluate stage did for the model it serves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -23,7 +26,8 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
+from serving.contract import MODEL_NAME, ModelCard
+from serving.engines import BATCHING, load_engine
 from serving.metrics import model_metrics, sample_process
 from serving.uploads import UploadError, UploadLimits, decode_upload
 
@@ -32,28 +36,48 @@ PAGE = (Path(__file__).parent / "page.html").read_text()
 # A request gets its answer or an error within this; deployments give SIGTERM'd pods longer
 # (compose stop_grace_period, Kubernetes terminationGracePeriodSeconds).
 TRAFFIC_TIMEOUT_SECONDS = 60
+# Adaptive batching of the model service: at most this many images per call, and at most this
+# long for a request between arriving and its batch's answer.
+MAX_BATCH_SIZE = 32
+MAX_LATENCY_MS = 5000
+# /readyz asks the model service with this timeout, so a probe is answered within seconds.
+READY_PROBE_SECONDS = 2
 
 
-@bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
+@bentoml.service(
+    workers=1,
+    traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS},
+    # The front's client for this service replaces its HTTP session every 100 requests or
+    # 300 s by default, and closes the old one with requests still in flight: under load
+    # those fail with "Server disconnected". Keep one session for the process's life.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
+)
 class Classifier:
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
 
     def __init__(self) -> None:
-        import keras  # only this service loads TensorFlow
-
         sample_process("model")
-        self.model = keras.models.load_model(self.bento_model.path_of(MODEL_FILE), compile=False)
-        # Warm up: the first call builds TensorFlow's graph (seconds); without this the
-        # batcher's latency estimate starts out far too high and it sheds requests.
-        size = self.model.input_shape[1]
-        self.model.predict_on_batch(np.zeros((1, size, size, 3), dtype=np.uint8))
+        card = ModelCard.from_metadata(self.bento_model.info.metadata)
+        self.score = load_engine(self.bento_model.path)  # as evaluate loaded the same export
+        # Warm up: the first call compiles and allocates (TensorFlow: seconds); without it
+        # the batcher's latency estimate starts out far too high and it sheds requests.
+        self.score(np.zeros((1, card.image_size, card.image_size, 3), dtype=np.uint8))
 
-    # max_latency_ms bounds how long a request may wait for its batch; the batcher adapts
-    # the actual window to the observed model latency.
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=32, max_latency_ms=5000)
+    @bentoml.api
     def classify(self, images: np.ndarray) -> np.ndarray:
-        """P(classes[1]) for each ``(N, size, size, 3)`` uint8 image."""
-        return np.asarray(self.model.predict_on_batch(images)).reshape(-1)
+        """P(classes[1]) for each ``(N, size, size, 3)`` uint8 image, in one engine call."""
+        return self.score(images)
+
+    # Adaptive batching, for engines that gain from it (serving/engines.py BATCHING): the
+    # batcher groups concurrent requests; max_latency_ms bounds how long one may wait.
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_LATENCY_MS,
+    )
+    def classify_batched(self, images: np.ndarray) -> np.ndarray:
+        return self.score(images)
 
 
 app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
@@ -87,14 +111,23 @@ class DandelionService:
             "git_revision": git_revision,
             **{key: value for key, value in card.to_metadata().items() if key != "serve"},
         }
+        self.batching = BATCHING[card.engine]
         self.metrics = model_metrics()
         self.metrics.describe(card, card.dvc_md5, git_revision)
         sample_process("front")
 
     async def __is_ready__(self) -> bool:
-        """/readyz: ready once the model service answers (it loads TensorFlow and the model)."""
+        """/readyz: 200 once the model service answers, 503 (at once) until then."""
         is_ready = getattr(self.classifier, "is_ready", None)  # absent when run in-process
-        return await is_ready(timeout=5) if is_ready else True
+        if is_ready is None:
+            return True
+        try:
+            # Bounded: while the model service starts, its socket may accept and not answer.
+            return await asyncio.wait_for(
+                is_ready(timeout=READY_PROBE_SECONDS), READY_PROBE_SECONDS
+            )
+        except Exception:  # not listening yet, timed out, restarting: not ready
+            return False
 
     @app.get("/", response_class=HTMLResponse)
     def page(self) -> str:
@@ -119,10 +152,14 @@ class DandelionService:
         return {"predictions": [self.answer(float(score)) for score in scores]}
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
-        # One retry: a pooled keep-alive connection the model service already closed fails
-        # with "Server disconnected"; classifying is idempotent, so asking again is safe.
+        # One retry, as a defence: classifying is idempotent, so asking again is safe. Every
+        # retry is counted on /metrics (classifier_model_call_retries_total); it should stay 0.
         for attempt in (1, 2):
+            if attempt > 1:
+                self.metrics.count_retry()
             try:
+                if self.batching:
+                    return await self.classifier.to_async.classify_batched(images)
                 return await self.classifier.to_async.classify(images)
             except Exception as exc:  # the model service is overloaded, restarting or down
                 logger.warning("model service call %d failed: %r", attempt, exc)

@@ -352,7 +352,7 @@ def running_server(
         _wait_until_ready(f"{url}{ready_path}", process, log_path, timeout)
         yield process
     finally:
-        _stop_process_group(process)
+        stop_process_group(process)
 
 
 def _wait_until_ready(probe: str, process: subprocess.Popen, log_path: Path, timeout: float):
@@ -366,7 +366,7 @@ def _wait_until_ready(probe: str, process: subprocess.Popen, log_path: Path, tim
     raise AssertionError(f"{probe} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:

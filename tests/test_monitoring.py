@@ -199,7 +199,8 @@ def test_the_dashboards_show_what_operators_need():
         "bentoml_service_request_total",  # request rate and error ratio
         "bentoml_service_request_duration_seconds_bucket",  # p50/p95/p99
         "bentoml_service_request_in_progress",
-        "bentoml_service_adaptive_batch_size_bucket",
+        'runner_name="Classifier"',  # images per model call (the batch size)
+        "classifier_model_call_retries_total",
         "classifier_process_cpu_seconds_total",
         "classifier_process_resident_memory_bytes",
         "classifier_predictions_total",
@@ -404,10 +405,12 @@ def test_info_and_expected_share_describe_the_model_served(service, burst):
     head = git(service.workspace, "rev-parse", "--short", "HEAD").stdout.strip()
     assert labels["git_revision"] == model_info["git_revision"] == head
     lock = yaml.safe_load((service.workspace / "dvc.lock").read_text())
-    (model_out,) = [
-        o for o in lock["stages"]["train"]["outs"] if o["path"] == PIPELINE_PATHS["model_dir"]
+    (served,) = [
+        out
+        for out in lock["stages"]["export"]["outs"]
+        if out["path"] == PIPELINE_PATHS["export_dir"]
     ]
-    assert labels["dvc_md5"] == model_out["md5"]  # `git log -S <md5> -- dvc.lock` finds its commit
+    assert labels["dvc_md5"] == served["md5"]  # `git log -S <md5> -- dvc.lock` finds its commit
 
     share = {
         dict(k)["bound"]: v

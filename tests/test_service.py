@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -15,15 +19,19 @@ from support import (
     PIPELINE_PATHS,
     dvc,
     evaluated_predictions,
+    free_port,
     python_module,
     served_answers,
     serving,
     set_param,
     split_photos,
     stages_run,
+    stop_process_group,
 )
 
-from serving.contract import MODEL_FILE, sha256_of
+from serving.contract import MODEL_FILE, DecisionRule, sha256_of
+from serving.engines import engine_of, load_engine
+from stages.export import export_model
 from stages.promote import bento_version_of
 
 pytestmark = pytest.mark.slow
@@ -55,7 +63,8 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
     for prediction, body in zip(predictions, answers, strict=True):
         assert set(body) == {"label", "confidence", "probabilities", "model_version"}
         assert body["label"] == prediction.predicted, (prediction, body)
-        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=1e-4)
+        # The same export, the same engine: the score evaluate wrote (to 6 decimals).
+        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=1e-6)
         assert body["confidence"] == body["probabilities"][body["label"]]
         assert sum(body["probabilities"].values()) == pytest.approx(1.0)
     accuracy = np.mean(
@@ -217,3 +226,78 @@ def test_server_survives_everything_above(service):
     assert requests.get(f"{service.url}/readyz", timeout=TIMEOUT).status_code == 200
     response = post_image(service, encoded(a_photo(service), "JPEG"))
     assert response.status_code == 200
+
+
+def test_the_served_engine_agrees_with_keras_on_every_test_photo(reproduced, tmp_path):
+    """Parity: the export evaluate scored and the bento serves (OpenVINO) against Keras."""
+    workspace = reproduced.workspace
+    keras_export = tmp_path / "keras"
+    export_model(workspace / PIPELINE_PATHS["model_dir"] / MODEL_FILE, keras_export, "keras")
+    served_dir = workspace / PIPELINE_PATHS["export_dir"]
+    assert engine_of(served_dir) == "openvino"  # the default of params.yaml serve.engine
+    images = np.load(workspace / PIPELINE_PATHS["arrays_dir"] / "test.npz")["images"]
+    assert len(images) == 60
+    served, reference = load_engine(served_dir)(images), load_engine(keras_export)(images)
+    rule = DecisionRule(("grass", "dandelion"), 0.5)
+    largest = float(np.abs(served - reference).max())
+    print(f"parity over {len(images)} test photos: max |P(dandelion) difference| = {largest:.2e}")
+    assert largest <= 1e-3
+    assert rule.predict(served).tolist() == rule.predict(reference).tolist()
+
+
+def test_readyz_answers_within_seconds_from_the_start(reproduced, tmp_path):
+    """Polled from the moment `bentoml serve` starts: 503 until ready, then 200, never a hang."""
+    port = free_port()
+    command = [sys.executable, "-m", "bentoml", "serve", "dandelion-vs-grass:latest"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    answers: list[tuple[float, int, float]] = []  # (since start, status, seconds taken)
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command,
+            env=reproduced.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 120 and not (answers and answers[-1][1] == 200):
+            asked = time.monotonic()
+            try:
+                status = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code
+                answers.append((asked - started, status, time.monotonic() - asked))
+            except requests.ConnectionError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        for _ in range(5):  # and it stays ready
+            answers.append(
+                (
+                    time.monotonic() - started,
+                    requests.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code,
+                    0.0,
+                )
+            )
+    finally:
+        stop_process_group(process)
+    print("readyz polls (since start s, status, took s):", answers)
+    assert answers, log.read_text()[-3000:]
+    assert max(took for _, _, took in answers) <= 5
+    statuses = [status for _, status, _ in answers]
+    first_ok = statuses.index(200)
+    assert set(statuses[:first_ok]) <= {503} and set(statuses[first_ok:]) == {200}
+
+
+def test_the_locust_load_test_runs_headless_without_failures(service, tmp_path):
+    """tests/locustfile.py as the README runs it, briefly (bounded: 8 s of 4 users)."""
+    locustfile = service.workspace / "tests" / "locustfile.py"  # beside the workspace's data
+    command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--host", service.url]
+    command += ["--headless", "--users", "4", "--spawn-rate", "4", "--run-time", "8s"]
+    command += ["--csv", str(tmp_path / "load"), "--only-summary"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(tmp_path / "load_stats.csv", newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"/predict", "/predict_batch", "Aggregated"}
+    assert int(rows["Aggregated"]["Request Count"]) > 20
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
