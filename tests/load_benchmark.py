@@ -1,12 +1,17 @@
-"""Load benchmark: the BentoML service vs a naive FastAPI server vs the hardware limit.
+"""Load benchmark: the service (OpenVINO), the same service on Keras, a naive server, the limits.
 
 Needs the champion in BentoML's store and the photos in data/ (`dvc repro` or `dvc pull`,
-then `python -m stages.promote`). Everything runs on 127.0.0.1, in one go, on the same test photos:
+then `python -m stages.promote`). Everything runs on 127.0.0.1, in one go, on the test photos:
 
-- service: `bentoml serve dandelion-vs-grass:latest` (adaptive batching);
-- naive:   one `model.predict` per request behind a minimal FastAPI app, as the project's
-           earlier prototypes served it;
-- limit:   batched `model.predict` on preprocessed photos, no HTTP at all.
+- openvino service: `bentoml serve dandelion-vs-grass:latest` (the champion, as users serve it);
+- keras service:    the same service code and model, exported for the Keras engine (adaptive
+                    batching on), from a temporary BentoML store;
+- naive:            one Keras `model.predict` per request behind a minimal FastAPI app;
+- limits:           each engine scoring preprocessed photos in batches of 32, no HTTP.
+
+Concurrency 1 is measured again after the highest level ("1 after"), start-up is the time to
+the first /readyz 200, RSS and CPU cover each server's whole process tree, and retries are
+the front's repeated model-service calls (classifier_model_call_retries_total).
 
     python tests/load_benchmark.py [--requests 240] [--concurrency 1 8 32]
 """
@@ -15,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import psutil
+import requests
 from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the annotations
 from support import (
     REPO_ROOT,
@@ -37,19 +46,32 @@ from serving.contract import MODEL_FILE
 MODEL_TAG = "dandelion-vs-grass:latest"
 
 
-async def load(url: str, photos: list[bytes], concurrency: int, total: int) -> dict:
-    """``total`` POSTs of the photos (cycled) from ``concurrency`` workers; latency stats."""
+async def load(
+    url: str, photos: list[bytes], concurrency: int, total: int, strict: bool = True
+) -> dict:
+    """``total`` POSTs of the photos (cycled) from ``concurrency`` workers; latency stats.
+
+    ``strict``: the first answer that is not a 200 stops the run; otherwise failures (any
+    other status, or no answer) are counted in ``errors``.
+    """
     latencies: list[float] = []
+    errors: list[str] = []
     next_index = iter(range(total))
 
     async def worker(client: httpx.AsyncClient) -> None:
         for index in next_index:
             content = photos[index % len(photos)]
             started = time.perf_counter()
-            response = await client.post(url, files={"image": ("photo.jpg", content)})
+            try:
+                response = await client.post(url, files={"image": ("photo.jpg", content)})
+                failure = None if response.status_code == 200 else f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                failure = repr(exc)
             latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                raise RuntimeError(f"{url}: HTTP {response.status_code} {response.text}")
+            if failure and strict:
+                raise RuntimeError(f"{url}: {failure}")
+            if failure:
+                errors.append(failure)
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -62,6 +84,8 @@ async def load(url: str, photos: list[bytes], concurrency: int, total: int) -> d
         "p95": quantiles[1],
         "p99": quantiles[2],
         "throughput": total / elapsed,
+        "errors": errors,
+        "latencies": latencies,
     }
 
 
@@ -97,16 +121,45 @@ def naive_app(model_path: str, image_size: int):
     return app
 
 
-def batched_limit(model_path: str, arrays: np.ndarray, seconds: float = 10.0) -> float:
-    """Images/s of `model.predict` on batches of 32 preprocessed photos (after warm-up)."""
-    import keras
+def keras_store(home: Path, metadata: dict, keras_file: Path) -> None:
+    """A BentoML store at ``home`` holding the champion's model exported for Keras."""
+    code = """
+import json, shutil, sys, bentoml
+from serving.contract import MODEL_FILE, MODEL_NAME
+metadata, keras_file = json.loads(sys.argv[1]), sys.argv[2]
+with bentoml.models.create(MODEL_NAME + ":keras", metadata=metadata) as model:
+    shutil.copyfile(keras_file, model.path_of(MODEL_FILE))
+"""
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps(dict(metadata, engine="keras")), str(keras_file)],
+        env=dict(os.environ, BENTOML_HOME=str(home)),
+        cwd=REPO_ROOT,
+        check=True,
+    )
 
-    model = keras.models.load_model(model_path, compile=False)
+
+def readyz_seconds(url: str, started: float) -> float:
+    """Seconds from ``started`` to the first /readyz 200 (running_server already waited)."""
+    while requests.get(f"{url}/readyz", timeout=30).status_code != 200:
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def retries(url: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("classifier_model_call_retries_total"):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+def batched_limit(score, arrays: np.ndarray, seconds: float = 10.0) -> float:
+    """Images per second of ``score`` on batches of 32, no HTTP."""
     batch = arrays[:32]
-    model.predict(batch, verbose=0)
+    score(batch)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        model.predict(batch, batch_size=32, verbose=0)
+        score(batch)
         done += len(batch)
     return done / (time.perf_counter() - started)
 
@@ -131,73 +184,101 @@ def main() -> None:
     import bentoml
 
     from serving.contract import load_image
+    from serving.engines import load_engine
 
     stored = bentoml.models.get(MODEL_TAG)
-    model_path = stored.path_of(MODEL_FILE)
+    keras_file = REPO_ROOT / "data/model" / MODEL_FILE
     image_size = stored.info.metadata["image_size"]
     paths = [REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)]
     photos = [path.read_bytes() for path in paths]
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    scratch = Path(tempfile.mkdtemp(prefix="load-benchmark-"))
+    keras_store(scratch / "bentoml", stored.info.metadata, keras_file)
 
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
-    rows = []
-    for name, command in [
+    serve = [sys.executable, "-m", "bentoml", "serve"]
+    address = ["--host", "127.0.0.1", "--port", "{port}"]
+    servers = [
+        ("openvino service", [*serve, MODEL_TAG, *address], env),
         (
-            "bentoml service",
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                MODEL_TAG.split(":")[0],
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "{port}",
-            ],
+            "keras service",
+            [*serve, "serving.service:DandelionService", *address],
+            dict(env, BENTOML_HOME=str(scratch / "bentoml")),
         ),
         (
             "naive FastAPI",
-            [sys.executable, __file__, "--serve-naive", "{port}", model_path, str(image_size)],
+            [sys.executable, __file__, "--serve-naive", "{port}", str(keras_file), str(image_size)],
+            env,
         ),
-    ]:
+    ]
+    levels = [*args.concurrency, args.concurrency[0]]  # the first level again, after the top
+    rows, extras = [], {}
+    for name, command, server_env in servers:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
         with running_server(
             [part.format(port=port) for part in command],
             url,
             logs / f"load-{port}.log",
-            env=env,
+            env=server_env,
             cwd=REPO_ROOT,
         ) as process:
+            ready = readyz_seconds(url, started)
             asyncio.run(load(f"{url}/predict", photos, 4, 16))  # warm-up
-            for concurrency in args.concurrency:
-                cpu_before, started = tree_cpu_seconds(process), time.perf_counter()
+            for index, concurrency in enumerate(levels):
+                label = f"{concurrency}" if index < len(levels) - 1 else f"{concurrency} after"
+                cpu_before, level_started = tree_cpu_seconds(process), time.perf_counter()
                 stats = asyncio.run(load(f"{url}/predict", photos, concurrency, args.requests))
-                cores = (tree_cpu_seconds(process) - cpu_before) / (time.perf_counter() - started)
-                rows.append((name, concurrency, stats, tree_rss_mib(process), cores))
+                seconds = time.perf_counter() - level_started
+                cores = (tree_cpu_seconds(process) - cpu_before) / seconds
+                rows.append((name, label, stats, tree_rss_mib(process), cores))
+            extras[name] = (ready, retries(url) if "service" in name else float("nan"))
 
     arrays = np.stack([load_image(path, image_size) for path in paths])
-    limit = batched_limit(model_path, arrays)
+    keras_export = scratch / "keras-export"
+    keras_export.mkdir()
+    shutil.copyfile(keras_file, keras_export / MODEL_FILE)
+    limits = {
+        "openvino": batched_limit(load_engine(REPO_ROOT / "data/export"), arrays),
+        "keras": batched_limit(load_engine(keras_export), arrays),
+    }
+    shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"{args.requests} requests per level, {len(photos)} test photos, {os.cpu_count()} CPUs")
     print(
-        f"{'server':<16} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+        f"{'server':<17} {'conc':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
         f"{'req/s':>7} {'RSS MiB':>8} {'CPU':>5}"
     )
-    for name, concurrency, stats, rss, cores in rows:
+    for name, label, stats, rss, cores in rows:
         print(
-            f"{name:<16} {concurrency:>4} {stats['p50']:>8.1f} {stats['p95']:>8.1f} "
+            f"{name:<17} {label:>7} {stats['p50']:>8.1f} {stats['p95']:>8.1f} "
             f"{stats['p99']:>8.1f} {stats['throughput']:>7.1f} {rss:>8.0f} {cores:>5.2f}"
         )
-    print(f"{'batched predict':<16} {'-':>4} {'':>8} {'':>8} {'':>8} {limit:>7.1f}   (images/s)")
-    service = {c: s for n, c, s, *_ in rows if n == "bentoml service"}
-    naive = {c: s for n, c, s, *_ in rows if n == "naive FastAPI"}
-    top = max(args.concurrency)
+    for engine, limit in limits.items():
+        print(
+            f"{engine + ' batched':<17} {'-':>7} {'':>8} {'':>8} {'':>8} {limit:>7.1f}  (images/s)"
+        )
+    for name, (ready, retried) in extras.items():
+        print(f"{name}: /readyz 200 after {ready:.1f} s; model-call retries {retried:.0f}")
+
+    def at(name: str, label: str) -> tuple[dict, float]:
+        (row,) = [(stats, rss) for n, lab, stats, rss, _ in rows if n == name and lab == label]
+        return row
+
+    top, first = str(max(args.concurrency)), str(args.concurrency[0])
+    (ov_top, ov_rss), (keras_top, keras_rss) = at("openvino service", top), at("keras service", top)
+    ov_first, ov_after = (
+        at("openvino service", first)[0],
+        at("openvino service", f"{first} after")[0],
+    )
     print(
-        f"service / naive at concurrency {top}: "
-        f"{service[top]['throughput'] / naive[top]['throughput']:.1f}x; "
-        f"service / batched limit: {service[top]['throughput'] / limit:.2f}"
+        f"openvino / keras service at concurrency {top}: "
+        f"{ov_top['throughput'] / keras_top['throughput']:.2f}x; "
+        f"openvino service / its batched limit: {ov_top['throughput'] / limits['openvino']:.2f}; "
+        f"RSS openvino / keras: {ov_rss / keras_rss:.2f}; "
+        f"p50 at concurrency {first} after / before the burst: "
+        f"{ov_after['p50'] / ov_first['p50']:.2f}"
     )
 
 

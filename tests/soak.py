@@ -1,0 +1,135 @@
+"""Soak test of the champion: a long run at concurrency 16, then the model worker killed.
+
+Needs what tests/load_benchmark.py needs (`dvc repro`, `python -m stages.promote`). On 127.0.0.1:
+
+1. `bentoml serve dandelion-vs-grass:latest`; 500 requests of warm-up, then ``--requests``
+   (5,000) at concurrency 16, bounded by ``--max-seconds``. Reports errors, the front's
+   model-call retries, p50/p95/p99 latency, and the process tree's RSS growth from the end of
+   the warm-up to the end.
+2. Under the same load, SIGKILL of the model service's worker process: how many requests
+   failed, whether the service recovered, and how long until /readyz answered 200 again.
+
+    python tests/soak.py [--requests 5000] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+from load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
+from support import REPO_ROOT, free_port, running_server, split_photos
+
+
+def model_worker(server: psutil.Process) -> psutil.Process:
+    """The process BentoML runs the model service (Classifier) in."""
+    (worker,) = [
+        child
+        for child in server.children(recursive=True)
+        if "--service-name" in (cmdline := child.cmdline())
+        and cmdline[cmdline.index("--service-name") + 1] == "Classifier"
+    ]
+    return worker
+
+
+def kill_model_worker_under_load(url: str, server, photos: list[bytes], concurrency: int):
+    """SIGKILL the model worker 3 s into a load; (failed requests, sent, seconds to ready)."""
+    outcome: dict = {}
+
+    def send() -> None:
+        outcome["stats"] = asyncio.run(
+            load(f"{url}/predict", photos, concurrency, 60 * concurrency, strict=False)
+        )
+
+    loader = threading.Thread(target=send)
+    loader.start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    os.kill(model_worker(psutil.Process(server.pid)).pid, signal.SIGKILL)
+    recovered_after = None
+    while time.monotonic() - killed_at < 120:  # bounded
+        try:
+            if requests.get(f"{url}/readyz", timeout=5).status_code == 200 and (
+                time.monotonic() - killed_at > 1
+            ):
+                recovered_after = time.monotonic() - killed_at
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    loader.join(timeout=300)
+    return len(outcome["stats"]["errors"]), 60 * concurrency, recovered_after
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--warm-up", type=int, default=500)
+    parser.add_argument("--max-seconds", type=float, default=900)
+    args = parser.parse_args()
+
+    paths = [REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)]
+    photos = [path.read_bytes() for path in paths]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bentoml", "serve", MODEL_TAG]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"soak-{port}.log"
+    with running_server(command, url, log, env=env, cwd=REPO_ROOT) as server:
+        asyncio.run(load(f"{url}/predict", photos, args.concurrency, args.warm_up))
+        rss = [tree_rss_mib(server)]  # after warm-up, at half way, at the end
+        started, halves = time.monotonic(), []
+        for _ in range(2):
+            halves.append(
+                asyncio.run(
+                    asyncio.wait_for(
+                        load(f"{url}/predict", photos, args.concurrency, args.requests // 2, False),
+                        args.max_seconds / 2,
+                    )
+                )
+            )
+            rss.append(tree_rss_mib(server))
+        seconds = time.monotonic() - started
+        latencies = [*halves[0]["latencies"], *halves[1]["latencies"]]
+        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) * 1000
+        errors = len(halves[0]["errors"]) + len(halves[1]["errors"])
+        retried = retries(url)
+        failed, sent, recovered_after = kill_model_worker_under_load(
+            url, server, photos, args.concurrency
+        )
+        retried_after_kill = retries(url) - retried
+
+    print(
+        f"soak: {args.requests} requests at concurrency {args.concurrency} in {seconds:.0f} s "
+        f"({args.requests / seconds:.1f} req/s) after {args.warm_up} of warm-up"
+    )
+    print(
+        f"errors {errors}, model-call retries {retried:.0f}; latency ms "
+        f"p50 {p50:.1f}, p95 {p95:.1f}, p99 {p99:.1f}"
+    )
+    print(
+        f"RSS of the process tree: {rss[0]:.0f} MiB after warm-up, {rss[1]:.0f} MiB half way "
+        f"({(rss[1] / rss[0] - 1) * 100:+.1f} %), {rss[2]:.0f} MiB at the end "
+        f"({(rss[2] / rss[0] - 1) * 100:+.1f} % from warm-up, "
+        f"{(rss[2] / rss[1] - 1) * 100:+.1f} % over the second half)"
+    )
+    recovery = f"/readyz 200 again {recovered_after:.1f} s after" if recovered_after else "no"
+    print(
+        f"SIGKILL of the model worker under load: {failed} of {sent} requests failed, "
+        f"{retried_after_kill:.0f} retried; recovered: {recovery}"
+    )
+
+
+if __name__ == "__main__":
+    main()
