@@ -54,6 +54,24 @@ def image(container_env):
     subprocess.run(["podman", "rmi", "-f", tag], env=container_env, capture_output=True)
 
 
+def test_the_image_has_no_tensorflow_and_stays_small(image, container_env):
+    inspect = ["podman", "image", "inspect", "--format", "{{.Size}}", image]
+    size = int(subprocess.run(inspect, env=container_env, capture_output=True, text=True).stdout)
+    print(f"image {image}: {size / 1e9:.2f} GB")
+    code = "import importlib.metadata as m; print(*(d.metadata['Name'] for d in m.distributions()))"
+    listed = subprocess.run(
+        ["podman", "run", "--rm", "--entrypoint", "python3", image, "-c", code],
+        env=container_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stderr
+    packages = {name.lower() for name in listed.stdout.split()}
+    assert "openvino" in packages and not {"tensorflow", "tensorflow-cpu", "keras"} & packages
+    assert size <= 1.2e9  # the Keras engine's image was 2.58 GB
+
+
 def test_container_serves_the_champion(service, image, container_env, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -15,6 +15,13 @@ cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt
 rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
 ln -sf python3 "$rootfs/usr/bin/python"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb
+# As Debian's official images do: apt deletes downloaded packages after installing them
+# (BentoML's Dockerfile runs apt-get install on top of this image).
+cat > "$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
+APT
 bundle=/etc/ssl/certs/ca-certificates.crt
 tar -C "$rootfs" -c . | podman import \
   --change "ENV SSL_CERT_FILE=$bundle" --change "ENV PIP_CERT=$bundle" \
