@@ -1,0 +1,59 @@
+"""Engine benchmark: the trained model's speed and agreement with Keras in each serving engine.
+
+After `dvc repro` (or `dvc pull`): exports data/model for each engine of serving/engines.py
+(as the export stage does), then times scoring the test photos in batches of 1 and 32 on this
+machine's cores, and compares the scores with Keras'.
+
+    python tests/engine_benchmark.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from support import PIPELINE_PATHS, REPO_ROOT
+
+from serving.contract import MODEL_FILE
+from serving.engines import ENGINES, load_engine
+from stages.export import export_model
+
+
+def ms_per_image(score, images: np.ndarray, batch: int, seconds: float) -> float:
+    chunk = images[:batch]
+    score(chunk)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        score(chunk)
+        done += len(chunk)
+    return (time.perf_counter() - started) / done * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    args = parser.parse_args()
+
+    keras_file = REPO_ROOT / PIPELINE_PATHS["model_dir"] / MODEL_FILE
+    test = np.load(REPO_ROOT / PIPELINE_PATHS["arrays_dir"] / "test.npz")["images"]
+    scores, rows = {}, []
+    with tempfile.TemporaryDirectory() as scratch:
+        for engine in ENGINES:
+            export_model(keras_file, Path(scratch) / engine, engine)
+            score = load_engine(Path(scratch) / engine)
+            scores[engine] = np.concatenate([score(image[None]) for image in test])
+            timings = [ms_per_image(score, test, batch, args.seconds) for batch in (1, 32)]
+            rows.append((engine, *timings))
+    print(f"{len(test)} test photos, {os.cpu_count()} CPUs; ms per image")
+    print(f"{'engine':<10} {'batch 1':>8} {'batch 32':>9} {'max |diff| vs keras':>20}")
+    for engine, one, many in rows:
+        difference = np.abs(scores[engine] - scores["keras"]).max()
+        print(f"{engine:<10} {one:>8.2f} {many:>9.2f} {difference:>20.2e}")
+
+
+if __name__ == "__main__":
+    main()
