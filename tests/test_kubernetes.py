@@ -95,14 +95,15 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/readyz"
-    # The model loads in about 10 s here; the startup window allows well over 10 times that.
+    # Ready in 2 s here (Keras engine: 7 s); the startup window allows far more than that.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
 
     resources_ = container["resources"]
     assert set(resources_["requests"]) == set(resources_["limits"]) == {"cpu", "memory"}
-    # The process tree measured 1.6 GiB at concurrency 32: the limit must sit above that.
-    assert resources_["limits"]["memory"].endswith("Mi")
-    assert int(resources_["limits"]["memory"][:-2]) > 1640
+    # The process tree levels off at 610 MiB (tests/soak.py): the limit must sit above that.
+    limit = resources_["limits"]["memory"]
+    assert limit.endswith(("Mi", "Gi"))
+    assert int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1) > 610
 
     traffic_timeout = service_constant("TRAFFIC_TIMEOUT_SECONDS")
     assert pod["terminationGracePeriodSeconds"] > traffic_timeout
