@@ -36,9 +36,9 @@ class ModelMetrics:
     expected_share: object  # Gauge by label and bound: the test split's predicted share
     retries: object  # Counter: calls to the model service made again after a failure
 
-    def describe(self, card: ModelCard, dvc_md5: str, git_revision: str) -> None:
+    def describe(self, card: ModelCard, git_revision: str) -> None:
         """Publish what is served, and start every series the dashboards read at 0."""
-        self.info.labels(card.version, git_revision, dvc_md5).set(1)
+        self.info.labels(card.version, git_revision, card.dvc_md5).set(1)
         positive = card.rule.positive
         self.expected_share.labels(positive, "lower").set(card.test_metrics["positive_share_low"])
         self.expected_share.labels(positive, "upper").set(card.test_metrics["positive_share_high"])

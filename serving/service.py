@@ -113,7 +113,7 @@ class DandelionService:
         }
         self.batching = BATCHING[card.engine]
         self.metrics = model_metrics()
-        self.metrics.describe(card, card.dvc_md5, git_revision)
+        self.metrics.describe(card, git_revision)
         sample_process("front")
 
     async def __is_ready__(self) -> bool:
