@@ -33,7 +33,9 @@ import httpx
 import numpy as np
 import psutil
 import requests
+from engine_benchmark import images_per_second
 from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the annotations
+from prometheus_client.parser import text_string_to_metric_families
 from support import (
     REPO_ROOT,
     free_port,
@@ -146,22 +148,13 @@ def readyz_seconds(url: str, started: float) -> float:
 
 
 def retries(url: str) -> float:
+    """The front's classifier_model_call_retries_total (NaN for a server without it)."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    for line in text.splitlines():
-        if line.startswith("classifier_model_call_retries_total"):
-            return float(line.split()[-1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "classifier_model_call_retries_total":
+                return sample.value
     return float("nan")
-
-
-def batched_limit(score, arrays: np.ndarray, seconds: float = 10.0) -> float:
-    """Images per second of ``score`` on batches of 32, no HTTP."""
-    batch = arrays[:32]
-    score(batch)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        score(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -240,8 +233,8 @@ def main() -> None:
     keras_export.mkdir()
     shutil.copyfile(keras_file, keras_export / MODEL_FILE)
     limits = {
-        "openvino": batched_limit(load_engine(REPO_ROOT / "data/export"), arrays),
-        "keras": batched_limit(load_engine(keras_export), arrays),
+        "openvino": images_per_second(load_engine(REPO_ROOT / "data/export"), arrays, 32, 10),
+        "keras": images_per_second(load_engine(keras_export), arrays, 32, 10),
     }
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -12,7 +12,6 @@ import json
 import math
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +27,7 @@ from support import (
     git,
     make_image,
     running_server,
+    served_answers,
 )
 
 from serving.metrics import LOW_CONFIDENCE
@@ -269,15 +269,7 @@ def bad_requests(url: str) -> dict[tuple[str, str], int]:
 def send_burst(url: str, photos: list[str]) -> Burst:
     """A bounded burst: every test photo twice, two batches of three, and bad requests."""
     before = scrape(url)
-
-    def predict(photo: str) -> dict:
-        with open(photo, "rb") as handle:
-            response = requests.post(f"{url}/predict", files={"image": handle}, timeout=60)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(predict, photos * 2))
+    answers = served_answers(url, photos * 2)
     for batch in (photos[:3], photos[-3:]):
         files = [("images", open(photo, "rb")) for photo in batch]  # noqa: SIM115
         try:
