@@ -11,7 +11,9 @@ then `python -m stages.promote`). Everything runs on 127.0.0.1, in one go, on th
 
 Concurrency 1 is measured again after the highest level ("1 after"), start-up is the time to
 the first /readyz 200, RSS and CPU cover each server's whole process tree, and retries are
-the front's repeated model-service calls (classifier_model_call_retries_total).
+the front's repeated model-service calls (classifier_model_call_retries_total). CPU is also
+given per request, for the server and for this load generator (which shares the cores), beside
+the engine's own CPU per image, so what the HTTP path costs on top of inference is explicit.
 
     python tests/load_benchmark.py [--requests 240] [--concurrency 1 8 32]
 """
@@ -100,6 +102,18 @@ def tree_cpu_seconds(process: subprocess.Popen) -> float:
     """User + system CPU time of a server's whole process tree so far."""
     parent = psutil.Process(process.pid)
     return sum(sum(p.cpu_times()[:2]) for p in [parent, *parent.children(recursive=True)])
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this process (the load generator) so far."""
+    return sum(psutil.Process().cpu_times()[:2])
+
+
+def cpu_ms_per_image(score, images: np.ndarray, seconds: float = 5.0) -> float:
+    """CPU time (all of this process's threads) ``score`` spends per single-image call."""
+    before, started = own_cpu_seconds(), time.perf_counter()
+    rate = images_per_second(score, images, 1, seconds)
+    return (own_cpu_seconds() - before) / (rate * (time.perf_counter() - started)) * 1000
 
 
 def naive_app(model_path: str, image_size: int):
@@ -222,31 +236,37 @@ def main() -> None:
             for index, concurrency in enumerate(levels):
                 label = f"{concurrency}" if index < len(levels) - 1 else f"{concurrency} after"
                 cpu_before, level_started = tree_cpu_seconds(process), time.perf_counter()
+                own_before = own_cpu_seconds()
                 stats = asyncio.run(load(f"{url}/predict", photos, concurrency, args.requests))
                 seconds = time.perf_counter() - level_started
-                cores = (tree_cpu_seconds(process) - cpu_before) / seconds
-                rows.append((name, label, stats, tree_rss_mib(process), cores))
+                server_cpu = tree_cpu_seconds(process) - cpu_before
+                stats["server_ms"] = server_cpu / args.requests * 1000
+                stats["client_ms"] = (own_cpu_seconds() - own_before) / args.requests * 1000
+                rows.append((name, label, stats, tree_rss_mib(process), server_cpu / seconds))
             extras[name] = (ready, retries(url) if "service" in name else float("nan"))
 
     arrays = np.stack([load_image(path, image_size) for path in paths])
     keras_export = scratch / "keras-export"
     keras_export.mkdir()
     shutil.copyfile(keras_file, keras_export / MODEL_FILE)
+    openvino = load_engine(REPO_ROOT / "data/export")
     limits = {
-        "openvino": images_per_second(load_engine(REPO_ROOT / "data/export"), arrays, 32, 10),
+        "openvino": images_per_second(openvino, arrays, 32, 10),
         "keras": images_per_second(load_engine(keras_export), arrays, 32, 10),
     }
+    inference_ms = cpu_ms_per_image(openvino, arrays)
     shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"{args.requests} requests per level, {len(photos)} test photos, {os.cpu_count()} CPUs")
     print(
         f"{'server':<17} {'conc':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'req/s':>7} {'RSS MiB':>8} {'CPU':>5}"
+        f"{'req/s':>7} {'RSS MiB':>8} {'CPU':>5} {'CPU ms/req':>10} {'client ms/req':>13}"
     )
     for name, label, stats, rss, cores in rows:
         print(
             f"{name:<17} {label:>7} {stats['p50']:>8.1f} {stats['p95']:>8.1f} "
-            f"{stats['p99']:>8.1f} {stats['throughput']:>7.1f} {rss:>8.0f} {cores:>5.2f}"
+            f"{stats['p99']:>8.1f} {stats['throughput']:>7.1f} {rss:>8.0f} {cores:>5.2f} "
+            f"{stats['server_ms']:>10.1f} {stats['client_ms']:>13.1f}"
         )
     for engine, limit in limits.items():
         print(
@@ -272,6 +292,16 @@ def main() -> None:
         f"RSS openvino / keras: {ov_rss / keras_rss:.2f}; "
         f"p50 at concurrency {first} after / before the burst: "
         f"{ov_after['p50'] / ov_first['p50']:.2f}"
+    )
+    # What the cores allow: a request costs the server's CPU plus the load generator's.
+    per_request = ov_top["server_ms"] + ov_top["client_ms"]
+    cores = os.cpu_count()
+    print(
+        f"openvino at concurrency {top}: {per_request:.1f} ms of CPU per request "
+        f"(server {ov_top['server_ms']:.1f}, of which one-image inference "
+        f"{inference_ms:.1f}; load generator {ov_top['client_ms']:.1f}), so {cores} cores allow "
+        f"at most {cores * 1000 / per_request:.0f} req/s = "
+        f"{cores * 1000 / per_request / limits['openvino']:.2f} of the batched limit"
     )
 
 
