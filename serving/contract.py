@@ -82,7 +82,7 @@ class ModelCard:
     threshold: float
     image_size: int
     serve: dict  # params.yaml `serve`: upload limits
-    train_params: dict  # params.yaml `train`
+    train_params: dict  # params.yaml `train`, with `features` (the backbone's) under its name
     test_metrics: dict  # evaluate's metrics of exactly this model
 
     @property

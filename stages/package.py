@@ -72,7 +72,7 @@ def model_card(
         "threshold": float(params["evaluate"]["threshold"]),
         "image_size": int(params["preprocess"]["image_size"]),
         "serve": dict(params["serve"]),
-        "train_params": dict(params["train"]),
+        "train_params": dict(params["train"], features=dict(params["features"])),
         "test_metrics": dict(test_metrics),
     }
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())

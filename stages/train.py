@@ -1,8 +1,8 @@
 """Train stage: MobileNetV2 transfer learning in two phases.
 
-1. Frozen backbone: its features are computed once (plus ``augment_copies`` augmented views
-   of every training image), and only the new head is trained on them. This is the same
-   model as running the frozen backbone inside every epoch, at a fraction of the cost.
+1. Frozen backbone: the new head is trained on the features stage's cached features (each
+   training photo plus ``features.augment_copies`` augmented views). This is the same model
+   as running the frozen backbone inside every epoch, and it reruns in seconds.
 2. Optional fine-tuning of the top ``fine_tune_layers`` backbone layers end to end, with
    augmentation in the model and a small learning rate (Keras' transfer-learning recipe).
 
@@ -28,6 +28,13 @@ from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from serving.contract import MODEL_FILE, MODEL_SHA256_TAG, sha256_of
+from stages.backbone import (
+    assemble,
+    build_augmentation,
+    build_backbone,
+    make_deterministic,
+    resolve_weights,
+)
 from stages.params import load_params
 from stages.tracking import use_project_store
 
@@ -35,78 +42,12 @@ from stages.tracking import use_project_store
 SERVING_REQUIREMENTS = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
-def make_deterministic(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow and force deterministic TF kernels."""
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-def resolve_weights(setting: str) -> str | None:
-    """Map ``train.weights`` to Keras' ``weights=`` argument."""
-    if setting in ("imagenet", "none"):
-        return None if setting == "none" else "imagenet"
-    if not Path(setting).is_file():
-        raise ValueError(
-            f"train.weights={setting!r}: expected 'imagenet', 'none' or a weights file path"
-        )
-    return setting
-
-
-def build_backbone(image_size: int, weights: str | None) -> keras.Model:
-    return keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3),
-        include_top=False,
-        weights=weights,
-        pooling="avg",
-    )
-
-
-def build_augmentation(seed: int) -> keras.Sequential:
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.1, seed=seed),
-            keras.layers.RandomZoom(0.1, seed=seed),
-        ],
-        name="augmentation",
-    )
-
-
 def build_head(feature_size: int, dropout: float) -> keras.Model:
+    """Dropout and one sigmoid unit on the backbone's pooled features."""
     inputs = keras.Input((feature_size,))
     hidden = keras.layers.Dropout(dropout)(inputs)
     outputs = keras.layers.Dense(1, activation="sigmoid")(hidden)
     return keras.Model(inputs, outputs, name="head")
-
-
-def assemble(
-    backbone: keras.Model,
-    head: keras.Model | None = None,
-    augmentation: keras.Sequential | None = None,
-) -> keras.Model:
-    """Raw RGB pixels (0-255) -> [augmentation] -> backbone features -> [head probability]."""
-    inputs = keras.Input(backbone.input_shape[1:])
-    x = augmentation(inputs) if augmentation is not None else inputs
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)  # MobileNetV2 expects [-1, 1]
-    x = backbone(x, training=False)  # keep BatchNorm in inference mode, even when fine-tuning
-    outputs = head(x) if head is not None else x
-    return keras.Model(inputs, outputs, name="dandelion_vs_grass")
-
-
-def frozen_features(
-    extractor: keras.Model,
-    images: np.ndarray,
-    batch_size: int,
-    augmentation: keras.Sequential | None = None,
-) -> np.ndarray:
-    if augmentation is not None:
-        images = np.concatenate(
-            [
-                augmentation(images[start : start + batch_size].astype("float32"), training=True)
-                for start in range(0, len(images), batch_size)
-            ]
-        )
-    return extractor.predict(images, batch_size=batch_size, verbose=0)
 
 
 class LiveMetrics(DVCLiveCallback):
@@ -120,34 +61,76 @@ class LiveMetrics(DVCLiveCallback):
         self.live.next_step()
 
 
-def compile_for_training(model: keras.Model, learning_rate: float) -> None:
+def compile_for_training(model: keras.Model, learning_rate: float, label_smoothing: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy"],
     )
 
 
-def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[keras.Model, dict]:
-    """Train on ``train``/``val`` arrays (``images``, ``labels``); return the model and summary."""
-    make_deterministic(params["seed"])
-    image_size = train["images"].shape[1]
-    backbone = build_backbone(image_size, resolve_weights(params["weights"]))
+def check_features(extractor: keras.Model, images: np.ndarray, cached: np.ndarray) -> None:
+    """Refuse to train a head on features this backbone does not compute."""
+    computed = extractor.predict(images, verbose=0)
+    # Relative to the features' scale: a random-init backbone's features are tiny.
+    tolerance = 1e-4 * float(np.abs(cached).max(initial=0.0))
+    if computed.shape != cached.shape or np.abs(computed - cached).max() > tolerance:
+        raise ValueError(
+            "the cached features were not computed by this backbone: rerun the features "
+            "stage (`dvc repro`)"
+        )
+
+
+def head_training_set(features: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's plain features plus its augmented views, and the labels repeated."""
+    views = np.concatenate([features["plain"][np.newaxis], features["augmented"]])
+    return views.reshape(-1, views.shape[-1]), np.tile(features["labels"], len(views))
+
+
+def fit_head(
+    training: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    params: dict,
+    callbacks: list,
+    verbose: int = 2,
+) -> tuple[keras.Model, keras.callbacks.History]:
+    """A new head fitted on ``(features, labels)``; ``callbacks`` stop it early on validation."""
+    head = build_head(training[0].shape[1], params["dropout"])
+    compile_for_training(head, params["learning_rate"], params["label_smoothing"])
+    history = head.fit(
+        *training,
+        validation_data=validation,
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    return head, history
+
+
+def train_classifier(
+    images: dict[str, dict],
+    features: dict[str, dict],
+    params: dict,
+    backbone_params: dict,
+    live: Live,
+) -> tuple[keras.Model, dict]:
+    """Train on the ``train`` split, stop early on ``val``; return the model and a summary.
+
+    ``images``: the preprocess stage's arrays per split (``images``, ``labels``);
+    ``features``: the features stage's, computed with ``backbone_params`` (its params).
+    """
+    train, val = images["train"], images["val"]
+    make_deterministic(backbone_params["seed"])  # as the features stage built it
+    backbone = build_backbone(train["images"].shape[1], resolve_weights(backbone_params["weights"]))
     backbone.trainable = False
+    check_features(assemble(backbone), val["images"], features["val"]["plain"])
+    make_deterministic(params["seed"])
     augmentation = build_augmentation(params["seed"])
-    extractor = assemble(backbone)
     batch_size = params["batch_size"]
 
-    views = [frozen_features(extractor, train["images"], batch_size)] + [
-        frozen_features(extractor, train["images"], batch_size, augmentation)
-        for _ in range(params["augment_copies"])
-    ]
-    train_features = np.concatenate(views)
-    train_labels = np.tile(train["labels"], len(views))
-    val_features = frozen_features(extractor, val["images"], batch_size)
-
-    head = build_head(train_features.shape[1], params["dropout"])
-    compile_for_training(head, params["learning_rate"])
+    train_features, train_labels = head_training_set(features["train"])
+    val_features = features["val"]["plain"]
 
     # Each fit's EarlyStopping restores the weights of that fit's best epoch (lowest val loss);
     # Keras resets it at the start of every fit, and numbers epochs across both phases.
@@ -155,15 +138,8 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         monitor="val_loss", patience=params["patience"], restore_best_weights=True
     )
     callbacks = [stop, LiveMetrics(live=live)]
-
-    history = head.fit(
-        train_features,
-        train_labels,
-        validation_data=(val_features, val["labels"]),
-        epochs=params["epochs"],
-        batch_size=batch_size,
-        callbacks=callbacks,
-        verbose=2,
+    head, history = fit_head(
+        (train_features, train_labels), (val_features, val["labels"]), params, callbacks
     )
     epochs_run = len(history.epoch)
 
@@ -172,7 +148,7 @@ def train_classifier(train: dict, val: dict, params: dict, live: Live) -> tuple[
         for layer in backbone.layers[: -params["fine_tune_layers"]]:
             layer.trainable = False
         trainer = assemble(backbone, head, augmentation)
-        compile_for_training(trainer, params["fine_tune_learning_rate"])
+        compile_for_training(trainer, params["fine_tune_learning_rate"], params["label_smoothing"])
         # A nested MLflow run: the fine-tuning fit logs its own optimizer settings.
         with mlflow.start_run(run_name="fine-tune", nested=True):
             history = trainer.fit(
@@ -238,13 +214,19 @@ def _renumber_shared_objects(config, ids: dict | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("data_dir", type=Path, help="preprocess stage output")
+    parser.add_argument("arrays_dir", type=Path, help="preprocess stage output")
+    parser.add_argument("features_dir", type=Path, help="features stage output")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("live_dir", type=Path, help="dvclive metrics and plots")
     args = parser.parse_args(argv)
 
-    params = load_params()["train"]
-    train, val = (dict(np.load(args.data_dir / f"{split}.npz")) for split in ("train", "val"))
+    all_params = load_params()
+    params = all_params["train"]
+    backbone_params = all_params["features"]
+    images, features = (
+        {split: dict(np.load(directory / f"{split}.npz")) for split in ("train", "val")}
+        for directory in (args.arrays_dir, args.features_dir)
+    )
 
     use_project_store()
     # Params, per-epoch metrics and optimizer settings come from autologging; the model
@@ -257,8 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.start_run(run_name=run_name),
         Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live,
     ):
-        mlflow.log_params({f"train.{key}": value for key, value in params.items()})
-        classifier, summary = train_classifier(train, val, params, live)
+        mlflow.log_params(
+            {
+                f"{group}.{key}": value
+                for group in ("features", "train")
+                for key, value in all_params[group].items()
+            }
+        )
+        classifier, summary = train_classifier(images, features, params, backbone_params, live)
         for name, value in summary.items():
             live.log_metric(name, value, plot=False)
         mlflow.log_metrics({name.replace("/", "_"): value for name, value in summary.items()})
@@ -267,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         model_path = args.model_dir / MODEL_FILE
         save_reproducibly(classifier, model_path)
         mlflow.set_tag(MODEL_SHA256_TAG, sha256_of(model_path))  # how evaluate/promote find it
-        examples = val["images"][:2]
+        examples = images["val"]["images"][:2]
         signature = mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0))
         mlflow.keras.log_model(
             classifier, name="model", pip_requirements=SERVING_REQUIREMENTS, signature=signature

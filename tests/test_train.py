@@ -12,19 +12,20 @@ import yaml
 from dvclive import Live
 
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE, sha256_of
-from stages import evaluate, train
+from stages import evaluate, features, train
+from stages.backbone import resolve_weights
 from stages.export import export_model
 from stages.tracking import training_run
 
+BACKBONE = {"seed": 3, "weights": "none", "batch_size": 8, "augment_copies": 1}
 PARAMS = {
     "seed": 1,
-    "weights": "none",
     "batch_size": 8,
     "epochs": 3,
     "patience": 2,
     "learning_rate": 0.001,
     "dropout": 0.2,
-    "augment_copies": 1,
+    "label_smoothing": 0.0,
     "fine_tune_layers": 0,
     "fine_tune_epochs": 1,
     "fine_tune_learning_rate": 1e-5,
@@ -44,21 +45,53 @@ def tiny_split(count: int, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_training(tmp_path, **overrides):
+def tiny_images() -> dict[str, dict[str, np.ndarray]]:
+    return {"train": tiny_split(16, 0), "val": tiny_split(8, 1)}
+
+
+def run_training(tmp_path, backbone=BACKBONE, **overrides):
+    images = tiny_images()
+    cached = features.extract_features(images, backbone)
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        return train.train_classifier(
-            tiny_split(16, 0), tiny_split(8, 1), {**PARAMS, **overrides}, live
-        )
+        return train.train_classifier(images, cached, {**PARAMS, **overrides}, BACKBONE, live)
 
 
 def test_weights_setting_is_validated(tmp_path):
-    assert train.resolve_weights("imagenet") == "imagenet"
-    assert train.resolve_weights("none") is None
+    assert resolve_weights("imagenet") == "imagenet"
+    assert resolve_weights("none") is None
     weights_file = tmp_path / "backbone.h5"
     weights_file.write_bytes(b"")
-    assert train.resolve_weights(str(weights_file)) == str(weights_file)
+    assert resolve_weights(str(weights_file)) == str(weights_file)
     with pytest.raises(ValueError, match="expected 'imagenet', 'none' or a weights file path"):
-        train.resolve_weights("imagenet21k")
+        resolve_weights("imagenet21k")
+
+
+def test_features_hold_every_view_and_are_reproducible():
+    images = tiny_images()
+    first = features.extract_features(images, {**BACKBONE, "augment_copies": 2})
+    second = features.extract_features(images, {**BACKBONE, "augment_copies": 2})
+    for split, count in (("train", 16), ("val", 8)):
+        for view in ("plain", "flipped", "augmented", "labels"):
+            np.testing.assert_array_equal(first[split][view], second[split][view])
+        assert first[split]["plain"].shape == first[split]["flipped"].shape
+        assert first[split]["augmented"].shape == (2, *first[split]["plain"].shape)
+        assert first[split]["plain"].shape[0] == count
+        # Random init and generated photos, yet each view is a different input to the backbone.
+        assert not np.array_equal(first[split]["plain"], first[split]["flipped"])
+        assert not np.array_equal(first[split]["augmented"][0], first[split]["augmented"][1])
+
+
+def test_a_head_is_never_trained_on_another_backbones_features(tmp_path, mlflow_store):
+    with pytest.raises(ValueError, match="rerun the features stage"):
+        run_training(tmp_path, backbone={**BACKBONE, "seed": BACKBONE["seed"] + 1})
+
+
+def test_without_augmented_views_the_head_trains_on_the_photos_alone(tmp_path, mlflow_store):
+    cached = features.extract_features(tiny_images(), {**BACKBONE, "augment_copies": 0})
+    assert cached["train"]["augmented"].shape == (0, *cached["train"]["plain"].shape)
+    training_features, labels = train.head_training_set(cached["train"])
+    assert training_features.shape == cached["train"]["plain"].shape and len(labels) == 16
+    run_training(tmp_path, backbone={**BACKBONE, "augment_copies": 0})
 
 
 def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflow_store):
@@ -121,6 +154,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
         yaml.safe_dump(
             {
                 "classes": ["grass", "dandelion"],
+                "features": BACKBONE,
                 "train": PARAMS,
                 "evaluate": {"threshold": 0.5},
             }
@@ -128,7 +162,8 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     )
     monkeypatch.chdir(tmp_path)
 
-    train.main([str(data_dir), "model", "results/train"])
+    features.main([str(data_dir), "features"])
+    train.main([str(data_dir), "features", "model", "results/train"])
     export_model(tmp_path / "model" / MODEL_FILE, tmp_path / "export", "keras")
     evaluate.main(["model", "export", str(data_dir / "test.npz"), "results/evaluate"])
 

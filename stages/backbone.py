@@ -1,0 +1,91 @@
+"""The frozen MobileNetV2 backbone, shared by the features and train stages.
+
+Features (stages/features.py) and the served classifier (stages/train.py) are built from the
+same functions here, so the features a head is trained on are exactly what the assembled
+classifier computes before its head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def make_deterministic(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and force deterministic TF kernels."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def resolve_weights(setting: str) -> str | None:
+    """Map the ``weights`` parameter to Keras' ``weights=`` argument."""
+    if setting in ("imagenet", "none"):
+        return None if setting == "none" else "imagenet"
+    if not Path(setting).is_file():
+        raise ValueError(
+            f"features.weights={setting!r}: expected 'imagenet', 'none' or a weights file path"
+        )
+    return setting
+
+
+def build_backbone(image_size: int, weights: str | None) -> keras.Model:
+    try:
+        return keras.applications.MobileNetV2(
+            input_shape=(image_size, image_size, 3),
+            include_top=False,
+            weights=weights,
+            pooling="avg",
+        )
+    except Exception as exc:  # offline: Keras' own error names a URL, not where to put the file
+        if weights != "imagenet":
+            raise
+        raise RuntimeError(
+            f"cannot load the ImageNet MobileNetV2 weights ({exc}). Offline, put "
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 into "
+            "$KERAS_HOME/models/ (default ~/.keras/models/)"
+        ) from exc
+
+
+def build_augmentation(seed: int) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+        ],
+        name="augmentation",
+    )
+
+
+def assemble(
+    backbone: keras.Model,
+    head: keras.Model | None = None,
+    augmentation: keras.Sequential | None = None,
+) -> keras.Model:
+    """Raw RGB pixels (0-255) -> [augmentation] -> backbone features -> [head probability]."""
+    inputs = keras.Input(backbone.input_shape[1:])
+    x = augmentation(inputs) if augmentation is not None else inputs
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)  # MobileNetV2 expects [-1, 1]
+    x = backbone(x, training=False)  # keep BatchNorm in inference mode, even when fine-tuning
+    outputs = head(x) if head is not None else x
+    return keras.Model(inputs, outputs, name="dandelion_vs_grass")
+
+
+def frozen_features(
+    extractor: keras.Model,
+    images: np.ndarray,
+    batch_size: int,
+    augmentation: keras.Sequential | None = None,
+) -> np.ndarray:
+    """The extractor's features of ``images``, optionally of a random augmented view."""
+    if augmentation is not None:
+        images = np.concatenate(
+            [
+                augmentation(images[start : start + batch_size].astype("float32"), training=True)
+                for start in range(0, len(images), batch_size)
+            ]
+        )
+    return extractor.predict(images, batch_size=batch_size, verbose=0)

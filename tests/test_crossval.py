@@ -1,0 +1,122 @@
+"""Cross-validation stage on generated features: folds, recipes, the label-noise report."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from stages import crossval
+
+FEATURES = 16
+TRAIN_PARAMS = {
+    "seed": 1,
+    "batch_size": 16,
+    "epochs": 40,
+    "patience": 5,
+    "learning_rate": 0.01,
+    "dropout": 0.1,
+    "label_smoothing": 0.0,
+}
+PARAMS = {
+    "folds": 4,
+    "seed": 0,
+    "recipes": ["linear_probe", "head"],
+    "label_smoothing": 0.1,
+    "noise_recipe": "linear_probe",
+    "noise_confidence": 0.9,
+}
+
+
+def photos(count: int, seed: int = 0, flipped_labels=()) -> dict[str, np.ndarray]:
+    """Features of two well-separated classes; ``flipped_labels`` rows carry the wrong label."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    centre = np.where(labels[:, None], 1.5, -1.5)
+
+    def view():
+        return (centre + rng.normal(size=(count, FEATURES))).astype(np.float32)
+
+    given = labels.copy()
+    given[list(flipped_labels)] = 1 - given[list(flipped_labels)]
+    return {
+        "plain": view(),
+        "flipped": view(),
+        "augmented": np.stack([view(), view()]),
+        "labels": given,
+        "paths": np.array([f"data/raw/x/{i:08d}.jpg" for i in range(count)]),
+    }
+
+
+def test_folds_are_stratified_and_keep_copies_of_one_picture_together():
+    labels = np.arange(40) % 2
+    groups = [f"hash{i // 2}" for i in range(40)]  # rows 2k and 2k+1 are copies
+    held_out = crossval.folds(labels, groups, 4, seed=0)
+    assert sorted(np.concatenate(held_out).tolist()) == list(range(40))  # each row once
+    for rows in held_out:
+        assert {i // 2 for i in rows} == {i // 2 for i in rows if i % 2 == 0}
+        assert set(rows ^ 1) == set(rows)  # a copy is held out with its twin
+        assert labels[rows].mean() == pytest.approx(0.5, abs=0.2)
+
+
+def test_recipes_are_scored_out_of_fold_and_mislabelled_photos_are_listed():
+    data = photos(48, flipped_labels=[5, 10])
+    groups = [str(i) for i in range(48)]
+    metrics, out_of_fold = crossval.cross_validate(
+        data, groups, ["linear_probe", "head", "head_flip"], TRAIN_PARAMS, PARAMS
+    )
+    for name in ("linear_probe", "head", "head_flip"):
+        assert len(metrics[name]["fold_accuracies"]) == 4
+        # Only the two flipped labels can be wrong on such separated classes.
+        assert metrics[name]["accuracy"] == pytest.approx(46 / 48, abs=0.03)
+        assert not np.isnan(out_of_fold[name]).any()
+    rows = crossval.confident_contradictions(data["labels"], out_of_fold["linear_probe"], 0.9)
+    assert sorted(rows.tolist()) == [5, 10]
+
+
+def test_unknown_recipes_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="unknown \\['svm'\\]"):
+        crossval.check_recipes(["linear_probe", "svm"])
+    with pytest.raises(ValueError, match="noise_recipe 'head' is not in"):
+        crossval.check_recipes(["linear_probe"], "head")
+
+
+def test_main_writes_metrics_and_a_reviewable_noise_report(tmp_path, monkeypatch):
+    features_dir, arrays_dir = tmp_path / "features", tmp_path / "arrays"
+    features_dir.mkdir()
+    arrays_dir.mkdir()
+    split_rows = []
+    for split, (count, seed) in {"train": (32, 1), "val": (16, 2)}.items():
+        data = photos(count, seed, flipped_labels=[3] if split == "val" else [])
+        data["paths"] = np.array([f"data/raw/x/{split}{i}.jpg" for i in range(count)])
+        np.savez(features_dir / f"{split}.npz", **data)
+        images = np.full((count, 24, 24, 3), 128, dtype=np.uint8)
+        np.savez(arrays_dir / f"{split}.npz", images=images, labels=data["labels"])
+        split_rows += [(path, split, f"h{split}{i}") for i, path in enumerate(data["paths"])]
+    with open(tmp_path / "split.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "split", "sha256"])
+        writer.writerows([path, "x", split, digest] for path, split, digest in split_rows)
+    params = {
+        "classes": ["grass", "dandelion"],
+        "train": TRAIN_PARAMS,
+        "crossval": {**PARAMS, "recipes": ["linear_probe"]},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+
+    crossval.main(["split.csv", "arrays", "features", "out"])
+
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert set(metrics) == {"linear_probe"}
+    assert set(metrics["linear_probe"]) == {"accuracy", "accuracy_sd", "fold_accuracies"}
+    with open(tmp_path / "out/label_noise.csv") as handle:
+        (listed,) = list(csv.DictReader(handle))
+    assert listed["path"] == "data/raw/x/val3.jpg" and listed["recipe"] == "linear_probe"
+    assert float(listed["other_class_probability"]) >= 0.9
+    sheet = Image.open(tmp_path / "out/label_noise.png")
+    assert sheet.size == (4 * crossval.THUMBNAIL, crossval.THUMBNAIL + 34)
