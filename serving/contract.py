@@ -2,7 +2,8 @@
 
 - names: the model's name in BentoML and MLflow, its file, the per-photo predictions file;
 - the metadata a packaged model carries (``ModelCard``), which is all the service reads;
-- the decision rule (``DecisionRule``): which class is positive and the threshold on its score;
+- the model's two outputs per photo (``PROBABILITY``, ``NOVELTY`` columns) and the decision
+  rule (``DecisionRule``): which class is positive, the threshold on its score, and "neither";
 - image decoding (``load_image``): how any picture becomes the model's input.
 
 Only NumPy and Pillow here: the service imports this module, and no stage module, so the
@@ -24,6 +25,11 @@ MODEL_FILE = "classifier.keras"  # inside the train stage's model directory
 PREDICTIONS_FILE = "predictions.csv"  # evaluate's verdict on every test photo
 MODEL_SHA256_TAG = "model_sha256"  # MLflow tag linking a run (and registered version) to a model
 WHITE = (255, 255, 255)
+# The model's output per photo, shape (N, 2): P(classes[1]), and its novelty, the squared
+# Mahalanobis distance of its backbone features from the training photos' in units of the
+# threshold (stages/train.py): above 1, the photo is unlike anything the model was trained
+# on, and probably neither class.
+PROBABILITY, NOVELTY = 0, 1
 
 
 def sha256_of(path: Path | str) -> str:
@@ -55,14 +61,22 @@ class DecisionRule:
         """Class index (0 or 1) for each score = P(positive class)."""
         return (np.asarray(scores, dtype=np.float32) >= np.float32(self.threshold)).astype(int)
 
-    def verdict(self, score: float) -> dict:
-        """The answer for one score: label, its probability, both probabilities."""
+    @staticmethod
+    def neither(novelty) -> np.ndarray:
+        """Whether each photo is probably neither class: novelty above 1 (see NOVELTY)."""
+        return np.asarray(novelty, dtype=np.float32) > np.float32(1.0)
+
+    def verdict(self, score: float, novelty: float) -> dict:
+        """The answer for one photo: label, its probability, both probabilities, and whether
+        the photo is probably neither class (then the label is only the nearer class)."""
         label = self.classes[int(self.predict(score))]
         probabilities = {self.classes[1]: float(score), self.classes[0]: 1.0 - float(score)}
         return {
             "label": label,
             "confidence": probabilities[label],
             "probabilities": probabilities,
+            "neither": bool(self.neither(novelty)),
+            "novelty": float(novelty),
         }
 
 

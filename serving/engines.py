@@ -36,7 +36,8 @@ ENGINE_PACKAGES = {
 # not; 181 ms right after a concurrency-32 burst).
 BATCHING = {"openvino": False, "keras": True}
 
-Scorer = Callable[[np.ndarray], np.ndarray]  # (N, size, size, 3) uint8 -> (N,) float32
+# (N, size, size, 3) uint8 -> (N, 2) float32: the PROBABILITY and NOVELTY columns (contract)
+Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 def check_engine(engine: str) -> str:
@@ -56,7 +57,7 @@ def engine_of(directory: Path | str) -> str:
 
 
 def load_engine(directory: Path | str) -> Scorer:
-    """The scorer for the model exported in ``directory``: P(classes[1]) per image."""
+    """The scorer for the model exported in ``directory``: its two outputs per image."""
     directory = Path(directory)
     if engine_of(directory) == "openvino":
         return _openvino_scorer(directory / OPENVINO_FILE)
@@ -75,7 +76,7 @@ def _openvino_scorer(path: Path) -> Scorer:
     def score(images: np.ndarray) -> np.ndarray:
         with lock:
             result = request.infer([images.astype(np.float32)])
-        return np.asarray(result[compiled.output(0)], dtype=np.float32).reshape(-1)
+        return np.asarray(result[compiled.output(0)], dtype=np.float32).reshape(len(images), 2)
 
     return score
 
@@ -86,6 +87,6 @@ def _keras_scorer(path: Path) -> Scorer:
     model = keras.models.load_model(path, compile=False)
 
     def score(images: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict_on_batch(images), dtype=np.float32).reshape(-1)
+        return np.asarray(model.predict_on_batch(images), dtype=np.float32).reshape(len(images), 2)
 
     return score

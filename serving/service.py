@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from serving.contract import MODEL_NAME, ModelCard
+from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.engines import BATCHING, load_engine
 from serving.metrics import model_metrics, sample_process
 from serving.uploads import UploadError, UploadLimits, decode_upload
@@ -65,7 +65,8 @@ class Classifier:
 
     @bentoml.api
     def classify(self, images: np.ndarray) -> np.ndarray:
-        """P(classes[1]) for each ``(N, size, size, 3)`` uint8 image, in one engine call."""
+        """The model's outputs (contract: PROBABILITY, NOVELTY) for each ``(N, size, size, 3)``
+        uint8 image, in one engine call."""
         return self.score(images)
 
     # Adaptive batching, for engines that gain from it (serving/engines.py BATCHING): the
@@ -141,15 +142,15 @@ class DandelionService:
     async def predict(self, request: Request) -> dict:
         """One image in the multipart field ``image``."""
         (upload,) = await self.read_files(request, field="image", most=1)
-        (score,) = await self.scores(upload[np.newaxis])
-        return self.answer(float(score))
+        (outputs,) = await self.scores(upload[np.newaxis])
+        return self.answer(outputs)
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request) -> dict:
         """Several images, each in a multipart field ``images``."""
         uploads = await self.read_files(request, field="images", most=self.max_batch_files)
-        scores = await self.scores(np.stack(uploads))
-        return {"predictions": [self.answer(float(score)) for score in scores]}
+        outputs = await self.scores(np.stack(uploads))
+        return {"predictions": [self.answer(row) for row in outputs]}
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
         # One retry, as a defence: classifying is idempotent, so asking again is safe. Every
@@ -206,7 +207,7 @@ class DandelionService:
                 raise
         return arrays
 
-    def answer(self, score: float) -> dict:
-        verdict = self.rule.verdict(score)
+    def answer(self, outputs: np.ndarray) -> dict:
+        verdict = self.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))
         self.metrics.count_answer(verdict)
         return {**verdict, "model_version": self.info["version"]}

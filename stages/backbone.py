@@ -68,10 +68,39 @@ def assemble(
     """Raw RGB pixels (0-255) -> [augmentation] -> backbone features -> [head probability]."""
     inputs = keras.Input(backbone.input_shape[1:])
     x = augmentation(inputs) if augmentation is not None else inputs
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)  # MobileNetV2 expects [-1, 1]
-    x = backbone(x, training=False)  # keep BatchNorm in inference mode, even when fine-tuning
+    x = features_of(x, backbone)
     outputs = head(x) if head is not None else x
     return keras.Model(inputs, outputs, name="dandelion_vs_grass")
+
+
+def features_of(pixels, backbone: keras.Model):
+    """The backbone's pooled features of raw RGB pixels (0-255), as a Keras tensor."""
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)  # MobileNetV2 expects [-1, 1]
+    return backbone(x, training=False)  # BatchNorm in inference mode, even when fine-tuning
+
+
+def features_and_probes(pixels, backbone: keras.Model, layers: list[str]):
+    """Keras tensors, from one pass of the backbone: its pooled features, and the pooled
+    activations of its inner ``layers``, concatenated (novelty's input; stages/train.py).
+
+    Inner layers, because the last one's features hardly tell a photo of noise or a flat
+    colour from a photo of a field (measured: README, "neither"); mid-level ones do.
+    """
+    probe = keras.Model(
+        backbone.input,
+        [*(backbone.get_layer(name).output for name in layers), backbone.output],
+        name="backbone_with_probes",
+    )
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)
+    *inner, features = probe(x, training=False)
+    pooled = [keras.layers.GlobalAveragePooling2D()(activations) for activations in inner]
+    return features, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0]
+
+
+def probe_extractor(backbone: keras.Model, layers: list[str]) -> keras.Model:
+    """Pixels -> [pooled features, concatenated inner-layer probes]."""
+    inputs = keras.Input(backbone.input_shape[1:])
+    return keras.Model(inputs, list(features_and_probes(inputs, backbone, layers)))
 
 
 def frozen_features(

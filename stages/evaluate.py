@@ -1,7 +1,9 @@
 """Evaluate stage: score the trained classifier on the held-out test split.
 
 Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC, and the share predicted
-positive with its 95 % interval; the positive class is ``classes[1]``), the confusion matrix
+positive with its 95 % interval; the positive class is ``classes[1]``; the share of test
+photos flagged "neither", false alarms all, and of generated pictures that are neither class,
+``unlike/neither_share``), the confusion matrix
 and ROC curve as dvclive plots, and every test photo's score and predicted label
 (``predictions.csv``). Labels come from the contract's decision rule at
 ``evaluate.threshold``, the rule the packaged service applies too. The scores come from the
@@ -19,10 +21,18 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from dvclive import Live
+from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import binomtest
 from sklearn import metrics
 
-from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule, sha256_of
+from serving.contract import (
+    MODEL_FILE,
+    NOVELTY,
+    PREDICTIONS_FILE,
+    PROBABILITY,
+    DecisionRule,
+    sha256_of,
+)
 from serving.engines import load_engine
 from stages.params import load_params
 from stages.tracking import training_run, use_project_store
@@ -50,17 +60,44 @@ def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule
     }
 
 
-def prediction_rows(paths, labels, scores, rule: DecisionRule) -> list[dict]:
-    """One row per photo: its file, true label, predicted label and score (P(classes[1]))."""
+PREDICTION_FIELDS = ["path", "label", "predicted", "score", "novelty"]
+
+
+def unlike_pictures(size: int, seed: int = 0) -> np.ndarray:
+    """Pictures that are neither class: 8 of random noise, 8 flat colours, 8 of text on white."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    colours = rng.integers(0, 256, (8, 1, 1, 3), dtype=np.uint8)
+    flat = np.broadcast_to(colours, (8, size, size, 3))
+    texts = []
+    for index in range(8):
+        page = Image.new("RGB", (size, size), "white")
+        font = ImageFont.load_default(size=12 + 4 * index)
+        words = " ".join(rng.choice(["report", "invoice", "total", "2026", "page", "note"], 20))
+        ImageDraw.Draw(page).multiline_text((4, 4), words.replace(" ", "\n", 6), "black", font)
+        texts.append(np.asarray(page))
+    return np.concatenate([noise, flat, np.stack(texts)])
+
+
+def score_in_chunks(score, images: np.ndarray) -> np.ndarray:
+    """The engine's outputs, in batches of 32 as the service's batcher at most sends them."""
+    return np.concatenate([score(images[i : i + 32]) for i in range(0, len(images), 32)])
+
+
+def prediction_rows(paths, labels, outputs, rule: DecisionRule) -> list[dict]:
+    """One row per photo: its file, true label, predicted label, score (P(classes[1])) and
+    novelty (above 1: probably neither class)."""
+    scores = outputs[:, PROBABILITY]
     return [
         {
             "path": str(path),
             "label": rule.classes[label],
             "predicted": rule.classes[predicted],
             "score": f"{float(score):.6f}",
+            "novelty": f"{float(novelty):.4f}",
         }
-        for path, label, predicted, score in zip(
-            paths, labels, rule.predict(scores), scores, strict=True
+        for path, label, predicted, score, novelty in zip(
+            paths, labels, rule.predict(scores), scores, outputs[:, NOVELTY], strict=True
         )
     ]
 
@@ -90,17 +127,19 @@ def main(argv: list[str] | None = None) -> None:
     test = np.load(args.test_npz)
     model_file = args.model_dir / MODEL_FILE
     score = load_engine(args.export_dir)
-    # In batches of 32, as the service's batcher at most sends them.
-    scores = np.concatenate(
-        [score(test["images"][i : i + 32]) for i in range(0, len(test["images"]), 32)]
-    )
+    outputs = score_in_chunks(score, test["images"])
+    scores = outputs[:, PROBABILITY]
     labels = test["labels"]
     test_metrics = score_predictions(labels, scores, rule)
+    test_metrics["neither_share"] = float(rule.neither(outputs[:, NOVELTY]).mean())
+    unlike = score_in_chunks(score, unlike_pictures(test["images"].shape[1]))
+    unlike_share = float(rule.neither(unlike[:, NOVELTY]).mean())
 
     with Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         for name, value in test_metrics.items():
             if value is not None:
                 live.log_metric(f"test/{name}", value, plot=False)
+        live.log_metric("unlike/neither_share", unlike_share, plot=False)
         live.log_sklearn_plot(
             "confusion_matrix",
             [rule.classes[i] for i in labels],
@@ -110,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         live.log_sklearn_plot("roc", labels, scores, name="roc.json")
 
     with open(args.live_dir / PREDICTIONS_FILE, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "predicted", "score"])
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
         writer.writeheader()
-        writer.writerows(prediction_rows(test["paths"], labels, scores, rule))
+        writer.writerows(prediction_rows(test["paths"], labels, outputs, rule))
 
     log_to_training_run(model_file, test_metrics)
     print(
@@ -120,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(
             f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
         )
+        + f"; generated pictures flagged neither: {unlike_share:.3f}"
     )
 
 

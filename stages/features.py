@@ -6,6 +6,8 @@ parameters; the train stage and every ``dvc exp run`` sweep over head parameters
 Per split (``<split>.npz``):
 
 - ``plain``: features of each photo as preprocessed;
+- ``probes``: the pooled activations of the backbone's ``novelty_layers`` (the input of the
+  model's novelty, its "neither" signal; stages/train.py);
 - ``flipped``: of its mirror image (test-time flip averaging);
 - ``augmented`` (train and val): ``augment_copies`` random views (flip, rotate, zoom) per
   photo, shape ``(copies, photos, features)``; cross-validation trains on val photos too;
@@ -26,6 +28,7 @@ from stages.backbone import (
     build_backbone,
     frozen_features,
     make_deterministic,
+    probe_extractor,
     resolve_weights,
 )
 from stages.params import load_params
@@ -42,14 +45,17 @@ def extract_features(
     image_size = next(iter(splits.values()))["images"].shape[1]
     backbone = build_backbone(image_size, resolve_weights(params["weights"]))
     extractor = assemble(backbone)
+    with_probes = probe_extractor(backbone, params["novelty_layers"])
     augmentation = build_augmentation(params["seed"])
     batch_size = params["batch_size"]
     features = {}
     for name, arrays in splits.items():
         started = time.perf_counter()
         images = arrays["images"]
+        plain, probes = with_probes.predict(images, batch_size=batch_size, verbose=0)
         out = {
-            "plain": frozen_features(extractor, images, batch_size),
+            "plain": plain,
+            "probes": probes,
             "flipped": frozen_features(extractor, images[:, :, ::-1], batch_size),
             "labels": arrays["labels"],
             "paths": arrays["paths"],

@@ -5,6 +5,11 @@
    as running the frozen backbone inside every epoch, and it reruns in seconds.
 2. Optional fine-tuning of the top ``fine_tune_layers`` backbone layers end to end, with
    augmentation in the model and a small learning rate (Keras' transfer-learning recipe).
+3. Novelty: how far a photo's mid-level backbone activations (``features.novelty_layers``,
+   pooled) lie from the training photos' (squared Mahalanobis distance, Ledoit-Wolf
+   covariance), in units of a threshold that keeps ``neither_quantile`` of the val photos
+   below it. The saved model outputs it beside the
+   probability (serving/contract.py ``NOVELTY``), so the service can say "probably neither".
 
 Per-epoch metrics go to dvclive (learning curves for ``dvc plots``) and the run (params,
 metrics, model) to MLflow. The model directory holds the model alone: the MLflow run finds
@@ -26,13 +31,16 @@ import numpy as np
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
+from sklearn.covariance import LedoitWolf
 
-from serving.contract import MODEL_FILE, MODEL_SHA256_TAG, sha256_of
+from serving.contract import MODEL_FILE, MODEL_SHA256_TAG, PROBABILITY, sha256_of
 from stages.backbone import (
     assemble,
     build_augmentation,
     build_backbone,
+    features_and_probes,
     make_deterministic,
+    probe_extractor,
     resolve_weights,
 )
 from stages.params import load_params
@@ -85,6 +93,41 @@ def head_training_set(features: dict) -> tuple[np.ndarray, np.ndarray]:
     """Each photo's plain features plus its augmented views, and the labels repeated."""
     views = np.concatenate([features["plain"][np.newaxis], features["augmented"]])
     return views.reshape(-1, views.shape[-1]), np.tile(features["labels"], len(views))
+
+
+def novelty_projection(
+    train_features: np.ndarray, val_features: np.ndarray, quantile: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` with ``||f @ W + b||^2`` = squared Mahalanobis distance of features ``f``
+    from the training features, divided by the ``quantile`` of the val photos' distances."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"train.neither_quantile must be between 0 and 1, not {quantile}")
+    train_features = train_features.astype(np.float64)
+    mean = train_features.mean(axis=0)
+    # Shrunk towards a scaled identity: about as many features (576) as photos, so the
+    # sample covariance alone is (nearly) singular.
+    values, vectors = np.linalg.eigh(LedoitWolf().fit(train_features).covariance_)
+    whitening = vectors / np.sqrt(values)
+    distances = np.square((val_features - mean) @ whitening).sum(axis=1)
+    whitening /= np.sqrt(np.quantile(distances, quantile))
+    return whitening.astype(np.float32), (-mean @ whitening).astype(np.float32)
+
+
+def with_novelty(
+    backbone: keras.Model, head: keras.Model, projection, novelty_layers: list[str]
+) -> keras.Model:
+    """Pixels -> (N, 2): the head's probability and the photo's novelty (contract)."""
+    inputs = keras.Input(backbone.input_shape[1:])
+    features, probes = features_and_probes(inputs, backbone, novelty_layers)
+    whiten = keras.layers.Dense(probes.shape[-1], name="novelty_whitening")
+    whitened = whiten(probes)
+    whiten.set_weights(list(projection))
+    squares = keras.layers.Multiply()([whitened, whitened])
+    total = keras.layers.Dense(1, use_bias=False, name="novelty")
+    novelty = total(squares)
+    total.set_weights([np.ones((probes.shape[-1], 1), dtype=np.float32)])
+    outputs = keras.layers.Concatenate()([head(features), novelty])
+    return keras.Model(inputs, outputs, name="dandelion_vs_grass")
 
 
 def fit_head(
@@ -163,9 +206,19 @@ def train_classifier(
             )
         epochs_run += len(history.epoch)
 
-    classifier = assemble(backbone, head)
+    layers = backbone_params["novelty_layers"]
+    if params["fine_tune_layers"] > 0:  # the cached probes are the frozen backbone's
+        probes = probe_extractor(backbone, layers)
+        train_probes, val_probes = (
+            probes.predict(split["images"], batch_size=batch_size, verbose=0)[1]
+            for split in (train, val)
+        )
+    else:
+        train_probes, val_probes = features["train"]["probes"], features["val"]["probes"]
+    projection = novelty_projection(train_probes, val_probes, params["neither_quantile"])
+    classifier = with_novelty(backbone, head, projection, layers)
     # Scored without compile(): the saved model then carries no optimizer state.
-    val_scores = classifier.predict(val["images"], batch_size=batch_size, verbose=0).ravel()
+    val_scores = classifier.predict(val["images"], batch_size=batch_size, verbose=0)[:, PROBABILITY]
     summary = {
         "best/epoch": stop.best_epoch + 1,  # 1-based: the epoch whose weights the model holds
         "best/val_loss": float(keras.losses.BinaryCrossentropy()(val["labels"], val_scores)),

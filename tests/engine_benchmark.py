@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from support import PIPELINE_PATHS, REPO_ROOT
 
-from serving.contract import MODEL_FILE
+from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine
 from stages.export import export_model
 
@@ -46,7 +46,8 @@ def main() -> None:
         for engine in ENGINES:
             export_model(keras_file, Path(scratch) / engine, engine)
             score = load_engine(Path(scratch) / engine)
-            scores[engine] = np.concatenate([score(image[None]) for image in test])
+            outputs = np.concatenate([score(image[None]) for image in test])
+            scores[engine] = outputs[:, PROBABILITY]
             timings = [
                 1000 / images_per_second(score, test, batch, args.seconds) for batch in (1, 32)
             ]

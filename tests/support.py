@@ -384,6 +384,7 @@ class Prediction:
     label: str
     predicted: str
     score: float
+    novelty: float
 
 
 def evaluated_predictions(workspace: Path) -> list[Prediction]:
@@ -396,6 +397,7 @@ def evaluated_predictions(workspace: Path) -> list[Prediction]:
             row["label"],
             row["predicted"],
             float(row["score"]),
+            float(row["novelty"]),
         )
         for row in rows
     ]

@@ -69,10 +69,23 @@ def test_rule_labels_at_the_threshold_and_reports_the_chosen_probability():
     rule = contract.DecisionRule(("grass", "dandelion"), 0.6)
     assert rule.positive == "dandelion"
     assert rule.predict(np.array([0.59, 0.6, 0.61])).tolist() == [0, 1, 1]
-    verdict = rule.verdict(0.55)  # above 0.5 yet below the threshold: grass
+    verdict = rule.verdict(0.55, 0.3)  # above 0.5 yet below the threshold: grass
     assert verdict["label"] == "grass"
     assert verdict["confidence"] == pytest.approx(0.45)
     assert verdict["probabilities"] == pytest.approx({"dandelion": 0.55, "grass": 0.45})
+    assert verdict["neither"] is False and verdict["novelty"] == pytest.approx(0.3)
+
+
+def test_a_photo_is_neither_class_only_beyond_the_novelty_threshold():
+    rule = contract.DecisionRule(("grass", "dandelion"), 0.5)
+    assert rule.neither(np.float32([0.2, 1.0, np.nextafter(np.float32(1), 2), 40])).tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    verdict = rule.verdict(0.99, 7.5)
+    assert verdict["neither"] is True and verdict["label"] == "dandelion"
 
 
 def test_rule_decides_one_score_exactly_as_an_array_of_float32_scores():

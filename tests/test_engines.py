@@ -22,14 +22,17 @@ from stages.export import export_model
 
 @pytest.fixture(scope="module")
 def keras_file(tmp_path_factory):
-    """A small convolutional classifier on 32 px uint8 images, as train builds the real one."""
+    """A small convolutional classifier on 32 px uint8 images with the contract's two outputs
+    (probability, novelty), as train builds the real one."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
     x = keras.layers.Conv2D(8, 3, activation="relu")(x)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid")(x)
+    probability = keras.layers.Dense(1, activation="sigmoid")(x)
+    novelty = keras.layers.Dense(1, activation="softplus")(x)
+    outputs = keras.layers.Concatenate()([probability, novelty])
     path = tmp_path_factory.mktemp("model") / MODEL_FILE
     keras.Model(inputs, outputs).save(path)
     return path
@@ -50,7 +53,7 @@ def test_openvino_export_scores_as_keras_does(keras_file, images, tmp_path):
     openvino_scores = load_engine(tmp_path / "openvino")(images)
     keras_scores = load_engine(tmp_path / "keras")(images)
     assert openvino_scores.dtype == keras_scores.dtype == np.float32
-    assert openvino_scores.shape == (len(images),)
+    assert openvino_scores.shape == (len(images), 2)
     assert np.abs(openvino_scores - keras_scores).max() <= 1e-5
     # A batch scores each image as it would alone: the batcher may group requests freely.
     one_by_one = np.concatenate(

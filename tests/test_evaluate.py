@@ -54,11 +54,21 @@ def test_auc_is_missing_not_zero_for_a_single_class():
 
 
 def test_prediction_rows_list_every_photo_with_both_labels():
-    rows = evaluate.prediction_rows(
-        ["a.jpg", "b.jpg", "c.jpg"], [1, 0, 0], np.float32([0.2, 0.1, 0.75]), rule(0.5)
-    )
-    assert rows == [
-        {"path": "a.jpg", "label": "dandelion", "predicted": "grass", "score": "0.200000"},
-        {"path": "b.jpg", "label": "grass", "predicted": "grass", "score": "0.100000"},
-        {"path": "c.jpg", "label": "grass", "predicted": "dandelion", "score": "0.750000"},
+    outputs = np.float32([[0.2, 0.5], [0.1, 3.25], [0.75, 0.125]])  # probability, novelty
+    rows = evaluate.prediction_rows(["a.jpg", "b.jpg", "c.jpg"], [1, 0, 0], outputs, rule(0.5))
+    assert [list(row) for row in rows] == [evaluate.PREDICTION_FIELDS] * 3
+    assert [(r["label"], r["predicted"], r["score"], r["novelty"]) for r in rows] == [
+        ("dandelion", "grass", "0.200000", "0.5000"),
+        ("grass", "grass", "0.100000", "3.2500"),
+        ("grass", "dandelion", "0.750000", "0.1250"),
     ]
+
+
+def test_generated_pictures_are_of_three_kinds_and_reproducible():
+    pictures = evaluate.unlike_pictures(64)
+    assert pictures.shape == (24, 64, 64, 3) and pictures.dtype == np.uint8
+    np.testing.assert_array_equal(pictures, evaluate.unlike_pictures(64))
+    noise, flat, text = pictures[:8], pictures[8:16], pictures[16:]
+    assert noise.std(axis=(1, 2)).min() > 50  # noise everywhere
+    assert flat.std(axis=(1, 2)).max() == 0  # one colour each
+    assert (text == 255).mean() > 0.5 and (text < 128).any()  # dark text on white

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import requests
 from conftest import require_tools
+from PIL import Image
 from support import DATASET_MIRROR
 
 pytestmark = pytest.mark.slow
@@ -68,6 +70,24 @@ def test_choosing_a_photo_shows_the_verdict(service, browser, tmp_path):
 
     assert verdict.text == expected["label"]
     assert f"{100 * expected['confidence']:.1f}% confident" in confidence
+    assert not expected["neither"] and browser.find_elements(By.ID, "neither") == []
     WebDriverWait(browser, 30).until(
         lambda driver: "test accuracy" in driver.find_element(By.ID, "model").text
     )
+
+
+def test_a_picture_of_neither_class_says_so(service, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    picture = tmp_path / "noise.png"
+    Image.fromarray(noise).save(picture)
+
+    browser.get(f"{service.url}/")
+    browser.find_element(By.ID, "file").send_keys(str(picture))
+    neither = WebDriverWait(browser, 60).until(
+        expected_conditions.presence_of_element_located((By.ID, "neither"))
+    )
+    assert "neither a dandelion nor grass" in neither.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import requests
 from PIL import Image
 from support import (
+    EVALUATE_METRICS,
     PIPELINE_PATHS,
     dvc,
     evaluated_predictions,
@@ -29,8 +31,9 @@ from support import (
     stop_process_group,
 )
 
-from serving.contract import MODEL_FILE, DecisionRule, sha256_of
+from serving.contract import MODEL_FILE, NOVELTY, PROBABILITY, DecisionRule, sha256_of
 from serving.engines import engine_of, load_engine
+from stages.evaluate import unlike_pictures
 from stages.export import export_model
 from stages.promote import bento_version_of
 
@@ -61,17 +64,35 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
     assert len(predictions) == 60
     answers = served_answers(service.url, [p.photo for p in predictions])
     for prediction, body in zip(predictions, answers, strict=True):
-        assert set(body) == {"label", "confidence", "probabilities", "model_version"}
+        assert set(body) == {
+            *("label", "confidence", "probabilities", "neither", "novelty", "model_version")
+        }
         assert body["label"] == prediction.predicted, (prediction, body)
         # The same export, the same engine: the score evaluate wrote (to 6 decimals).
         assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=1e-6)
-        assert body["confidence"] == body["probabilities"][body["label"]]
-        assert sum(body["probabilities"].values()) == pytest.approx(1.0)
-    accuracy = np.mean(
-        [body["label"] == p.label for p, body in zip(predictions, answers, strict=True)]
-    )
+        assert body["novelty"] == pytest.approx(prediction.novelty, abs=1e-4)
+    pairs = list(zip(predictions, answers, strict=True))
+    accuracy = np.mean([body["label"] == p.label for p, body in pairs])
     assert accuracy == pytest.approx(service.metrics["accuracy"])
+    neither = np.mean([body["neither"] for _, body in pairs])
+    assert neither == pytest.approx(service.metrics["neither_share"])
+    assert neither <= 0.05  # false alarms on real photos of the two classes
     return answers
+
+
+def test_pictures_of_neither_class_are_flagged_as_evaluate_reported(service):
+    """Noise, flat colours and text (evaluate's generated set), sent as lossless PNGs."""
+    pictures = unlike_pictures(224)
+    answers = []
+    for pixels in pictures:
+        response = post_image(service, encoded(Image.fromarray(pixels), "PNG"), "unlike.png")
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    evaluated = json.loads((service.workspace / EVALUATE_METRICS).read_text())["unlike"]
+    flagged = [answer["neither"] for answer in answers]
+    assert np.mean(flagged) == pytest.approx(evaluated["neither_share"])
+    assert np.mean(flagged) >= 0.75  # most are caught
+    assert all(flagged[:8])  # every picture of random noise
 
 
 def test_every_test_photo_gets_the_label_evaluate_predicted(service):
@@ -239,10 +260,16 @@ def test_the_served_engine_agrees_with_keras_on_every_test_photo(reproduced, tmp
     assert len(images) == 60
     served, reference = load_engine(served_dir)(images), load_engine(keras_export)(images)
     rule = DecisionRule(("grass", "dandelion"), 0.5)
-    largest = float(np.abs(served - reference).max())
+    largest = float(np.abs(served[:, PROBABILITY] - reference[:, PROBABILITY]).max())
+    novelty = served[:, NOVELTY], reference[:, NOVELTY]
     print(f"parity over {len(images)} test photos: max |P(dandelion) difference| = {largest:.2e}")
     assert largest <= 1e-3
-    assert rule.predict(served).tolist() == rule.predict(reference).tolist()
+    assert (
+        rule.predict(served[:, PROBABILITY]).tolist()
+        == rule.predict(reference[:, PROBABILITY]).tolist()
+    )
+    np.testing.assert_allclose(*novelty, rtol=1e-3)
+    assert rule.neither(novelty[0]).tolist() == rule.neither(novelty[1]).tolist()
 
 
 def test_readyz_answers_within_seconds_from_the_start(reproduced, tmp_path):

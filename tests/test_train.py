@@ -17,7 +17,13 @@ from stages.backbone import resolve_weights
 from stages.export import export_model
 from stages.tracking import training_run
 
-BACKBONE = {"seed": 3, "weights": "none", "batch_size": 8, "augment_copies": 1}
+BACKBONE = {
+    "seed": 3,
+    "weights": "none",
+    "batch_size": 8,
+    "augment_copies": 1,
+    "novelty_layers": ["block_6_expand_relu", "block_10_expand_relu"],
+}
 PARAMS = {
     "seed": 1,
     "batch_size": 8,
@@ -26,6 +32,7 @@ PARAMS = {
     "learning_rate": 0.001,
     "dropout": 0.2,
     "label_smoothing": 0.0,
+    "neither_quantile": 0.9,
     "fine_tune_layers": 0,
     "fine_tune_epochs": 1,
     "fine_tune_learning_rate": 1e-5,
@@ -96,9 +103,8 @@ def test_without_augmented_views_the_head_trains_on_the_photos_alone(tmp_path, m
 
 def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflow_store):
     model, summary = run_training(tmp_path)
-    probabilities = model.predict(tiny_split(4, 2)["images"], verbose=0)
-    assert probabilities.shape == (4, 1)
-    assert ((0 <= probabilities) & (probabilities <= 1)).all()
+    outputs = model.predict(tiny_split(4, 2)["images"], verbose=0)
+    assert outputs.shape == (4, 2)  # probability and novelty (serving/contract.py)
     assert 1 <= summary["best/epoch"] <= summary["epochs_run"] <= PARAMS["epochs"]
     curve = (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").read_text()
     rows = [line.split("\t") for line in curve.strip().splitlines()[1:]]  # step, loss
@@ -172,16 +178,20 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     train_metrics = json.loads((tmp_path / "results/train/metrics.json").read_text())
     assert set(train_metrics) == {"train", "val", "best", "epochs_run", "step"}
     assert set(train_metrics["best"]) == {"epoch", "val_loss", "val_accuracy"}
-    (test_metrics,) = json.loads((tmp_path / "results/evaluate/metrics.json").read_text()).values()
+    evaluated = json.loads((tmp_path / "results/evaluate/metrics.json").read_text())
+    assert set(evaluated) == {"test", "unlike"}
+    test_metrics = evaluated["test"]
     assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"} | {
         "positive_share",
         "positive_share_low",
         "positive_share_high",
+        "neither_share",
     }
+    assert set(evaluated["unlike"]) == {"neither_share"}
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
     predictions = (tmp_path / "results/evaluate" / PREDICTIONS_FILE).read_text().splitlines()
-    assert predictions[0] == "path,label,predicted,score" and len(predictions) == 1 + 8
+    assert predictions[0] == ",".join(evaluate.PREDICTION_FIELDS) and len(predictions) == 1 + 8
 
     # The run is found by the model's SHA-256, as evaluate and promote find it.
     run = training_run(sha256_of(tmp_path / "model" / MODEL_FILE))
@@ -191,4 +201,33 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert {"best_val_accuracy", "best_epoch", "epochs_run", "val_loss"} <= set(run.data.metrics)
     model_uri = f"runs:/{run_id}/model"
     reloaded = mlflow.keras.load_model(model_uri)
-    assert reloaded.predict(tiny_split(2, 5)["images"], verbose=0).shape == (2, 1)
+    assert reloaded.predict(tiny_split(2, 5)["images"], verbose=0).shape == (2, 2)
+
+
+def test_novelty_is_the_mahalanobis_distance_in_units_of_the_val_threshold():
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(12, 12))  # correlated features, as a backbone's are
+
+    def photos(count, shift=0.0):
+        return (rng.normal(size=(count, 12)) + shift) @ mixing
+
+    train_features, val_features = photos(400), photos(60)
+    weights, bias = train.novelty_projection(train_features, val_features, 0.95)
+    novelty = lambda f: np.square(f @ weights + bias).sum(axis=1)  # noqa: E731
+    # Unseen photos of the same kind are mostly under the threshold, others far above it.
+    assert np.mean(novelty(photos(1000)) <= 1) > 0.85
+    assert novelty(photos(100, shift=3.0)).min() > 1
+    with pytest.raises(ValueError, match="neither_quantile must be between 0 and 1"):
+        train.novelty_projection(train_features, val_features, 1.0)
+
+
+def test_the_models_novelty_output_is_that_distance_of_its_probes(tmp_path, mlflow_store):
+    """The Keras layers compute what novelty_projection defines, from the cached probes."""
+    model, _ = run_training(tmp_path)
+    images = tiny_images()
+    cached = features.extract_features(images, BACKBONE)
+    weights, bias = model.get_layer("novelty_whitening").get_weights()
+    probes = cached["val"]["probes"]
+    expected = np.square(probes @ weights + bias).sum(axis=1)
+    outputs = model.predict(images["val"]["images"], verbose=0)
+    np.testing.assert_allclose(outputs[:, 1], expected, rtol=1e-3)
