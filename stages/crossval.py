@@ -15,6 +15,9 @@ Recipes (all on the features stage's cached features):
 - ``head_flip``: the same head, scoring each photo as the mean over it and its mirror image.
 - ``head_smoothing``: the head with ``crossval.label_smoothing``.
 - ``head_no_augment``: the head on the plain features only.
+- ``fine_tune``: the head, then the top ``crossval.fine_tune_layers`` backbone layers
+  fine-tuned end to end on the photos with augmentation (the train stage's phase 2, with
+  ``crossval.fine_tune_*``); the only recipe that reads the images, and by far the slowest.
 
 The out-of-fold scores of ``crossval.noise_recipe`` become the label-noise report: every
 photo whose score for the other class is at least ``crossval.noise_confidence``, as a CSV and
@@ -38,10 +41,16 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stages.backbone import make_deterministic
+from stages.backbone import (
+    assemble,
+    build_augmentation,
+    build_backbone,
+    make_deterministic,
+    resolve_weights,
+)
 from stages.params import load_params
 from stages.split import read_split
-from stages.train import fit_head, head_training_set
+from stages.train import compile_for_training, fit_head, head_training_set
 
 POOLED_SPLITS = ("train", "val")
 THUMBNAIL = 200
@@ -57,15 +66,16 @@ def linear_probe(training: dict, train_params: dict, params: dict):
     return lambda held_out: model.predict_proba(held_out["plain"])[:, 1]
 
 
+def inner_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to fit on, and a stratified 15 % to stop early on (as train stops on val)."""
+    rows = np.arange(len(labels))
+    return train_test_split(rows, test_size=0.15, stratify=labels, random_state=seed)
+
+
 def _head(training: dict, train_params: dict, augmented: bool = True):
     """The train stage's head, stopped early on a stratified 15 % of the training photos."""
     make_deterministic(train_params["seed"])
-    inner_train, inner_val = train_test_split(
-        np.arange(len(training["labels"])),
-        test_size=0.15,
-        stratify=training["labels"],
-        random_state=train_params["seed"],
-    )
+    inner_train, inner_val = inner_split(training["labels"], train_params["seed"])
     fitting = subset(training, inner_train)
     if not augmented:
         fitting["augmented"] = fitting["augmented"][:0]
@@ -98,10 +108,50 @@ def head_no_augment(training: dict, train_params: dict, params: dict):
     return lambda held_out: score(held_out["plain"])
 
 
+def fine_tune(training: dict, train_params: dict, params: dict):
+    """Head on the frozen features, then the backbone's top layers on the photos."""
+    make_deterministic(params["backbone"]["seed"])  # the backbone the features came from
+    backbone = build_backbone(
+        training["images"].shape[1], resolve_weights(params["backbone"]["weights"])
+    )
+    make_deterministic(train_params["seed"])
+    inner_train, inner_val = inner_split(training["labels"], train_params["seed"])
+    fitting, validation = subset(training, inner_train), subset(training, inner_val)
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=train_params["patience"], restore_best_weights=True
+    )
+    head, _ = fit_head(
+        head_training_set(fitting),
+        (validation["plain"], validation["labels"]),
+        train_params,
+        [stop],
+        verbose=0,
+    )
+    backbone.trainable = True
+    for layer in backbone.layers[: -params["fine_tune_layers"]]:
+        layer.trainable = False
+    trainer = assemble(backbone, head, build_augmentation(train_params["seed"]))
+    compile_for_training(
+        trainer, params["fine_tune_learning_rate"], train_params["label_smoothing"]
+    )
+    trainer.fit(
+        fitting["images"],
+        fitting["labels"],
+        validation_data=(validation["images"], validation["labels"]),
+        epochs=params["fine_tune_epochs"],
+        batch_size=train_params["batch_size"],
+        callbacks=[stop],
+        verbose=0,
+    )
+    classifier = assemble(backbone, head)
+    return lambda held_out: classifier.predict(held_out["images"], verbose=0).ravel()
+
+
 RECIPES: dict[str, Recipe] = {
     recipe.__name__: recipe
-    for recipe in (linear_probe, head, head_flip, head_smoothing, head_no_augment)
+    for recipe in (linear_probe, head, head_flip, head_smoothing, head_no_augment, fine_tune)
 }
+IMAGE_RECIPES = {"fine_tune"}  # the others need only the cached features
 
 
 def subset(features: dict, rows: np.ndarray) -> dict:
@@ -233,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     photos = pooled(features)
     hashes = {row.path: row.sha256 for row in read_split(args.split_csv)}
     groups = [hashes[str(path)] for path in photos["paths"]]
+    images = np.concatenate(
+        [np.load(args.arrays_dir / f"{s}.npz")["images"] for s in POOLED_SPLITS]
+    )
+    if IMAGE_RECIPES & set(params["recipes"]):
+        photos["images"] = images
+    params = dict(params, backbone=all_params["features"])
 
     metrics, out_of_fold = cross_validate(
         photos,
@@ -247,9 +303,6 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = confident_contradictions(
         photos["labels"], out_of_fold[recipe], params["noise_confidence"]
-    )
-    images = np.concatenate(
-        [np.load(args.arrays_dir / f"{s}.npz")["images"] for s in POOLED_SPLITS]
     )
     write_noise_report(
         args.out_dir, photos, images, rows, out_of_fold[recipe], all_params["classes"], recipe

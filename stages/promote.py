@@ -96,7 +96,8 @@ def check_up_to_date() -> None:
     from dvc.repo import Repo
 
     with Repo() as repo:
-        changed = repo.status()
+        # The serving pipeline only: the opt-in crossval/dvc.yaml may lag behind it.
+        changed = repo.status(targets=["dvc.yaml"])
     if changed:
         raise PromotionError(
             f"the pipeline is not up to date (stages changed: {', '.join(sorted(changed))}); "

@@ -103,6 +103,7 @@ def test_main_writes_metrics_and_a_reviewable_noise_report(tmp_path, monkeypatch
         writer.writerows([path, "x", split, digest] for path, split, digest in split_rows)
     params = {
         "classes": ["grass", "dandelion"],
+        "features": {"seed": 0, "weights": "none"},
         "train": TRAIN_PARAMS,
         "crossval": {**PARAMS, "recipes": ["linear_probe"]},
     }
@@ -120,3 +121,26 @@ def test_main_writes_metrics_and_a_reviewable_noise_report(tmp_path, monkeypatch
     assert float(listed["other_class_probability"]) >= 0.9
     sheet = Image.open(tmp_path / "out/label_noise.png")
     assert sheet.size == (4 * crossval.THUMBNAIL, crossval.THUMBNAIL + 34)
+
+
+@pytest.mark.slow  # about 30 s: trains a backbone per fold
+def test_fine_tuning_is_cross_validated_on_the_photos():
+    """The one recipe that reads images: tiny generated photos and a random-init backbone."""
+    from stages.features import extract_features
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 2
+    base = np.where(labels[:, None], [230, 200, 30], [40, 150, 40])[:, None, None, :]
+    images = np.clip(base + rng.integers(-40, 40, (24, 32, 32, 3)), 0, 255).astype(np.uint8)
+    backbone = {"seed": 3, "weights": "none", "batch_size": 8, "augment_copies": 1}
+    backbone["novelty_layers"] = ["block_6_expand_relu"]
+    split = {"images": images, "labels": labels, "paths": np.array([str(i) for i in range(24)])}
+    data = extract_features({"train": split}, backbone)["train"]
+    data["images"] = images
+    params = dict(PARAMS, backbone=backbone, fine_tune_layers=5, fine_tune_epochs=2)
+    params["fine_tune_learning_rate"] = 1e-4
+    metrics, out_of_fold = crossval.cross_validate(
+        data, [str(i) for i in range(24)], ["fine_tune"], TRAIN_PARAMS, params
+    )
+    assert len(metrics["fine_tune"]["fold_accuracies"]) == PARAMS["folds"]
+    assert out_of_fold["fine_tune"].shape == (24,) and not np.isnan(out_of_fold["fine_tune"]).any()
