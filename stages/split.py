@@ -3,6 +3,10 @@
 Files are grouped by the SHA-256 of their content, and whole groups are assigned to a split,
 so the same picture can never be trained on and tested on. Groups whose copies carry
 different labels are ambiguous and left out (listed on stderr).
+
+Photos a person reviewed and excluded (the catalogue's ``excluded`` column holds the reason,
+e.g. after the label-noise report of stages/crossval.py) are assigned first and then marked
+``excluded``, so that excluding one photo never moves any other between splits.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from stages.params import load_params
 
 SPLITS = ("train", "val", "test")
+EXCLUDED = "excluded"  # the split of a reviewed exclusion: no stage reads it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
 
 
@@ -87,6 +92,29 @@ def split_images(
     return rows, sorted(ambiguous)
 
 
+def read_exclusions(catalogue: Path) -> dict[str, str]:
+    """``<label>/<filename>`` -> reason, for the catalogue's rows with an ``excluded`` reason."""
+    with open(catalogue, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        f"{row['label'].strip()}/{row['filename'].strip()}": (row.get("excluded") or "").strip()
+        for row in rows
+        if (row.get("excluded") or "").strip()
+    }
+
+
+def apply_exclusions(rows: list[SplitRow], exclusions: dict[str, str]) -> list[SplitRow]:
+    """``rows`` with every excluded photo's split set to ``excluded``, the others as they were."""
+
+    def key(row: SplitRow) -> str:
+        return f"{Path(row.path).parent.name}/{Path(row.path).name}"
+
+    return [
+        SplitRow(row.path, row.label, EXCLUDED, row.sha256) if key(row) in exclusions else row
+        for row in rows
+    ]
+
+
 def write_split(rows: list[SplitRow], out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w", newline="") as handle:
@@ -103,6 +131,7 @@ def read_split(path: Path) -> list[SplitRow]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw_dir", type=Path)
+    parser.add_argument("catalogue", type=Path, help="for its reviewed exclusions")
     parser.add_argument("out_csv", type=Path)
     args = parser.parse_args(argv)
 
@@ -112,8 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     for path in ambiguous:
         print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)
+    exclusions = read_exclusions(args.catalogue)
+    rows = apply_exclusions(rows, exclusions)
+    for name, reason in sorted(exclusions.items()):
+        print(f"split: excluded {name}: {reason}")
     write_split(rows, args.out_csv)
-    for split in SPLITS:
+    for split in (*SPLITS, EXCLUDED):
         print(f"split: {split}: {sum(r.split == split for r in rows)} images")
 
 

@@ -83,3 +83,31 @@ def test_split_csv_round_trip(raw_dir, tmp_path):
     rows, _ = split.split_images(split.list_images(raw_dir), 0.2, 0.2, seed=1)
     split.write_split(rows, tmp_path / "out" / "split.csv")
     assert split.read_split(tmp_path / "out" / "split.csv") == rows
+
+
+def test_a_reviewed_exclusion_moves_no_other_photo(raw_dir, tmp_path):
+    rows, _ = split.split_images(split.list_images(raw_dir), 0.2, 0.2, seed=7)
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text(
+        "label,filename,sha256,excluded\n"
+        "grass,003.jpg,,\"an illustration, not a photo\"\n"
+        "grass,004.jpg,,\n"
+        "dandelion,010.jpg,,labelled dandelion; shows grass\n"
+    )
+    exclusions = split.read_exclusions(catalogue)
+    assert exclusions == {
+        "grass/003.jpg": "an illustration, not a photo",
+        "dandelion/010.jpg": "labelled dandelion; shows grass",
+    }
+    kept = split.apply_exclusions(rows, exclusions)
+    changed = [(a.path, b.split) for a, b in zip(rows, kept, strict=True) if a != b]
+    assert sorted(changed) == [
+        (str(raw_dir / "dandelion" / "010.jpg"), "excluded"),
+        (str(raw_dir / "grass" / "003.jpg"), "excluded"),
+    ]
+
+
+def test_a_catalogue_without_the_column_excludes_nothing(tmp_path):
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("label,filename,sha256\ngrass,003.jpg,\n")
+    assert split.read_exclusions(catalogue) == {}
