@@ -258,8 +258,8 @@ def write_noise_report(
                 }
             )
     captions = [
-        f"{Path(str(photos['paths'][row])).name} labelled {classes[int(photos['labels'][row])]}\n"
-        f"P({classes[1]}) = {scores[row]:.3f} ({recipe}, out of fold)"
+        f"{Path(str(photos['paths'][row])).name}: {classes[int(photos['labels'][row])]}\n"
+        f"P({classes[1]}) {scores[row]:.3f}"
         for row in rows
     ]
     contact_sheet([images[row] for row in rows], captions).save(

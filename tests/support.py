@@ -41,6 +41,8 @@ MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_
 REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 # The pipeline's paths, declared once in dvc.yaml's `vars` (catalogue, model_dir, ...).
 PIPELINE_PATHS: dict[str, str] = pipeline_paths(REPO_ROOT / "dvc.yaml")
+# Its stages, in the order dvc.yaml lists them (the order a cold `dvc repro` runs them).
+PIPELINE_STAGES: list[str] = list(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"])
 EVALUATE_METRICS = f"{PIPELINE_PATHS['evaluate_dir']}/metrics.json"
 EVALUATE_PREDICTIONS = f"{PIPELINE_PATHS['evaluate_dir']}/{PREDICTIONS_FILE}"
 

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from support import (
     PIPELINE_PATHS,
+    PIPELINE_STAGES,
     REPO_ROOT,
     copy_workspace,
     dvc,
@@ -18,8 +19,7 @@ from support import (
     stages_run,
 )
 
-STAGES = ["download", "split", "preprocess", "features"]
-STAGES += ["train", "export", "evaluate", "package"]
+STAGES = PIPELINE_STAGES
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
 # logistic regression on its features). On a 60-photo test split one photo is 1.7 points;
 # 0.85 leaves room for ~3 standard errors of sampling noise below a true 0.95 while still

@@ -15,6 +15,7 @@ import pytest
 from support import (
     EVALUATE_METRICS,
     PIPELINE_PATHS,
+    PIPELINE_STAGES,
     dvc,
     git,
     run_report,
@@ -64,7 +65,7 @@ def test_a_catalogue_change_retrains_and_asks_for_a_pull_request(
 
         stages, report, output = retrain_and_report(workspace, env, tmp_path)
 
-    assert stages == ["download", "split", "preprocess", "train", "export", "evaluate", "package"]
+    assert stages == PIPELINE_STAGES
     assert "metrics_changed=true" in output
     download = json.loads((workspace / PIPELINE_PATHS["download_report"]).read_text())
     assert {label: c["ok"] for label, c in download["classes"].items()} == {

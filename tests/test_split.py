@@ -90,7 +90,7 @@ def test_a_reviewed_exclusion_moves_no_other_photo(raw_dir, tmp_path):
     catalogue = tmp_path / "catalogue.csv"
     catalogue.write_text(
         "label,filename,sha256,excluded\n"
-        "grass,003.jpg,,\"an illustration, not a photo\"\n"
+        'grass,003.jpg,,"an illustration, not a photo"\n'
         "grass,004.jpg,,\n"
         "dandelion,010.jpg,,labelled dandelion; shows grass\n"
     )
