@@ -17,10 +17,12 @@ pipeline's evaluate stage did for the model it serves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from pathlib import Path
 
+import anyio
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
@@ -29,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.engines import BATCHING, load_engine
 from serving.metrics import model_metrics, sample_process
-from serving.uploads import UploadError, UploadLimits, decode_upload
+from serving.uploads import UploadError, UploadLimits, decode_upload, read_form
 
 logger = logging.getLogger("bentoml.service.dandelion")
 PAGE = (Path(__file__).parent / "page.html").read_text()
@@ -42,6 +44,8 @@ MAX_BATCH_SIZE = 32
 MAX_LATENCY_MS = 5000
 # /readyz asks the model service with this timeout, so a probe is answered within seconds.
 READY_PROBE_SECONDS = 2
+# Uploads are decoded in worker threads, at most this many at once per process (2 cores).
+DECODE_THREADS = 2
 
 
 @bentoml.service(
@@ -79,6 +83,12 @@ class Classifier:
     )
     def classify_batched(self, images: np.ndarray) -> np.ndarray:
         return self.score(images)
+
+
+@functools.cache
+def decode_limiter() -> anyio.CapacityLimiter:
+    """Shared by all requests of the process (created in its event loop, on first use)."""
+    return anyio.CapacityLimiter(DECODE_THREADS)
 
 
 app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
@@ -184,10 +194,7 @@ class DandelionService:
                 f"the request exceeds the upload limit "
                 f"({self.limits.max_upload_bytes} bytes per image)",
             )
-        try:
-            form = await request.form(max_files=most, max_fields=most + 16)
-        except Exception as exc:  # malformed multipart, too many parts
-            raise UploadError("malformed_multipart", f"unreadable multipart body: {exc}") from None
+        form = await read_form(request, most)
         files = form.getlist(field)
         if not files:
             raise UploadError(
@@ -197,15 +204,28 @@ class DandelionService:
             )
         if not all(hasattr(file, "read") for file in files):
             raise UploadError("not_a_file", f"the field '{field}' must hold a file, not text")
-        arrays = []
-        for index, file in enumerate(files):
-            try:
-                arrays.append(decode_upload(await file.read(), self.image_size, self.limits))
-            except UploadError as error:
-                if len(files) > 1:
-                    error.message = f"file {index + 1} ({file.filename}): {error.message}"
-                raise
-        return arrays
+        try:
+            arrays = []
+            for index, file in enumerate(files):
+                try:
+                    # In a worker thread: decoding a large photo must not hold up the
+                    # event loop, and so every other request (at most DECODE_THREADS at once).
+                    arrays.append(
+                        await anyio.to_thread.run_sync(
+                            decode_upload,
+                            await file.read(),
+                            self.image_size,
+                            self.limits,
+                            limiter=decode_limiter(),
+                        )
+                    )
+                except UploadError as error:
+                    if len(files) > 1:
+                        error.message = f"file {index + 1} ({file.filename}): {error.message}"
+                    raise
+            return arrays
+        finally:
+            await form.close()
 
     def answer(self, outputs: np.ndarray) -> dict:
         verdict = self.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
 
 from serving.contract import load_image
 
@@ -25,6 +29,7 @@ REJECTIONS = {
     "bad_content_length": 400,
     "request_too_large": 413,
     "malformed_multipart": 400,
+    "truncated_multipart": 400,
     "missing_file": 422,
     "not_a_file": 422,
     "empty_file": 400,
@@ -35,6 +40,10 @@ REJECTIONS = {
     "corrupt_image": 422,
     "model_unavailable": 503,
 }
+
+
+# How much of a multipart body's end is kept to find its closing boundary (epilogue room).
+CLOSING_BOUNDARY_WINDOW = 1024
 
 
 class UploadError(Exception):
@@ -86,3 +95,35 @@ def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndar
         return load_image(image, image_size)
     except Exception:
         raise UploadError("corrupt_image", "the image data is corrupt or truncated") from None
+
+
+async def read_form(request: Request, most: int) -> FormData:
+    """The multipart form, read whole or refused: a body that ends before its closing
+    boundary (a client cut off mid-upload) is a 400, never a form missing its last files."""
+    tail = bytearray()
+
+    async def stream():
+        async for chunk in request.stream():
+            tail[:] = (bytes(tail) + chunk)[-CLOSING_BOUNDARY_WINDOW:]
+            yield chunk
+
+    boundary = parse_options_header(request.headers.get("content-type"))[1].get(b"boundary")
+    if not boundary:
+        raise UploadError("malformed_multipart", "the multipart content type names no boundary")
+    try:
+        parser = MultiPartParser(request.headers, stream(), max_files=most, max_fields=most + 16)
+        form = await parser.parse()
+    except MultiPartException as exc:  # too many files or fields, a part too large
+        raise UploadError(
+            "malformed_multipart", f"unreadable multipart body: {exc.message}"
+        ) from None
+    except Exception as exc:  # bytes that are not multipart, a client gone mid-body
+        raise UploadError("malformed_multipart", f"unreadable multipart body: {exc!r}") from None
+    if b"--" + boundary + b"--" not in tail:
+        await form.close()
+        raise UploadError(
+            "truncated_multipart",
+            "the multipart body is truncated (it ends before its closing boundary): "
+            "send the whole request again",
+        )
+    return form

@@ -226,6 +226,22 @@ def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
     assert broken.json()["error"].startswith("file 4 (broken.jpg):")
 
 
+@pytest.mark.parametrize("route", ["predict_batch", "predict"])
+def test_a_truncated_upload_is_refused_whole_not_half_answered(service, route):
+    """A body cut mid-file (Content-Length matching the cut): 400, never fewer answers."""
+    photos = [open(path, "rb").read() for _, path in split_photos(service.workspace)[:3]]
+    field, count = ("images", 3) if route == "predict_batch" else ("image", 1)
+    files = [(field, (f"{i}.jpg", content)) for i, content in enumerate(photos[:count])]
+    prepared = requests.Request("POST", f"{service.url}/{route}", files=files).prepare()
+    whole = prepared.body
+    for keep in (0.3, 0.6, 0.95):
+        cut = whole[: int(len(whole) * keep)]
+        headers = {"Content-Type": prepared.headers["Content-Type"]}
+        answer = requests.post(f"{service.url}/{route}", data=cut, headers=headers, timeout=TIMEOUT)
+        assert answer.status_code == 400, (keep, answer.text)
+        assert "truncated" in answer.json()["error"]
+
+
 def test_model_info_health_and_metrics(service):
     info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
     assert info["classes"] == ["grass", "dandelion"]

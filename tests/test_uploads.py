@@ -1,0 +1,110 @@
+"""Upload reading and decoding, without a model: a Starlette app on read_form and decode_upload."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from serving.uploads import REJECTIONS, UploadError, UploadLimits, decode_upload, read_form
+
+LIMITS = UploadLimits(max_upload_bytes=1_000_000, min_side=8, max_pixels=10_000_000)
+
+
+def jpeg(colour=(200, 180, 40), size=(64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def noisy_jpeg() -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+async def files_endpoint(request: Request) -> JSONResponse:
+    try:
+        form = await read_form(request, most=3)
+    except UploadError as error:
+        return JSONResponse({"reason": error.reason, "error": error.message}, error.status)
+    try:
+        uploads = form.getlist("images")
+        return JSONResponse({"files": [len(await upload.read()) for upload in uploads]})
+    finally:
+        await form.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(Starlette(routes=[Route("/", files_endpoint, methods=["POST"])]))
+
+
+def multipart(count: int) -> tuple[bytes, str]:
+    files = [("images", (f"{i}.jpg", jpeg(size=(64 + i, 48)))) for i in range(count)]
+    prepared = requests.Request("POST", "http://x/", files=files).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
+def test_a_whole_body_gives_every_file(client):
+    body, content_type = multipart(3)
+    answer = client.post("/", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 200
+    assert len(answer.json()["files"]) == 3
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.8, 0.99])
+def test_a_body_cut_anywhere_is_refused_not_half_read(client, keep):
+    body, content_type = multipart(3)
+    cut = body[: int(len(body) * keep)]
+    answer = client.post("/", content=cut, headers={"content-type": content_type})
+    assert answer.status_code == 400, answer.json()
+    assert answer.json()["reason"] == "truncated_multipart"
+    assert "truncated" in answer.json()["error"]
+
+
+def test_too_many_files_and_no_boundary_are_clear_400s(client):
+    body, content_type = multipart(4)
+    answer = client.post("/", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 400 and answer.json()["reason"] == "malformed_multipart"
+    assert "Too many files" in answer.json()["error"] and "400:" not in answer.json()["error"]
+    answer = client.post("/", content=body, headers={"content-type": "multipart/form-data"})
+    assert answer.json() == {
+        "reason": "malformed_multipart",
+        "error": "the multipart content type names no boundary",
+    }
+
+
+def test_every_rejection_has_a_4xx_or_503_status():
+    assert all(400 <= status < 500 or status == 503 for status in REJECTIONS.values())
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty_file"),
+        (b"x" * 1_000_001, "file_too_large"),
+        (b"<html>not an image</html>", "not_an_image"),
+        (jpeg(size=(4, 4)), "image_too_small"),
+        (noisy_jpeg()[:1500], "corrupt_image"),  # the header reads, the data ends early
+    ],
+)
+def test_bad_files_are_rejected_with_their_reason(data, reason):
+    with pytest.raises(UploadError) as raised:
+        decode_upload(data, 32, LIMITS)
+    assert raised.value.reason == reason and raised.value.status == REJECTIONS[reason]
+
+
+def test_a_good_file_becomes_model_input():
+    array = decode_upload(jpeg(colour=(10, 200, 30)), 32, LIMITS)
+    assert array.shape == (32, 32, 3) and array.dtype == np.uint8
+    assert abs(int(array[..., 1].mean()) - 200) < 10  # still green
