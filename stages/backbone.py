@@ -73,10 +73,15 @@ def assemble(
     return keras.Model(inputs, outputs, name="dandelion_vs_grass")
 
 
+def backbone_range(pixels):
+    """Raw RGB pixels (0-255) scaled as MobileNetV2 expects them, to [-1, 1]."""
+    return keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)
+
+
 def features_of(pixels, backbone: keras.Model):
     """The backbone's pooled features of raw RGB pixels (0-255), as a Keras tensor."""
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)  # MobileNetV2 expects [-1, 1]
-    return backbone(x, training=False)  # BatchNorm in inference mode, even when fine-tuning
+    # BatchNorm in inference mode, even when fine-tuning.
+    return backbone(backbone_range(pixels), training=False)
 
 
 def features_and_probes(pixels, backbone: keras.Model, layers: list[str]):
@@ -91,8 +96,7 @@ def features_and_probes(pixels, backbone: keras.Model, layers: list[str]):
         [*(backbone.get_layer(name).output for name in layers), backbone.output],
         name="backbone_with_probes",
     )
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(pixels)
-    *inner, features = probe(x, training=False)
+    *inner, features = probe(backbone_range(pixels), training=False)
     pooled = [keras.layers.GlobalAveragePooling2D()(activations) for activations in inner]
     return features, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0]
 

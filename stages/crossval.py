@@ -72,18 +72,36 @@ def inner_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return train_test_split(rows, test_size=0.15, stratify=labels, random_state=seed)
 
 
-def _head(training: dict, train_params: dict, augmented: bool = True):
-    """The train stage's head, stopped early on a stratified 15 % of the training photos."""
+def fold_head(
+    training: dict, train_params: dict, augmented: bool = True
+) -> tuple[keras.Model, dict, dict]:
+    """The train stage's head, stopped early on a stratified 15 % of the training photos;
+    with the photos it was fitted on and those it stopped on."""
     make_deterministic(train_params["seed"])
     inner_train, inner_val = inner_split(training["labels"], train_params["seed"])
-    fitting = subset(training, inner_train)
+    fitting, validation = subset(training, inner_train), subset(training, inner_val)
     if not augmented:
         fitting["augmented"] = fitting["augmented"][:0]
-    stop = keras.callbacks.EarlyStopping(
+    head, _ = fit_head(
+        head_training_set(fitting),
+        (validation["plain"], validation["labels"]),
+        train_params,
+        [early_stopping(train_params)],
+        verbose=0,
+    )
+    return head, fitting, validation
+
+
+def early_stopping(train_params: dict) -> keras.callbacks.EarlyStopping:
+    """As the train stage stops: on validation loss, back to the best epoch's weights."""
+    return keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=train_params["patience"], restore_best_weights=True
     )
-    validation = (training["plain"][inner_val], training["labels"][inner_val])
-    head, _ = fit_head(head_training_set(fitting), validation, train_params, [stop], verbose=0)
+
+
+def _head(training: dict, train_params: dict, augmented: bool = True):
+    """A scorer of feature views by the fold's head."""
+    head, _, _ = fold_head(training, train_params, augmented)
     # Called directly, not predict(): one trace per fold instead of one per call shape.
     return lambda view: np.asarray(head(view, training=False)).ravel()
 
@@ -114,19 +132,7 @@ def fine_tune(training: dict, train_params: dict, params: dict):
     backbone = build_backbone(
         training["images"].shape[1], resolve_weights(params["backbone"]["weights"])
     )
-    make_deterministic(train_params["seed"])
-    inner_train, inner_val = inner_split(training["labels"], train_params["seed"])
-    fitting, validation = subset(training, inner_train), subset(training, inner_val)
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=train_params["patience"], restore_best_weights=True
-    )
-    head, _ = fit_head(
-        head_training_set(fitting),
-        (validation["plain"], validation["labels"]),
-        train_params,
-        [stop],
-        verbose=0,
-    )
+    head, fitting, validation = fold_head(training, train_params)
     backbone.trainable = True
     for layer in backbone.layers[: -params["fine_tune_layers"]]:
         layer.trainable = False
@@ -140,7 +146,7 @@ def fine_tune(training: dict, train_params: dict, params: dict):
         validation_data=(validation["images"], validation["labels"]),
         epochs=params["fine_tune_epochs"],
         batch_size=train_params["batch_size"],
-        callbacks=[stop],
+        callbacks=[early_stopping(train_params)],
         verbose=0,
     )
     classifier = assemble(backbone, head)

@@ -67,9 +67,9 @@ def extract_features(
             ]
             out["augmented"] = np.stack(views) if views else out["plain"][np.newaxis][:0]
         features[name] = out
-        views = 2 + (params["augment_copies"] if name in AUGMENTED_SPLITS else 0)
+        view_count = 2 + (params["augment_copies"] if name in AUGMENTED_SPLITS else 0)
         log(
-            f"features: {name}: {len(images)} photos x {views} views "
+            f"features: {name}: {len(images)} photos x {view_count} views "
             f"in {time.perf_counter() - started:.1f} s"
         )
     return features
