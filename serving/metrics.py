@@ -24,6 +24,7 @@ from serving.uploads import REJECTIONS
 # "low confidence"; the dashboards and the alert rules read that bucket (le="0.7").
 LOW_CONFIDENCE = 0.7
 CONFIDENCE_BUCKETS = (0.5, 0.6, LOW_CONFIDENCE, 0.8, 0.9, 0.95, 0.99, 1.0)
+IMAGES_PER_CALL_BUCKETS = (1, 2, 4, 8, 16, 32)  # up to the largest batch the service sends
 PROCESS_SAMPLE_SECONDS = 5.0
 
 
@@ -35,6 +36,7 @@ class ModelMetrics:
     info: object  # Gauge, 1, labelled with what is being served
     expected_share: object  # Gauge by label and bound: the test split's predicted share
     retries: object  # Counter: calls to the model service made again after a failure
+    images_per_call: object  # Histogram: images the engine scored in one call
 
     def describe(self, card: ModelCard, git_revision: str) -> None:
         """Publish what is served, and start every series the dashboards read at 0."""
@@ -50,6 +52,9 @@ class ModelMetrics:
     def count_answer(self, verdict: dict) -> None:
         self.predictions.labels(verdict["label"]).inc()
         self.confidence.observe(verdict["confidence"])
+
+    def count_call(self, images: int) -> None:
+        self.images_per_call.observe(images)
 
     def count_retry(self) -> None:
         self.retries.inc()
@@ -92,6 +97,11 @@ def model_metrics() -> ModelMetrics:
         retries=Counter(
             "classifier_model_call_retries",
             "Calls from the HTTP front to the model service repeated after a failure.",
+        ),
+        images_per_call=Histogram(
+            "classifier_model_call_images",
+            "Images scored in one engine call: the batch size.",
+            buckets=IMAGES_PER_CALL_BUCKETS,
         ),
     )
 

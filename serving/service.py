@@ -1,10 +1,15 @@
 """BentoML service: the champion dandelion-vs-grass classifier over HTTP.
 
-Two services: `Classifier` loads the exported model with its engine (serving/engines.py:
-OpenVINO by default, or Keras); `DandelionService` is the HTTP front (upload checks, JSON
-answers, the web page) and calls it. For the Keras engine the front calls a batchable
-endpoint, so concurrent single-image requests reach the model as one batch; OpenVINO gains
-nothing from batching, and answers each call directly.
+`DandelionService` is the HTTP front (upload checks, JSON answers, the web page). How it runs
+the model depends on the model's engine (serving/engines.py, `serve.engine`):
+
+- OpenVINO (default) runs in the front's own process, in a worker thread: it takes about
+  3 ms per image at any batch size, so batching has nothing to give, and a second process
+  would only add an HTTP hop per request (measured: about 30 % of the throughput).
+- Keras gains from adaptive batching, which BentoML does only between services: the front
+  then calls `Classifier`, a model service whose batchable endpoint groups concurrent
+  requests into one model call.
+
 Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins; the model's
 own metrics (answers by label, confidence, rejected uploads, what is served) are added to
 /metrics by serving/metrics.py.
@@ -29,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
-from serving.engines import BATCHING, load_engine
+from serving.engines import BATCHING, Scorer, load_engine
 from serving.metrics import model_metrics, sample_process
 from serving.uploads import UploadError, UploadLimits, decode_upload, read_form
 
@@ -48,6 +53,19 @@ READY_PROBE_SECONDS = 2
 DECODE_THREADS = 2
 
 
+def served_card() -> ModelCard:
+    """The card of the model this service serves, read when the module is imported, because
+    the engine decides which services exist. A built bento holds exactly one model; `bentoml
+    serve` of the source takes the store's latest, as the BentoModel attributes below do."""
+    stored = bentoml.models.BentoModel(MODEL_NAME).stored
+    if stored is None:
+        raise RuntimeError(
+            f"no model '{MODEL_NAME}' in BentoML's store: run `python -m stages.promote` "
+            "(or serve a built bento)"
+        )
+    return ModelCard.from_metadata(stored.info.metadata)
+
+
 @bentoml.service(
     workers=1,
     traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS},
@@ -62,10 +80,9 @@ class Classifier:
     def __init__(self) -> None:
         sample_process("model")
         card = ModelCard.from_metadata(self.bento_model.info.metadata)
-        self.score = load_engine(self.bento_model.path)  # as evaluate loaded the same export
-        # Warm up: the first call compiles and allocates (TensorFlow: seconds); without it
-        # the batcher's latency estimate starts out far too high and it sheds requests.
-        self.score(np.zeros((1, card.image_size, card.image_size, 3), dtype=np.uint8))
+        # Warmed up: otherwise the batcher's latency estimate starts out far too high and
+        # it sheds requests.
+        self.score = serving_scorer(self.bento_model.path, card.image_size)
 
     @bentoml.api
     def classify(self, images: np.ndarray) -> np.ndarray:
@@ -91,6 +108,27 @@ def decode_limiter() -> anyio.CapacityLimiter:
     return anyio.CapacityLimiter(DECODE_THREADS)
 
 
+@functools.cache
+def inference_limiter() -> anyio.CapacityLimiter:
+    """One engine call at a time: the engine uses both cores for one call already."""
+    return anyio.CapacityLimiter(1)
+
+
+def serving_scorer(export_dir: str, image_size: int) -> Scorer:
+    """The export loaded with its engine, as evaluate loaded it, warmed up, and counting the
+    images of each call on /metrics (classifier_model_call_images)."""
+    score = load_engine(export_dir)
+    # The first call compiles and allocates (TensorFlow: seconds); make it before serving.
+    score(np.zeros((1, image_size, image_size, 3), dtype=np.uint8))
+    metrics = model_metrics()
+
+    def counted(images: np.ndarray) -> np.ndarray:
+        metrics.count_call(len(images))
+        return score(images)
+
+    return counted
+
+
 app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
 
 
@@ -103,7 +141,8 @@ async def upload_error(request: Request, error: UploadError) -> JSONResponse:
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
 class DandelionService:
-    classifier = bentoml.depends(Classifier)
+    if BATCHING[served_card().engine]:
+        classifier = bentoml.depends(Classifier)
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
 
     def __init__(self) -> None:
@@ -123,13 +162,16 @@ class DandelionService:
             **{key: value for key, value in card.to_metadata().items() if key != "serve"},
         }
         self.batching = BATCHING[card.engine]
+        if not self.batching:  # the engine runs in this process
+            self.score = serving_scorer(self.bento_model.path, card.image_size)
         self.metrics = model_metrics()
         self.metrics.describe(card, git_revision)
         sample_process("front")
 
     async def __is_ready__(self) -> bool:
-        """/readyz: 200 once the model service answers, 503 (at once) until then."""
-        is_ready = getattr(self.classifier, "is_ready", None)  # absent when run in-process
+        """/readyz: 200 once the model service answers, 503 (at once) until then. With the
+        engine in this process, ready once constructed (the model is loaded and warm)."""
+        is_ready = getattr(getattr(self, "classifier", None), "is_ready", None)
         if is_ready is None:
             return True
         try:
@@ -163,6 +205,9 @@ class DandelionService:
         return {"predictions": [self.answer(row) for row in outputs]}
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
+        if not self.batching:
+            # In a worker thread, so the event loop goes on reading other requests.
+            return await anyio.to_thread.run_sync(self.score, images, limiter=inference_limiter())
         # One retry, as a defence: classifying is idempotent, so asking again is safe. Every
         # retry is counted on /metrics (classifier_model_call_retries_total); it should stay 0.
         for attempt in (1, 2):

@@ -8,8 +8,9 @@ Needs what tests/load_benchmark.py needs (`dvc repro`, `python -m stages.promote
    the front's model-call retries, p50/p95/p99 latency, the RSS the warm-up added, and the
    RSS growth from the end of the warm-up to the end. (Measured here: RSS rises for about
    8,000 requests, allocator arenas and caches filling, then stays flat to 20,000.)
-2. Under the same load, SIGKILL of the model service's worker process: how many requests
-   failed, whether the service recovered, and how long until /readyz answered 200 again.
+2. Under the same load, SIGKILL of the worker process that runs the model (with OpenVINO, the
+   service's only worker): how many requests failed, whether the service recovered, and how
+   long until /readyz answered 200 again.
 
     python tests/soak.py [--requests 5000] [--concurrency 16]
 """
@@ -33,14 +34,14 @@ from support import REPO_ROOT, free_port, running_server, split_photos
 
 
 def model_worker(server: psutil.Process) -> psutil.Process:
-    """The process BentoML runs the model service (Classifier) in."""
-    (worker,) = [
-        child
+    """The worker process that runs the model: the model service (Classifier) with the Keras
+    engine, the front (DandelionService) itself with OpenVINO."""
+    workers = {
+        cmdline[cmdline.index("--service-name") + 1]: child
         for child in server.children(recursive=True)
         if "--service-name" in (cmdline := child.cmdline())
-        and cmdline[cmdline.index("--service-name") + 1] == "Classifier"
-    ]
-    return worker
+    }
+    return workers.get("Classifier") or workers["DandelionService"]
 
 
 def kill_model_worker_under_load(url: str, server, photos: list[bytes], concurrency: int):

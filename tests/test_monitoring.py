@@ -199,7 +199,7 @@ def test_the_dashboards_show_what_operators_need():
         "bentoml_service_request_total",  # request rate and error ratio
         "bentoml_service_request_duration_seconds_bucket",  # p50/p95/p99
         "bentoml_service_request_in_progress",
-        'runner_name="Classifier"',  # images per model call (the batch size)
+        "classifier_model_call_images",  # images per engine call (the batch size)
         "classifier_model_call_retries_total",
         "classifier_process_cpu_seconds_total",
         "classifier_process_resident_memory_bytes",
@@ -378,6 +378,11 @@ def test_model_metrics_count_the_known_requests(service, burst):
     assert changes(burst.before, burst.after, f"{confidence}_sum")[()] == pytest.approx(
         sum(a["confidence"] for a in answers)
     )
+
+    # The engine runs in the front (OpenVINO): one call per /predict, one per batch of three.
+    images = "classifier_model_call_images"
+    assert changes(burst.before, burst.after, f"{images}_count") == {(): 2 * 60 + 2}
+    assert changes(burst.before, burst.after, f"{images}_sum") == {(): 2 * 60 + 2 * 3}
 
     rejected = changes(burst.before, burst.after, "classifier_rejected_uploads_total")
     assert {
