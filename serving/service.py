@@ -22,9 +22,13 @@ pipeline's evaluate stage did for the model it serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import anyio
@@ -51,6 +55,15 @@ MAX_LATENCY_MS = 5000
 READY_PROBE_SECONDS = 2
 # Uploads are decoded in worker threads, at most this many at once per process (2 cores).
 DECODE_THREADS = 2
+# Prediction requests admitted at once; more get 503 with Retry-After at once. At about
+# 120 single images per second (README, Serving benchmark), 64 waiting take about 0.5 s, half
+# the 1 s p95 objective of /predict: past that, waiting only delays every answer. A batch
+# counts as one request.
+MAX_PREDICTIONS_IN_FLIGHT = 64
+# After SIGTERM, requests already accepted get this long to finish (no request outlives the
+# traffic timeout anyway); deployments allow more (compose stop_grace_period 70 s,
+# Kubernetes terminationGracePeriodSeconds 75 s).
+DRAIN_SECONDS = TRAFFIC_TIMEOUT_SECONDS
 
 
 def served_card() -> ModelCard:
@@ -135,7 +148,7 @@ app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
 @app.exception_handler(UploadError)
 async def upload_error(request: Request, error: UploadError) -> JSONResponse:
     model_metrics().count_rejection(error.reason, error.status)
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
 
 @bentoml.asgi_app(app, path="/")
@@ -164,13 +177,53 @@ class DandelionService:
         self.batching = BATCHING[card.engine]
         if not self.batching:  # the engine runs in this process
             self.score = serving_scorer(self.bento_model.path, card.image_size)
+        self.in_flight = 0  # prediction requests admitted and not yet answered
+        self.open_requests = 0  # prediction requests accepted, from their first byte
+        self.draining = False  # SIGTERM received: finishing the open requests, taking no more
+        self.drain_on_sigterm()
         self.metrics = model_metrics()
         self.metrics.describe(card, git_revision)
         sample_process("front")
 
+    def drain_on_sigterm(self) -> None:
+        """On SIGTERM, stop taking requests but finish those accepted, then stop the server.
+
+        Uvicorn's own handler (which BentoML's worker runs) stops listening at once, and the
+        connections that then wait in the socket's queue hang until the process exits. So
+        this handler comes first: /readyz turns 503 and new predictions get 503 at once, the
+        open requests finish (within DRAIN_SECONDS), and only then is uvicorn told to stop.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled there (a test importing the service)
+        loop = asyncio.get_running_loop()
+        stop_server = signal.getsignal(signal.SIGTERM)  # uvicorn's handler
+
+        async def drain() -> None:
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while self.open_requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            logger.info("SIGTERM: open requests finished, stopping")
+            if callable(stop_server):
+                stop_server(signal.SIGTERM, None)
+            else:  # no handler to pass on to: exit as SIGTERM would have
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.raise_signal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            if self.draining:
+                return
+            self.draining = True
+            logger.info("SIGTERM: taking no new requests, finishing %d", self.open_requests)
+            loop.call_soon_threadsafe(loop.create_task, drain())
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
     async def __is_ready__(self) -> bool:
         """/readyz: 200 once the model service answers, 503 (at once) until then. With the
-        engine in this process, ready once constructed (the model is loaded and warm)."""
+        engine in this process, ready once constructed (the model is loaded and warm).
+        503 again from SIGTERM on, while the open requests finish."""
+        if self.draining:
+            return False
         is_ready = getattr(getattr(self, "classifier", None), "is_ready", None)
         if is_ready is None:
             return True
@@ -193,16 +246,53 @@ class DandelionService:
     @app.post("/predict")
     async def predict(self, request: Request) -> dict:
         """One image in the multipart field ``image``."""
-        (upload,) = await self.read_files(request, field="image", most=1)
-        (outputs,) = await self.scores(upload[np.newaxis])
+        async with (
+            self.accepted(),
+            self.uploaded(request, "image", most=1) as files,
+            self.admitted(),
+        ):
+            (image,) = await self.decoded(files)
+            (outputs,) = await self.scores(image[np.newaxis])
         return self.answer(outputs)
 
     @app.post("/predict_batch")
     async def predict_batch(self, request: Request) -> dict:
         """Several images, each in a multipart field ``images``."""
-        uploads = await self.read_files(request, field="images", most=self.max_batch_files)
-        outputs = await self.scores(np.stack(uploads))
+        async with (
+            self.accepted(),
+            self.uploaded(request, "images", self.max_batch_files) as files,
+            self.admitted(),
+        ):
+            outputs = await self.scores(np.stack(await self.decoded(files)))
         return {"predictions": [self.answer(row) for row in outputs]}
+
+    @contextlib.asynccontextmanager
+    async def accepted(self):
+        """Count the request as open until answered, or refuse it (503) while draining."""
+        if self.draining:
+            raise UploadError("shutting_down", "the service is shutting down: retry shortly")
+        self.open_requests += 1
+        try:
+            yield
+        finally:
+            self.open_requests -= 1
+
+    @contextlib.asynccontextmanager
+    async def admitted(self):
+        """Hold one of the MAX_PREDICTIONS_IN_FLIGHT places, or answer 503 at once. Taken once
+        the body is read: a slow client does not hold a place, and the 503 reaches the client
+        (a socket closed with unread bytes is reset, and the reset can discard the answer)."""
+        if self.in_flight >= MAX_PREDICTIONS_IN_FLIGHT:
+            raise UploadError(
+                "overloaded",
+                f"the service is at capacity ({MAX_PREDICTIONS_IN_FLIGHT} predictions in "
+                "progress): retry shortly",
+            )
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
         if not self.batching:
@@ -222,8 +312,28 @@ class DandelionService:
                 error = exc
         raise UploadError("model_unavailable", f"the model is unavailable, retry shortly ({error})")
 
-    async def read_files(self, request: Request, field: str, most: int) -> list[np.ndarray]:
-        """Decode the files of a multipart ``field``; UploadError (4xx) for anything else."""
+    @contextlib.asynccontextmanager
+    async def uploaded(self, request: Request, field: str, most: int):
+        """The files of a multipart ``field`` (at most ``most``), read whole; UploadError
+        (4xx) for anything else. Their temporary files are closed on leaving."""
+        self.check_headers(request, field, most)
+        form = await read_form(request, most)
+        try:
+            files = form.getlist(field)
+            if not files:
+                raise UploadError(
+                    "missing_file",
+                    f"no file in the multipart field '{field}' "
+                    f"(fields sent: {sorted(form.keys()) or 'none'})",
+                )
+            if not all(hasattr(file, "read") for file in files):
+                raise UploadError("not_a_file", f"the field '{field}' must hold a file, not text")
+            yield files
+        finally:
+            await form.close()
+
+    def check_headers(self, request: Request, field: str, most: int) -> None:
+        """UploadError (4xx) for a request that cannot hold ``most`` files in ``field``."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise UploadError(
                 "not_multipart", f"send multipart/form-data with the file in the field '{field}'"
@@ -239,38 +349,28 @@ class DandelionService:
                 f"the request exceeds the upload limit "
                 f"({self.limits.max_upload_bytes} bytes per image)",
             )
-        form = await read_form(request, most)
-        files = form.getlist(field)
-        if not files:
-            raise UploadError(
-                "missing_file",
-                f"no file in the multipart field '{field}' "
-                f"(fields sent: {sorted(form.keys()) or 'none'})",
-            )
-        if not all(hasattr(file, "read") for file in files):
-            raise UploadError("not_a_file", f"the field '{field}' must hold a file, not text")
-        try:
-            arrays = []
-            for index, file in enumerate(files):
-                try:
-                    # In a worker thread: decoding a large photo must not hold up the
-                    # event loop, and so every other request (at most DECODE_THREADS at once).
-                    arrays.append(
-                        await anyio.to_thread.run_sync(
-                            decode_upload,
-                            await file.read(),
-                            self.image_size,
-                            self.limits,
-                            limiter=decode_limiter(),
-                        )
+
+    async def decoded(self, files: list) -> list[np.ndarray]:
+        """Model input from each uploaded file; UploadError (4xx) naming a file that fails."""
+        arrays = []
+        for index, file in enumerate(files):
+            try:
+                # In a worker thread: decoding a large photo must not hold up the event
+                # loop, and so every other request (at most DECODE_THREADS at once).
+                arrays.append(
+                    await anyio.to_thread.run_sync(
+                        decode_upload,
+                        await file.read(),
+                        self.image_size,
+                        self.limits,
+                        limiter=decode_limiter(),
                     )
-                except UploadError as error:
-                    if len(files) > 1:
-                        error.message = f"file {index + 1} ({file.filename}): {error.message}"
-                    raise
-            return arrays
-        finally:
-            await form.close()
+                )
+            except UploadError as error:
+                if len(files) > 1:
+                    error.message = f"file {index + 1} ({file.filename}): {error.message}"
+                raise
+        return arrays
 
     def answer(self, outputs: np.ndarray) -> dict:
         verdict = self.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))

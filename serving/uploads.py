@@ -7,8 +7,11 @@ by reason and status. Nothing here raises anything else for bad bytes.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +41,24 @@ REJECTIONS = {
     "not_an_image": 415,
     "image_too_small": 422,
     "corrupt_image": 422,
+    "slow_upload": 408,
+    "overloaded": 503,
+    "shutting_down": 503,
     "model_unavailable": 503,
 }
+# Seconds a client should wait before sending again after a 503 (the Retry-After header).
+RETRY_AFTER_SECONDS = 1
 
 
 # How much of a multipart body's end is kept to find its closing boundary (epilogue room).
 CLOSING_BOUNDARY_WINDOW = 1024
+
+# A body must keep arriving: no pause longer than STALL_SECONDS, and after the first
+# STALL_SECONDS at least MIN_BYTES_PER_SECOND on average. Slower clients get 408 within
+# seconds, instead of holding a connection until the 60 s traffic timeout. 32 KiB/s is a
+# slow mobile uplink; a full 10 MB photo at that rate would exceed the traffic timeout anyway.
+STALL_SECONDS = 5.0
+MIN_BYTES_PER_SECOND = 32 * 1024
 
 
 class UploadError(Exception):
@@ -54,6 +69,14 @@ class UploadError(Exception):
         self.reason = reason
         self.status = REJECTIONS[reason]
         self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.status == 503:  # the service is fine, only busy: say when to come back
+            return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if self.status == 408:  # the rest of the body may still come: do not reuse the line
+            return {"Connection": "close"}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -97,13 +120,39 @@ def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndar
         raise UploadError("corrupt_image", "the image data is corrupt or truncated") from None
 
 
+async def paced_body(request: Request) -> AsyncIterator[bytes]:
+    """The request body's chunks, or UploadError 408 as soon as it stalls for STALL_SECONDS
+    or falls behind MIN_BYTES_PER_SECOND (after the first STALL_SECONDS)."""
+    chunks = aiter(request.stream())
+    started, received = time.monotonic(), 0
+    while True:
+        # The next chunk must come before the pause limit and before the average rate
+        # falls below the minimum: received bytes >= (elapsed - STALL_SECONDS) * rate.
+        behind_at = started + STALL_SECONDS + received / MIN_BYTES_PER_SECOND
+        wait = min(STALL_SECONDS, behind_at - time.monotonic())
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), max(wait, 0.0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadError(
+                "slow_upload",
+                f"the request body arrived too slowly ({received} bytes in "
+                f"{time.monotonic() - started:.1f} s; pauses of at most {STALL_SECONDS:g} s and "
+                f"at least {MIN_BYTES_PER_SECOND // 1024} KiB/s are accepted)",
+            ) from None
+        received += len(chunk)
+        yield chunk
+
+
 async def read_form(request: Request, most: int) -> FormData:
     """The multipart form, read whole or refused: a body that ends before its closing
-    boundary (a client cut off mid-upload) is a 400, never a form missing its last files."""
+    boundary (a client cut off mid-upload) is a 400, never a form missing its last files;
+    a body that stalls or trickles is a 408 (``paced_body``)."""
     tail = bytearray()
 
     async def stream():
-        async for chunk in request.stream():
+        async for chunk in paced_body(request):
             tail[:] = (bytes(tail) + chunk)[-CLOSING_BOUNDARY_WINDOW:]
             yield chunk
 
@@ -113,6 +162,8 @@ async def read_form(request: Request, most: int) -> FormData:
     try:
         parser = MultiPartParser(request.headers, stream(), max_files=most, max_fields=most + 16)
         form = await parser.parse()
+    except UploadError:  # from paced_body: too slow
+        raise
     except MultiPartException as exc:  # too many files or fields, a part too large
         raise UploadError(
             "malformed_multipart", f"unreadable multipart body: {exc.message}"

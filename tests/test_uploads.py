@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving.uploads import REJECTIONS, UploadError, UploadLimits, decode_upload, read_form
+from serving import uploads
+from serving.uploads import (
+    REJECTIONS,
+    UploadError,
+    UploadLimits,
+    decode_upload,
+    paced_body,
+    read_form,
+)
 
 LIMITS = UploadLimits(max_upload_bytes=1_000_000, min_side=8, max_pixels=10_000_000)
 
@@ -82,6 +92,66 @@ def test_too_many_files_and_no_boundary_are_clear_400s(client):
         "reason": "malformed_multipart",
         "error": "the multipart content type names no boundary",
     }
+
+
+def arriving(pieces: list[tuple[float, bytes]]) -> Request:
+    """A request whose body arrives as ``pieces``: (seconds to wait, bytes)."""
+    remaining = list(pieces)
+
+    async def receive() -> dict:
+        delay, chunk = remaining.pop(0)
+        await asyncio.sleep(delay)
+        return {"type": "http.request", "body": chunk, "more_body": bool(remaining)}
+
+    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+
+def read_paced(pieces: list[tuple[float, bytes]]) -> tuple[bytes | UploadError, float]:
+    """What paced_body makes of the body (its bytes, or the error), and how long it took."""
+
+    async def read() -> bytes:
+        return b"".join([chunk async for chunk in paced_body(arriving(pieces))])
+
+    started = time.monotonic()
+    try:
+        outcome = asyncio.run(read())
+    except UploadError as error:
+        outcome = error
+    return outcome, time.monotonic() - started
+
+
+@pytest.fixture
+def quick_pace(monkeypatch):
+    """Pauses of at most 0.3 s and at least 100 kB/s after that, so tests take a second."""
+    monkeypatch.setattr(uploads, "STALL_SECONDS", 0.3)
+    monkeypatch.setattr(uploads, "MIN_BYTES_PER_SECOND", 100_000)
+
+
+def test_a_body_in_short_pauses_is_read_whole(quick_pace):
+    pieces = [(0.1, bytes([i]) * 30_000) for i in range(6)]  # 300 kB/s, pauses of 0.1 s
+    body, _ = read_paced(pieces)
+    assert body == b"".join(chunk for _, chunk in pieces)
+
+
+def test_a_stalled_body_is_cut_off_with_408(quick_pace):
+    error, seconds = read_paced([(0, b"x" * 1000), (30, b"never read")])
+    assert isinstance(error, UploadError) and error.reason == "slow_upload"
+    assert error.status == 408 and error.headers == {"Connection": "close"}
+    assert "1000 bytes in" in error.message
+    assert seconds < 1  # at the pause limit, not when the rest would have come
+
+
+def test_a_trickling_body_is_cut_off_once_it_falls_behind_the_minimum_rate(quick_pace):
+    # 1 kB every 0.2 s: never a long pause, but 5 kB/s against the 100 kB/s asked for.
+    error, seconds = read_paced([(0.2, b"y" * 1000)] * 50)
+    assert isinstance(error, UploadError) and error.reason == "slow_upload"
+    assert 0.3 <= seconds < 1.5  # after the 0.3 s grace, long before the 10 s it would take
+
+
+def test_503s_say_when_to_retry():
+    error = UploadError("overloaded", "busy")
+    assert error.status == 503 and error.headers == {"Retry-After": "1"}
+    assert UploadError("missing_file", "x").headers == {}
 
 
 def test_every_rejection_has_a_4xx_or_503_status():
