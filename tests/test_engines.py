@@ -55,7 +55,8 @@ def test_openvino_export_scores_as_keras_does(keras_file, images, tmp_path):
     assert openvino_scores.dtype == keras_scores.dtype == np.float32
     assert openvino_scores.shape == (len(images), 2)
     assert np.abs(openvino_scores - keras_scores).max() <= 1e-5
-    # A batch scores each image as it would alone: the batcher may group requests freely.
+    # A batch scores each image as it would alone (the engine runs them one by one), so the
+    # service may group requests freely.
     one_by_one = np.concatenate(
         [load_engine(tmp_path / "openvino")(image[None]) for image in images]
     )
