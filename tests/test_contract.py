@@ -65,6 +65,36 @@ def test_animated_images_contribute_their_first_frame():
     assert pixel[2] > 200 and pixel[0] < 60
 
 
+def full_decode(data: bytes, size: int) -> np.ndarray:
+    """load_image's steps without the reduced-scale JPEG decoding."""
+    image = contract.to_rgb(Image.open(io.BytesIO(data)))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def smooth_photo(side: int) -> bytes:
+    """A JPEG with gradients and a few shapes, like a photo's content at ``side`` px."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    pixels = np.stack([x * 255, y * 255, (1 - x) * (1 - y) * 255], axis=-1).astype(np.uint8)
+    pixels[side // 4 : side // 2, side // 4 : side // 2] = (250, 220, 30)
+    return encoded(Image.fromarray(pixels), "JPEG", quality=90).getvalue()
+
+
+def test_jpegs_below_four_times_the_input_size_decode_exactly_as_in_full():
+    # Halving them would leave less than twice the input size. The dataset's photos are at
+    # most 500 px: training input must not change.
+    for side in (300, 500, 4 * 224 - 1):
+        data = smooth_photo(side)
+        assert np.array_equal(contract.load_image(io.BytesIO(data), 224), full_decode(data, 224))
+
+
+def test_a_large_jpeg_decodes_at_reduced_scale_to_nearly_the_same_input():
+    data = smooth_photo(2000)
+    reduced = contract.load_image(io.BytesIO(data), 224).astype(int)
+    full = full_decode(data, 224).astype(int)
+    assert not np.array_equal(reduced, full)  # the reduced-scale path was taken
+    assert np.abs(reduced - full).mean() < 2  # and it sees the same picture
+
+
 def test_rule_labels_at_the_threshold_and_reports_the_chosen_probability():
     rule = contract.DecisionRule(("grass", "dandelion"), 0.6)
     assert rule.positive == "dandelion"
