@@ -57,14 +57,14 @@ MAX_LATENCY_MS = 5000
 READY_PROBE_SECONDS = 2
 # Uploads are decoded in worker threads, in two lanes, so that small photos never queue
 # behind large ones: files up to LARGE_UPLOAD_BYTES in up to 2 threads (2 cores); larger ones
-# (a 9 MB phone photo takes about 0.2 s) one at a time, in a thread of lower CPU priority
+# (a 9 MB photo takes up to 0.1 s) one at a time, in a thread of lower CPU priority
 # (nice +LARGE_DECODE_NICENESS), so that they use what small requests leave.
 SMALL_DECODE_THREADS = 2
 LARGE_UPLOAD_BYTES = 1_000_000
 LARGE_DECODE_NICENESS = 10
 # Prediction requests admitted at once; more get 503 with Retry-After at once. At about
-# 120 single images per second (README, Serving benchmark), 64 waiting take about 0.5 s, half
-# the 1 s p95 objective of /predict: past that, waiting only delays every answer. A batch
+# 150 single images per second (README, Load benchmark), 64 waiting take about 0.4 s, under
+# half the 1 s p95 objective of /predict: past that, waiting only delays every answer. A batch
 # counts as one request.
 MAX_PREDICTIONS_IN_FLIGHT = 64
 # After SIGTERM, requests already accepted get this long to finish (no request outlives the
@@ -139,14 +139,15 @@ def large_decode_pool() -> ThreadPoolExecutor:
 
 
 def return_freed_memory_to_the_system() -> None:
-    """Make glibc give back the memory of large decodes once they are freed.
+    """Make glibc give back the memory of large uploads and decodes once they are freed.
 
-    By default glibc raises its mmap threshold after a large block is freed, so the next
-    decoded photos (24 MB each at 9 MB of JPEG) come from per-thread arenas, which keep their
-    peak: three 32-photo batches of 9 MB photos left the process 640 MB larger for good
-    (tests/isolation_benchmark.py). A fixed threshold keeps blocks of 1 MiB and more in mmap,
-    returned when freed, and two arenas bound what the threads hold. Same as the environment
-    variables MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX, but set where the service starts.
+    By default glibc raises its mmap threshold after a large block is freed, so later large
+    blocks (an uploaded photo's bytes, its decoded pixels) come from per-thread arenas, which
+    keep their peak: decoding 16 photos of 9 MB in 3 threads left 230 MB in them, measured
+    here; with these settings, nothing. A fixed threshold keeps blocks of 1 MiB and more in
+    mmap, returned when freed, and two arenas bound what the threads hold. Same as the
+    environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_ARENA_MAX, but set where the
+    service starts.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
