@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -115,14 +116,29 @@ def test_stalled_and_trickling_uploads_get_408_in_seconds_while_others_are_serve
     )
 
 
+@dataclass(frozen=True)
+class Outcome:
+    started: float  # time.monotonic() when the request was sent
+    status: int | str  # the HTTP status, or "refused" (at connect), "reset" or an error name
+    seconds: float
+    retry_after: str | None
+
+
 async def flood(
-    url: str, photos: list[bytes], concurrency: int, seconds: float, backoff: bool
-) -> list[tuple]:
-    """POST /predict from ``concurrency`` clients for ``seconds``: (status, seconds, Retry-After)
-    of each answer; a request with no answer is recorded with its error's name as status.
+    url: str,
+    photos: list[bytes],
+    concurrency: int,
+    seconds: float,
+    backoff: bool,
+    fresh_connections: bool = False,
+) -> list[Outcome]:
+    """POST /predict from ``concurrency`` clients for ``seconds``, one after another each.
+
     ``backoff``: after a 503 a client waits as Retry-After says, as well-behaved clients do;
-    otherwise it sends again at once."""
-    outcomes: list[tuple] = []
+    otherwise it sends again at once. ``fresh_connections``: a new connection per request, so
+    that a request either reaches the server or is refused at connect, and is never lost on a
+    kept-alive connection the server has just closed."""
+    outcomes: list[Outcome] = []
     deadline = time.monotonic() + seconds
 
     async def client(session: aiohttp.ClientSession, offset: int) -> None:
@@ -131,18 +147,24 @@ async def flood(
             form = aiohttp.FormData()
             form.add_field("image", photos[sent % len(photos)], filename="photo.jpg")
             sent += 1
-            started = time.monotonic()
+            started, retry_after = time.monotonic(), None
             try:
                 async with session.post(f"{url}/predict", data=form) as response:
                     await response.read()
-                    outcome = (response.status, response.headers.get("Retry-After"))
+                    status, retry_after = response.status, response.headers.get("Retry-After")
+            except aiohttp.ClientConnectorError:
+                status = "refused"
+            except aiohttp.ClientOSError:  # reset in the socket's queue, unread
+                status = "reset"
             except (TimeoutError, aiohttp.ClientError) as error:
-                outcome = (type(error).__name__, None)
-            outcomes.append((outcome[0], time.monotonic() - started, outcome[1]))
-            if backoff and outcome[0] == 503:
-                await asyncio.sleep(float(outcome[1]))
+                status = type(error).__name__
+            outcomes.append(Outcome(started, status, time.monotonic() - started, retry_after))
+            if backoff and status == 503:
+                await asyncio.sleep(float(retry_after))
+            elif not isinstance(status, int):
+                await asyncio.sleep(0.05)  # the server is going away: do not spin
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=fresh_connections)
     timeout = aiohttp.ClientTimeout(total=90)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session, i) for i in range(concurrency)))
@@ -153,22 +175,23 @@ async def flood(
 def test_past_capacity_the_service_answers_503_at_once_and_recovers(service, backoff):
     photos = photos_of(service.workspace)
     outcomes = asyncio.run(flood(service.url, photos, 128, seconds=15, backoff=backoff))
-    statuses = [status for status, _, _ in outcomes]
-    assert set(statuses) <= {200, 503}, {s for s in statuses if s not in (200, 503)}
-    refused = [(seconds, retry) for status, seconds, retry in outcomes if status == 503]
+    statuses = {outcome.status for outcome in outcomes}
+    assert statuses <= {200, 503}, statuses
+    refused = [outcome for outcome in outcomes if outcome.status == 503]
     assert refused, "128 clients never exceeded the capacity: nothing was shed"
-    assert all(retry == str(RETRY_AFTER_SECONDS) for _, retry in refused)
-    assert max(seconds for seconds, _ in refused) < 2
-    served = [seconds for status, seconds, _ in outcomes if status == 200]
+    assert {outcome.retry_after for outcome in refused} == {str(RETRY_AFTER_SECONDS)}
+    slowest_refusal = max(outcome.seconds for outcome in refused)
+    assert slowest_refusal < 2
+    served = [outcome.seconds for outcome in outcomes if outcome.status == 200]
     assert served
     # Healthy afterwards: ready, and a photo is classified.
     assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
     assert timed_predictions(service.url, photos[:4])[0][0] == 200
     print(
         f"concurrency 128 for 15 s, {'honouring Retry-After' if backoff else 'no backoff'}: "
-        f"{len(outcomes)} answers, {len(refused) / len(outcomes):.0%} "
-        f"503 (slowest {max(s for s, _ in refused) * 1000:.0f} ms), 200s p50 "
-        f"{np.percentile(served, 50) * 1000:.0f} ms, p99 {np.percentile(served, 99) * 1000:.0f} ms"
+        f"{len(outcomes)} answers, {len(refused) / len(outcomes):.0%} 503 (slowest "
+        f"{slowest_refusal * 1000:.0f} ms), 200s p50 {np.percentile(served, 50) * 1000:.0f} ms, "
+        f"p99 {np.percentile(served, 99) * 1000:.0f} ms"
     )
 
 
@@ -178,7 +201,7 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "bentoml", "serve", "dandelion-vs-grass:latest"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
-    outcomes: list[tuple] = []  # (sent at, status or error name)
+    outcomes: list[Outcome] = []
     with running_server(command, url, tmp_path / "serve.log", env=reproduced.env) as server:
         body, content_type = multipart("images", photos[:32])
         batch: dict = {}
@@ -188,37 +211,8 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
             )
         )
 
-        async def load(until: float) -> None:
-            # A new connection per request: a request either reaches the server or is
-            # refused at connect, never lost on a connection the server already closed.
-            connector = aiohttp.TCPConnector(force_close=True)
-            timeout = aiohttp.ClientTimeout(total=60)
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-                async def client(offset: int) -> None:
-                    sent = offset
-                    while time.monotonic() < until:
-                        form = aiohttp.FormData()
-                        form.add_field("image", photos[sent % len(photos)], filename="p.jpg")
-                        sent += 1
-                        started = time.monotonic()
-                        try:
-                            async with session.post(f"{url}/predict", data=form) as response:
-                                await response.read()
-                                outcomes.append((started, response.status))
-                        except aiohttp.ClientConnectorError:
-                            outcomes.append((started, "refused"))
-                            await asyncio.sleep(0.05)
-                        except aiohttp.ClientOSError:  # reset in the socket's queue, unread
-                            outcomes.append((started, "reset"))
-                            await asyncio.sleep(0.05)
-                        except (TimeoutError, aiohttp.ClientError) as error:
-                            outcomes.append((started, type(error).__name__))
-                            await asyncio.sleep(0.05)
-
-                await asyncio.gather(*(client(i) for i in range(16)))
-
-        loader = threading.Thread(target=asyncio.run, args=(load(time.monotonic() + 6),))
+        load = flood(url, photos, 16, seconds=6, backoff=False, fresh_connections=True)
+        loader = threading.Thread(target=lambda: outcomes.extend(asyncio.run(load)))
         loader.start()
         batch_thread.start()
         time.sleep(1.5)  # the batch is half sent: accepted and in progress
@@ -244,8 +238,8 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
     status, text, _ = batch["answer"]
     assert status == 200, text
     assert readyz[-1] in (503, "refused") and unready_after < 1, readyz
-    before = [status for started, status in outcomes if started < terminated]
-    after = [status for started, status in outcomes if started >= terminated]
+    before = [outcome.status for outcome in outcomes if outcome.started < terminated]
+    after = [outcome.status for outcome in outcomes if outcome.started >= terminated]
     # Everything sent before SIGTERM was answered 200 (the last ones may meet the drain).
     assert before.count(200) > 16 and set(before) <= {200, 503}, before
     # After it: 503 "shutting down" while the open requests finish, then refused at connect
