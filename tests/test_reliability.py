@@ -174,7 +174,7 @@ async def flood(
 @pytest.mark.parametrize("backoff", [True, False], ids=["retry-after", "no-backoff"])
 def test_past_capacity_the_service_answers_503_at_once_and_recovers(service, backoff):
     photos = photos_of(service.workspace)
-    outcomes = asyncio.run(flood(service.url, photos, 128, seconds=15, backoff=backoff))
+    outcomes = asyncio.run(flood(service.url, photos, 128, seconds=10, backoff=backoff))
     statuses = {outcome.status for outcome in outcomes}
     assert statuses <= {200, 503}, statuses
     refused = [outcome for outcome in outcomes if outcome.status == 503]
@@ -188,7 +188,7 @@ def test_past_capacity_the_service_answers_503_at_once_and_recovers(service, bac
     assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
     assert timed_predictions(service.url, photos[:4])[0][0] == 200
     print(
-        f"concurrency 128 for 15 s, {'honouring Retry-After' if backoff else 'no backoff'}: "
+        f"concurrency 128 for 10 s, {'honouring Retry-After' if backoff else 'no backoff'}: "
         f"{len(outcomes)} answers, {len(refused) / len(outcomes):.0%} 503 (slowest "
         f"{slowest_refusal * 1000:.0f} ms), 200s p50 {np.percentile(served, 50) * 1000:.0f} ms, "
         f"p99 {np.percentile(served, 99) * 1000:.0f} ms"
