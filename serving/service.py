@@ -62,6 +62,10 @@ READY_PROBE_SECONDS = 2
 SMALL_DECODE_THREADS = 2
 LARGE_UPLOAD_BYTES = 1_000_000
 LARGE_DECODE_NICENESS = 10
+# Requests larger than this (a batch of big photos) are read and decoded one at a time, the
+# others waiting before their body is read: small requests share the cores with one big
+# request at most, and big requests hold the memory of one.
+LARGE_REQUEST_BYTES = 32_000_000
 # Prediction requests admitted at once; more get 503 with Retry-After at once. At about
 # 150 single images per second (README, Load benchmark), 64 waiting take about 0.4 s, under
 # half the 1 s p95 objective of /predict: past that, waiting only delays every answer. A batch
@@ -120,6 +124,12 @@ class Classifier:
     )
     def classify_batched(self, images: np.ndarray) -> np.ndarray:
         return self.score(images)
+
+
+@functools.cache
+def large_request_lock() -> asyncio.Lock:
+    """Shared by all requests of the process (created in its event loop, on first use)."""
+    return asyncio.Lock()
 
 
 @functools.cache
@@ -285,7 +295,7 @@ class DandelionService:
     async def predict(self, request: Request) -> dict:
         """One image in the multipart field ``image``."""
         async with (
-            self.accepted(),
+            self.accepted(request),
             self.uploaded(request, "image", most=1) as files,
             self.admitted(),
         ):
@@ -297,7 +307,7 @@ class DandelionService:
     async def predict_batch(self, request: Request) -> dict:
         """Several images, each in a multipart field ``images``."""
         async with (
-            self.accepted(),
+            self.accepted(request),
             self.uploaded(request, "images", self.max_batch_files) as files,
             self.admitted(),
         ):
@@ -305,13 +315,17 @@ class DandelionService:
         return {"predictions": [self.answer(row) for row in outputs]}
 
     @contextlib.asynccontextmanager
-    async def accepted(self):
-        """Count the request as open until answered, or refuse it (503) while draining."""
+    async def accepted(self, request: Request):
+        """Count the request as open until answered, or refuse it (503) while draining. A
+        request over LARGE_REQUEST_BYTES first waits for the large ones before it."""
         if self.draining:
             raise UploadError("shutting_down", "the service is shutting down: retry shortly")
+        length = request.headers.get("content-length", "")
+        large = length.isdigit() and int(length) > LARGE_REQUEST_BYTES
         self.open_requests += 1
         try:
-            yield
+            async with large_request_lock() if large else contextlib.nullcontext():
+                yield
         finally:
             self.open_requests -= 1
 
