@@ -38,6 +38,7 @@ import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException
 
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.engines import BATCHING, Scorer, load_engine
@@ -198,6 +199,13 @@ async def upload_error(request: Request, error: UploadError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
 
+@app.exception_handler(HTTPException)
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """404, 405 and the like answered as every other error: ``{"error": ...}``."""
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
 class DandelionService:
@@ -312,7 +320,12 @@ class DandelionService:
             self.admitted(),
         ):
             outputs = await self.scores(np.stack(await self.decoded(files)))
-        return {"predictions": [self.answer(row) for row in outputs]}
+        return {
+            "predictions": [
+                {"filename": file.filename, **self.answer(row)}
+                for file, row in zip(files, outputs, strict=True)
+            ]
+        }
 
     @contextlib.asynccontextmanager
     async def accepted(self, request: Request):

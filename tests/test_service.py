@@ -209,12 +209,23 @@ def test_wrong_field_and_wrong_encoding_get_a_clear_4xx(service):
     assert text_field.status_code == 422
 
 
+def test_unknown_paths_and_methods_get_json_errors_too(service):
+    unknown = requests.get(f"{service.url}/predikt", timeout=TIMEOUT)
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "Not Found: GET /predikt"}
+    wrong_method = requests.get(f"{service.url}/predict", timeout=TIMEOUT)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {"error": "Method Not Allowed: GET /predict"}
+    assert "POST" in wrong_method.headers["Allow"]
+
+
 def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
     photos = [open(path, "rb").read() for _, path in split_photos(service.workspace)[:3]]
     files = [("images", (f"{i}.jpg", content)) for i, content in enumerate(photos)]
     response = requests.post(f"{service.url}/predict_batch", files=files, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["0.jpg", "1.jpg", "2.jpg"]
     singles = [post_image(service, content).json() for content in photos]
     assert [p["label"] for p in predictions] == [s["label"] for s in singles]
     for batched, single in zip(predictions, singles, strict=True):
