@@ -26,6 +26,16 @@ from PIL import Image
 
 from stages.params import load_params
 
+# Fetch from here instead of download.base_url, without editing params.yaml: a mirror of the
+# same bytes (the catalogue's sha256 column pins them), for machines without internet. Not a
+# dependency of the stage, like base_url itself, so dvc.lock does not change.
+BASE_URL_VARIABLE = "DOWNLOAD_BASE_URL"
+OFFLINE_HINT = (
+    f"without internet, serve a copy of the dataset and point {BASE_URL_VARIABLE} at it: "
+    f"{BASE_URL_VARIABLE}=http://127.0.0.1:8000/data dvc repro "
+    "(README: Running offline or from a local mirror)"
+)
+
 
 class DownloadError(Exception):
     """A file that could not be fetched or is not a usable image."""
@@ -206,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("report", type=Path)
     args = parser.parse_args(argv)
 
-    settings = DownloadSettings(**load_params()["download"])
+    params = load_params()["download"]
+    base_url = os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
+    settings = DownloadSettings(**{**params, "base_url": base_url})
     print(f"download: from {settings.base_url}")
     try:
         report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
@@ -215,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, result in report["classes"].items():
             print(f"download: {label}: {result['ok']} ok, {len(result['failed'])} failed")
         check_enough_images(report, settings.min_per_class)
+    except ServerUnreachable as exc:
+        sys.exit(f"download failed: {exc}; {OFFLINE_HINT}")
     except DownloadError as exc:
         see = f"; see {args.report}" if args.report.exists() else ""
         sys.exit(f"download failed: {exc}{see}")

@@ -33,7 +33,6 @@ from support import (
     pipeline_env,
     prepare_keras_home,
     serve_directory,
-    set_param,
 )
 
 
@@ -81,7 +80,7 @@ def main() -> None:
         env = pipeline_env(keras_home, tmp / "bentoml")
         workspace = copy_workspace(tmp / "repo")
         with serve_directory(args.mirror) as url:
-            set_param(workspace, "download.base_url", f"{url}/data")
+            env["DOWNLOAD_BASE_URL"] = f"{url}/data"
             cold = timed_dvc(workspace, env, "repro")
             noops = [timed_dvc(workspace, env, "repro") for _ in range(args.noop_runs)]
         push, pull, files, volume = timed_push_and_pull(workspace, env)

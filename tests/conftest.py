@@ -24,7 +24,6 @@ from support import (
     python_module,
     serve_directory,
     serving,
-    set_param,
 )
 
 
@@ -86,8 +85,7 @@ def reproduced(tmp_path_factory, dataset_mirror, keras_home) -> Reproduced:
     workspace = copy_workspace(root / "repo")
     env = pipeline_env(keras_home, root / "bentoml_home")
     with serve_directory(dataset_mirror) as mirror_url:
-        set_param(workspace, "download.base_url", f"{mirror_url}/data")
-        cold = dvc(workspace, "repro", env=env)
+        cold = dvc(workspace, "repro", env=dict(env, DOWNLOAD_BASE_URL=f"{mirror_url}/data"))
     assert cold.returncode == 0, cold.stdout + cold.stderr
     return Reproduced(workspace, env, cold)
 

@@ -191,3 +191,28 @@ def test_main_writes_report_and_fails_in_one_line(faulty_server, tmp_path, monke
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["classes"]["dandelion"]["ok"] == 1
     assert report["classes"]["grass"]["failed"][0]["reason"].startswith("not a decodable image")
+
+
+def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
+    faulty_server, tmp_path, monkeypatch
+):
+    """DOWNLOAD_BASE_URL replaces download.base_url without editing params.yaml; a server
+    that cannot be reached fails in one line that names that variable."""
+    with serve_http(FaultyHandler) as gone:
+        pass  # its port now refuses connections: the "internet" of this test
+    (tmp_path / "catalogue.csv").write_text("label,filename,sha256\ndandelion,good.jpg,\n")
+    params = {"base_url": gone, "min_per_class": 1, "retries": 0, "backoff_seconds": 0}
+    (tmp_path / "params.yaml").write_text(json.dumps({"download": params}))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["catalogue.csv", "raw", "report.json"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"download failed: cannot reach {gone}: ")
+    assert "DOWNLOAD_BASE_URL=http://127.0.0.1:8000/data dvc repro" in message
+    assert "\n" not in message and not (tmp_path / "report.json").exists()
+
+    monkeypatch.setenv(download.BASE_URL_VARIABLE, faulty_server)
+    download.main(["catalogue.csv", "raw", "report.json"])
+    assert (tmp_path / "raw" / "dandelion" / "good.jpg").read_bytes() == GOOD
+    assert json.loads((tmp_path / "params.yaml").read_text())["download"] == params
