@@ -7,6 +7,10 @@ classifier computes before its head.
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -18,6 +22,35 @@ def make_deterministic(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow and force deterministic TF kernels."""
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+IMAGENET_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+class BackboneUnavailable(RuntimeError):
+    """The ImageNet weights are neither in Keras' cache nor downloadable (offline)."""
+
+
+def keras_models_dir() -> Path:
+    """Where Keras looks for downloaded weights before fetching them."""
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+
+
+def exits_in_one_line_without_weights(stage: str) -> Callable[[Callable], Callable]:
+    """For a stage's main(): end with one line, not a traceback, when the weights are missing
+    offline."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except BackboneUnavailable as exc:
+                sys.exit(f"{stage} failed: {exc}")
+
+        return wrapped
+
+    return decorate
 
 
 def resolve_weights(setting: str) -> str | None:
@@ -42,10 +75,10 @@ def build_backbone(image_size: int, weights: str | None) -> keras.Model:
     except Exception as exc:  # offline: Keras' own error names a URL, not where to put the file
         if weights != "imagenet":
             raise
-        raise RuntimeError(
-            f"cannot load the ImageNet MobileNetV2 weights ({exc}). Offline, put "
-            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 into "
-            "$KERAS_HOME/models/ (default ~/.keras/models/)"
+        raise BackboneUnavailable(
+            f"the ImageNet MobileNetV2 weights are not in {keras_models_dir()}/ and cannot "
+            f"be downloaded ({type(exc).__name__}); put {IMAGENET_WEIGHTS_FILE} there "
+            "(README: Running offline or from a local mirror)"
         ) from exc
 
 

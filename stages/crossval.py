@@ -45,6 +45,7 @@ from stages.backbone import (
     assemble,
     build_augmentation,
     build_backbone,
+    exits_in_one_line_without_weights,
     make_deterministic,
     resolve_weights,
 )
@@ -273,6 +274,7 @@ def write_noise_report(
     )
 
 
+@exits_in_one_line_without_weights("crossval")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("split_csv", type=Path, help="split stage output (file hashes)")

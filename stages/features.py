@@ -26,6 +26,7 @@ from stages.backbone import (
     assemble,
     build_augmentation,
     build_backbone,
+    exits_in_one_line_without_weights,
     frozen_features,
     make_deterministic,
     probe_extractor,
@@ -75,6 +76,7 @@ def extract_features(
     return features
 
 
+@exits_in_one_line_without_weights("features")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arrays_dir", type=Path, help="preprocess stage output")

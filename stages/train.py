@@ -38,6 +38,7 @@ from stages.backbone import (
     assemble,
     build_augmentation,
     build_backbone,
+    exits_in_one_line_without_weights,
     features_and_probes,
     make_deterministic,
     probe_extractor,
@@ -265,6 +266,7 @@ def _renumber_shared_objects(config, ids: dict | None = None):
     return config
 
 
+@exits_in_one_line_without_weights("train")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arrays_dir", type=Path, help="preprocess stage output")
