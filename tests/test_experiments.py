@@ -92,7 +92,8 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     )
     for experiment in experiments.values():
         assert experiment["params"]["epochs"] == 5
-        assert 0.0 <= experiment["metrics"]["accuracy"] <= 1.0
+        # A model that learnt something (chance is 0.5; the default params give 0.95).
+        assert experiment["metrics"]["accuracy"] >= 0.8
 
     # One MLflow run per experiment, named after it, in the workspace's store (not the
     # temporary copies), with the experiment's params, test metrics and model artifacts.
