@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 
 import pytest
 from support import (
@@ -115,3 +116,18 @@ def test_editing_image_decoding_makes_packaging_out_of_date(pipeline_copy, repro
     status = dvc(pipeline_copy, "status", "--json", env=reproduced.env)
     assert status.returncode == 0, status.stderr
     assert {"preprocess", "package"} <= set(json.loads(status.stdout)), status.stdout
+
+
+def test_a_download_that_fails_offline_leaves_every_tracked_file_as_it_was(
+    pipeline_copy, reproduced
+):
+    with socket.socket() as closed:  # a port nothing listens on: no server, as offline
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}/data"
+    offline = dict(reproduced.env, DOWNLOAD_BASE_URL=nowhere)
+    failed = dvc(pipeline_copy, "repro", "--force", "download", env=offline)
+    assert failed.returncode != 0
+    assert f"download failed: cannot reach {nowhere}" in failed.stdout + failed.stderr
+    assert "DOWNLOAD_BASE_URL=" in failed.stdout + failed.stderr  # names the way out
+    # The committed report persists while the stage runs (dvc.yaml): nothing tracked changed.
+    assert git(pipeline_copy, "status", "--porcelain").stdout == ""
