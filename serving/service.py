@@ -201,7 +201,8 @@ async def upload_error(request: Request, error: UploadError) -> JSONResponse:
 
 @app.exception_handler(HTTPException)
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    """404, 405 and the like answered as every other error: ``{"error": ...}``."""
+    """405 and the like answered as every other error: ``{"error": ...}`` (an unknown path
+    never reaches this app: BentoML answers it)."""
     message = f"{error.detail}: {request.method} {request.url.path}"
     return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 

@@ -80,7 +80,7 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     (workspace / "mlflow.db").unlink()
     shutil.rmtree(workspace / "mlruns")
     git(workspace, "add", "-A")
-    git(workspace, "commit", "-q", "-m", "reproduced baseline")
+    git(workspace, "commit", "-q", "--allow-empty", "-m", "reproduced baseline")
 
     names = run_queued_sweep(workspace, env)
 

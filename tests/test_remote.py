@@ -76,8 +76,8 @@ def test_a_pushed_experiment_is_pulled_with_its_outputs_into_a_fresh_clone(
     env = reproduced.env
     origin = tmp_path / "origin.git"
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(origin))
-    git(pipeline_copy, "add", "-A")
-    git(pipeline_copy, "commit", "-qm", "pipeline run")
+    git(pipeline_copy, "add", "-A")  # whatever the run left (nothing tracked changes)
+    git(pipeline_copy, "commit", "-q", "--allow-empty", "-m", "pipeline run")
     git(pipeline_copy, "remote", "add", "origin", str(origin))
     git(pipeline_copy, "push", "-q", "origin", "main")
     configure_remote(pipeline_copy, s3, env)
