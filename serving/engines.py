@@ -5,7 +5,8 @@ The export stage writes the trained Keras model into the export directory in the
 the scores evaluate reports are the scores the service returns, bit for bit.
 
 - ``openvino`` (default): the model converted to OpenVINO IR. About 3 ms per image on 2 cores
-  against 16 ms for Keras (README, engine table), and no TensorFlow in the serving image.
+  against 16 ms for Keras (docs/serving.md, engine table), and no TensorFlow in the serving
+  image.
 - ``keras``: the Keras file itself, served by TensorFlow; kept so parity stays testable.
 
 Only NumPy here; each engine's package is imported when that engine is loaded.
@@ -30,8 +31,8 @@ ENGINE_PACKAGES = {
 }
 
 # Whether the service batches concurrent requests for the engine. Measured on 2 cores
-# (README): Keras takes 16 ms for one image and 8 ms per image in batches of 32, so batching
-# doubles its throughput. OpenVINO takes about 3 ms per image at any batch size, and the
+# (docs/serving.md): Keras takes 16 ms for one image and 8 ms per image in batches of 32, so
+# batching doubles its throughput. OpenVINO takes about 3 ms per image at any batch size, and the
 # batcher's waiting window only added latency (p50 at concurrency 1: 22 ms batched, 9 ms
 # not; 181 ms right after a concurrency-32 burst).
 BATCHING = {"openvino": False, "keras": True}
@@ -75,9 +76,9 @@ def _openvino_scorer(path: Path) -> Scorer:
     lock = threading.Lock()  # one infer request: calls take turns
 
     def score(images: np.ndarray) -> np.ndarray:
-        # One image per inference: on CPU that is as fast per image as a batch (README,
-        # engine table), and the engine's buffers stay those of one image. A batch of 32
-        # made it keep about 330 MB for later calls.
+        # One image per inference: on CPU that is as fast per image as a batch (engine table
+        # in docs/serving.md), and the engine's buffers stay those of one image. A batch of
+        # 32 made it keep about 330 MB for later calls.
         with lock:
             rows = [
                 request.infer([image[np.newaxis].astype(np.float32)])[output] for image in images

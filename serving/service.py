@@ -68,9 +68,9 @@ LARGE_DECODE_NICENESS = 10
 # request at most, and big requests hold the memory of one.
 LARGE_REQUEST_BYTES = 32_000_000
 # Prediction requests admitted at once; more get 503 with Retry-After at once. At about
-# 150 single images per second (README, Load benchmark), 64 waiting take about 0.4 s, under
-# half the 1 s p95 objective of /predict: past that, waiting only delays every answer. A batch
-# counts as one request.
+# 150 single images per second (docs/serving.md, Load benchmark), 64 waiting take about
+# 0.4 s, under half the 1 s p95 objective of /predict: past that, waiting only delays every
+# answer. A batch counts as one request.
 MAX_PREDICTIONS_IN_FLIGHT = 64
 # After SIGTERM, requests already accepted get this long to finish (no request outlives the
 # traffic timeout anyway); deployments allow more (compose stop_grace_period 70 s,
