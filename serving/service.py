@@ -109,13 +109,7 @@ class Classifier:
         # it sheds requests.
         self.score = serving_scorer(self.bento_model.path, card.image_size)
 
-    @bentoml.api
-    def classify(self, images: np.ndarray) -> np.ndarray:
-        """The model's outputs (contract: PROBABILITY, NOVELTY) for each ``(N, size, size, 3)``
-        uint8 image, in one engine call."""
-        return self.score(images)
-
-    # Adaptive batching, for engines that gain from it (serving/engines.py BATCHING): the
+    # Adaptive batching, the reason this service exists (serving/engines.py BATCHING): the
     # batcher groups concurrent requests; max_latency_ms bounds how long one may wait.
     @bentoml.api(
         batchable=True,
@@ -124,6 +118,8 @@ class Classifier:
         max_latency_ms=MAX_LATENCY_MS,
     )
     def classify_batched(self, images: np.ndarray) -> np.ndarray:
+        """The model's outputs (contract: PROBABILITY, NOVELTY) for each ``(N, size, size, 3)``
+        uint8 image."""
         return self.score(images)
 
 
@@ -370,9 +366,7 @@ class DandelionService:
             if attempt > 1:
                 self.metrics.count_retry()
             try:
-                if self.batching:
-                    return await self.classifier.to_async.classify_batched(images)
-                return await self.classifier.to_async.classify(images)
+                return await self.classifier.to_async.classify_batched(images)
             except Exception as exc:  # the model service is overloaded, restarting or down
                 logger.warning("model service call %d failed: %r", attempt, exc)
                 error = exc
