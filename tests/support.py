@@ -319,6 +319,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def multipart_body(field: str, contents: list[bytes]) -> tuple[bytes, str]:
+    """A multipart body with each of ``contents`` as a file ``<i>.jpg`` in ``field``; its
+    Content-Type (with the boundary)."""
+    files = [(field, (f"{i}.jpg", content)) for i, content in enumerate(contents)]
+    prepared = requests.Request("POST", "http://127.0.0.1/", files=files).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
 def split_photos(workspace: Path) -> list[tuple[str, str]]:
     """(label, path in the shared mirror) of every photo in the pipeline's test split."""
     with open(workspace / "data/split.csv", newline="") as handle:

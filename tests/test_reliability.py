@@ -20,18 +20,11 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
-from support import free_port, running_server, split_photos
+from support import free_port, multipart_body, running_server, split_photos
 
 from serving.uploads import RETRY_AFTER_SECONDS, STALL_SECONDS
 
 pytestmark = pytest.mark.slow
-
-
-def multipart(field: str, contents: list[bytes]) -> tuple[bytes, str]:
-    """A multipart body with each of ``contents`` as a file in ``field``; its content type."""
-    files = [(field, (f"photo{i}.jpg", content)) for i, content in enumerate(contents)]
-    prepared = requests.Request("POST", "http://x/", files=files).prepare()
-    return prepared.body, prepared.headers["Content-Type"]
 
 
 def photos_of(workspace) -> list[bytes]:
@@ -95,7 +88,7 @@ def timed_predictions(url: str, photos: list[bytes], workers: int = 4) -> list[t
 def test_stalled_and_trickling_uploads_get_408_in_seconds_while_others_are_served(service):
     photos = photos_of(service.workspace)
     # Announces a 5 MB photo and sends 1 kB of it, or 100 bytes a second.
-    body, content_type = multipart("image", [photos[0] + b"\0" * 5_000_000])
+    body, content_type = multipart_body("image", [photos[0] + b"\0" * 5_000_000])
     with ThreadPoolExecutor(max_workers=20) as pool:
         slow = [
             pool.submit(send_slowly, service.url, "predict", body, content_type, how)
@@ -203,7 +196,7 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
     command += ["--host", "127.0.0.1", "--port", str(port)]
     outcomes: list[Outcome] = []
     with running_server(command, url, tmp_path / "serve.log", env=reproduced.env) as server:
-        body, content_type = multipart("images", photos[:32])
+        body, content_type = multipart_body("images", photos[:32])
         batch: dict = {}
         batch_thread = threading.Thread(
             target=lambda: batch.update(

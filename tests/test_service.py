@@ -22,6 +22,7 @@ from support import (
     dvc,
     evaluated_predictions,
     free_port,
+    multipart_body,
     python_module,
     served_answers,
     serving,
@@ -241,12 +242,10 @@ def test_a_truncated_upload_is_refused_whole_not_half_answered(service, route):
     """A body cut mid-file (Content-Length matching the cut): 400, never fewer answers."""
     photos = [open(path, "rb").read() for _, path in split_photos(service.workspace)[:3]]
     field, count = ("images", 3) if route == "predict_batch" else ("image", 1)
-    files = [(field, (f"{i}.jpg", content)) for i, content in enumerate(photos[:count])]
-    prepared = requests.Request("POST", f"{service.url}/{route}", files=files).prepare()
-    whole = prepared.body
+    whole, content_type = multipart_body(field, photos[:count])
     for keep in (0.3, 0.6, 0.95):
         cut = whole[: int(len(whole) * keep)]
-        headers = {"Content-Type": prepared.headers["Content-Type"]}
+        headers = {"Content-Type": content_type}
         answer = requests.post(f"{service.url}/{route}", data=cut, headers=headers, timeout=TIMEOUT)
         assert answer.status_code == 400, (keep, answer.text)
         assert "truncated" in answer.json()["error"]

@@ -8,13 +8,13 @@ import time
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from support import multipart_body
 
 from serving import uploads
 from serving.uploads import (
@@ -60,9 +60,7 @@ def client():
 
 
 def multipart(count: int) -> tuple[bytes, str]:
-    files = [("images", (f"{i}.jpg", jpeg(size=(64 + i, 48)))) for i in range(count)]
-    prepared = requests.Request("POST", "http://x/", files=files).prepare()
-    return prepared.body, prepared.headers["Content-Type"]
+    return multipart_body("images", [jpeg(size=(64 + i, 48)) for i in range(count)])
 
 
 def test_a_whole_body_gives_every_file(client):
