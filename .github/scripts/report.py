@@ -5,8 +5,9 @@
 
 Tables come from `dvc metrics diff` and `dvc params diff`; the plots are the named plots of
 dvc.yaml as `dvc plots diff` renders them (base and workspace side by side), turned into
-PNG files next to the report so CML can upload them. On GitHub Actions the script also sets
-the step output ``metrics_changed`` (true/false) for the retrain workflow.
+PNG files next to the report so CML can upload them (drawn as the plots stage draws the
+README's, stages/plots.py). On GitHub Actions the script also sets the step output
+``metrics_changed`` (true/false) for the retrain workflow.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-import vl_convert
+from stages.plots import PlotsError, file_name, plot_specs, png
 
 # Named plots of dvc.yaml shown in the report.
 PLOTS = ("Confusion matrix", "Learning curves (loss)", "Learning curves (accuracy)")
@@ -49,14 +49,14 @@ def metrics_changed(base: str, repo: Path) -> bool:
 
 def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
     """Each named plot as a PNG, drawn from DVC's own Vega-Lite spec of base vs workspace."""
-    specs = json.loads(dvc("plots", "diff", base, "--json", cwd=repo))["data"]
+    specs = plot_specs(dvc("plots", "diff", base, "--json", cwd=repo))
     missing = [name for name in PLOTS if name not in specs]
     if missing:
         raise ReportError(f"plots {missing} are not defined in dvc.yaml (have {sorted(specs)})")
     images = {}
     for name in PLOTS:
-        path = out_dir / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".png")
-        path.write_bytes(vl_convert.vegalite_to_png(specs[name][0]["content"], scale=1.5))
+        path = out_dir / file_name(name)
+        path.write_bytes(png(specs[name]))
         images[name] = path
     return images
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         changed = build_report(args.base, args.report)
-    except ReportError as error:
+    except (ReportError, PlotsError) as error:
         sys.exit(f"report: {error}")
     if github_output := os.environ.get("GITHUB_OUTPUT"):
         with open(github_output, "a") as handle:
