@@ -244,6 +244,6 @@ def test_committed_pngs_were_drawn_from_the_current_plots_and_data():
     """DVC cannot take dvc.yaml as a dep, so the plots stage keeps the specs it drew from."""
     shown = run(REPO_ROOT, "dvc", "plots", "show", "--json").stdout
     committed = json.loads((REPO_ROOT / PLOTS_DIR / SPECS_FILE).read_text())
-    assert committed == plot_specs(shown), "dvc.yaml's plots changed: run `dvc repro -f plots`"
+    assert committed == plot_specs(shown), "dvc.yaml's plots changed: run `dvc repro -f -s plots`"
     pngs = {path.name for path in (REPO_ROOT / PLOTS_DIR).glob("*.png")}
     assert pngs == {file_name(name) for name in PLOT_NAMES}
