@@ -240,6 +240,22 @@ def test_plots_stage_draws_each_named_plot_and_the_same_bytes_again(project, tem
         assert coloured_pixels(again[name]) >= MIN_COLOURED_PIXELS, name
 
 
+def test_a_missing_plot_file_stops_the_stage_with_its_name(project):
+    (_, plot), *_ = DVC_YAML["plots"][0].items()
+    missing = expand(next(iter(plot["y"])))
+    (project / missing).unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.plots", "out/plots", "out/template.html"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "plots: dvc could not load every plot" in result.stderr and missing in result.stderr
+    assert not (project / "out").exists()
+
+
 def test_committed_pngs_were_drawn_from_the_current_plots_and_data():
     """DVC cannot take dvc.yaml as a dep, so the plots stage keeps the specs it drew from."""
     shown = run(REPO_ROOT, "dvc", "plots", "show", "--json").stdout
