@@ -243,11 +243,16 @@ def test_at_phone_width_a_bad_file_and_a_picture_of_neither_class(service, brows
     Image.fromarray(noise).save(picture)
     notes = tmp_path / "notes.txt"
     notes.write_text("not a photo\n")
-    with open(notes, "rb") as handle:
-        refused = requests.post(f"{service.url}/predict", files={"image": handle}, timeout=60)
+    answers = [
+        requests.post(f"{service.url}/predict", files={"image": path.read_bytes()}, timeout=60)
+        for path in (picture, notes)
+    ]
+    unlike, refused = answers[0].json(), answers[1]
+    assert answers[0].status_code == 200 and unlike["neither"], answers[0].text
     assert refused.status_code == 415, refused.text
 
     browser.set_window_size(*PHONE)
+    requested_urls(browser)  # the browser's own start-up: not the page's
     browser.get(f"{service.url}/")
     # The file input is the first thing Tab reaches, and it has a label.
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
@@ -257,11 +262,18 @@ def test_at_phone_width_a_bad_file_and_a_picture_of_neither_class(service, brows
     noise_card, notes_card = finished_cards(browser, 2)
 
     assert noise_card["verdict"] == "neither", noise_card
+    assert (
+        f"nearer to {unlike['label']} ({100 * unlike['confidence']:.1f}%)"
+        in noise_card["confidence"]
+    )
     assert "neither a dandelion nor grass" in noise_card["neither"], noise_card
     assert refused.json()["error"] in notes_card["failed"], notes_card
     assert not noise_card["failed"] and not notes_card["verdict"]
     noise_entry, notes_entry = shown(browser, "#history-list li")
     assert "neither" in noise_entry["text"] and "not classified" in notes_entry["text"]
+    # The batch was refused whole, then each file was sent alone.
+    paths = [urlsplit(url).path for url in requested_urls(browser)]
+    assert (paths.count("/predict_batch"), paths.count("/predict")) == (1, 2), paths
     # Nothing wider than a phone's screen: no sideways scrolling.
     width, inner = browser.execute_script(
         "return [document.documentElement.scrollWidth, window.innerWidth]"
