@@ -87,15 +87,23 @@ def stub_service() -> StubService:
     process (BentoML resolves its home once, and the module reads its model on import)."""
     home = Path(tempfile.mkdtemp(prefix="stub-bentoml-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)
-    os.environ["BENTOML_HOME"] = str(home)
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    saved = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)  # read once, on BentoML's first use
+    try:
+        import bentoml
+        from bentoml._internal.configuration.containers import BentoMLContainer
 
-    if Path(BentoMLContainer.bentoml_home.get()) != home:
-        raise RuntimeError("BentoML was used in this process before: its home is not the stub's")
-    with bentoml.models.create(f"{MODEL_NAME}:{CARD.version}", metadata=CARD.to_metadata()):
-        pass  # the stub scorer reads no file
-    module = importlib.import_module("serving.service")
-    module.serving_scorer = stub_scorer
-    return StubService(module, home, module.DandelionService.to_asgi())
+        if Path(BentoMLContainer.bentoml_home.get()) != home:
+            raise RuntimeError("BentoML was used in this process before: its home is not ours")
+        with bentoml.models.create(f"{MODEL_NAME}:{CARD.version}", metadata=CARD.to_metadata()):
+            pass  # the stub scorer reads no file
+        module = importlib.import_module("serving.service")
+        module.serving_scorer = stub_scorer
+        app = module.DandelionService.to_asgi()
+    finally:  # later tests' subprocesses get the user's BentoML home, as before
+        if saved is None:
+            del os.environ["BENTOML_HOME"]
+        else:
+            os.environ["BENTOML_HOME"] = saved
+    return StubService(module, home, app)
