@@ -223,8 +223,37 @@ def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, 
     assert status[0].text.startswith("200"), body
     assert '"label": "dandelion"' in body and f'"model_version": "{CARD.version}"' in body
 
+    # And /predict_batch with two photos: the array of files, one input per item.
+    grassy = tmp_path / "grassy.png"
+    grassy.write_bytes(photo((120, 60, 40)))
+    block = browser.find_element(By.ID, "operations-default-predict_batch_predict_batch_post")
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    for path in (image, grassy):
+        inputs = len(block.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        block.find_element(
+            By.XPATH, ".//button[contains(., 'Add') and contains(., 'item')]"
+        ).click()
+        wait.until(
+            lambda _, n=inputs: len(block.find_elements(By.CSS_SELECTOR, "input[type=file]")) > n
+        )
+        block.find_elements(By.CSS_SELECTOR, "input[type=file]")[-1].send_keys(str(path))
+    block.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait.until(
+        lambda _: block.find_elements(
+            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
+        )
+    )
+    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
+    browser.save_screenshot(str(tmp_path / "docs-batch.png"))
+    assert status[0].text.startswith("200"), body
+    assert body.index('"filename": "green.png"') < body.index('"filename": "grassy.png"')
+    assert body.count('"label": "dandelion"') == 1 and body.count('"label": "grass"') == 1
+
     urls = requested_urls(browser)
     assert f"{served}/openapi.json" in urls and f"{served}/predict" in urls
+    assert f"{served}/predict_batch" in urls
     # Every request that could leave the machine stays on 127.0.0.1 (the others are inline
     # data, the stylesheet's icons, and Chromium's own chrome:// pages).
     network = [url for url in urls if urlsplit(url).scheme in ("http", "https", "ws", "wss")]
