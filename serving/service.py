@@ -12,7 +12,8 @@ the model depends on the model's engine (serving/engines.py, `serve.engine`):
 
 Health (/livez, /readyz) and Prometheus metrics (/metrics) are BentoML's built-ins; the model's
 own metrics (answers by label, confidence, rejected uploads, what is served) are added to
-/metrics by serving/metrics.py.
+/metrics by serving/metrics.py. The API is described in /openapi.json and browsable at /docs
+(Swagger UI from the copy BentoML ships, so it works offline); every error is JSON.
 
 Everything model-specific (classes, decision threshold, input size, upload limits) comes from
 the packaged model's card (serving/contract.py), so the service decides exactly as the
@@ -31,19 +32,25 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import anyio
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.engines import BATCHING, Scorer, load_engine
 from serving.metrics import model_metrics, sample_process
-from serving.uploads import UploadError, UploadLimits, decode_upload, read_form
+from serving.uploads import REJECTIONS, UploadError, UploadLimits, decode_upload, read_form
 
 logger = logging.getLogger("bentoml.service.dandelion")
 PAGE = (Path(__file__).parent / "page.html").read_text()
@@ -186,7 +193,114 @@ def serving_scorer(export_dir: str, image_size: int) -> Scorer:
     return counted
 
 
-app = FastAPI(title="Dandelion vs grass", docs_url=None, redoc_url=None)
+# The multipart fields the prediction endpoints read: the handlers and /openapi.json use these.
+IMAGE_FIELD = "image"
+IMAGES_FIELD = "images"
+# /openapi.json's and /docs.json's info: a few lines, not the README; the project's contact.
+API_TITLE = "Dandelion vs grass"
+API_DESCRIPTION = (
+    "Classifies a photo as dandelion or grass, and says when it is probably neither. "
+    "The model and its decision threshold are exactly those whose test metrics "
+    "/model-info reports, built by the project's DVC pipeline. "
+    'Errors are JSON: `{"error": "..."}`.'
+)
+API_CONTACT = {"name": "Dandelion vs grass maintainers"}
+# The Swagger UI assets BentoML ships (and serves at /static_content), so /docs needs no CDN.
+SWAGGER_ASSETS = "./static_content"
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the class whose probability reaches the model's threshold")
+    confidence: float = Field(description="the probability of `label`")
+    probabilities: dict[str, float] = Field(description="the probability of each class")
+    neither: bool = Field(description="the photo is probably neither class (`novelty` > 1)")
+    novelty: float = Field(description="how unlike the training photos the photo is (1: limit)")
+    model_version: str = Field(description="the served model's version (/model-info)")
+
+
+class FilePrediction(Prediction):
+    filename: str = Field(description="the file's name, as sent")
+
+
+class BatchPredictions(BaseModel):
+    predictions: list[FilePrediction] = Field(description="one per file, in the order sent")
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="the model's BentoML tag")
+    git_revision: str = Field(description="the commit deployed (GIT_REVISION), or 'unknown'")
+    git_dirty: bool | None = Field(
+        description="tracked files differed from that commit when it was deployed "
+        "(GIT_REVISION ends in '-dirty', as `git describe --dirty` prints it); null if unknown"
+    )
+    version: str
+    model_sha256: str
+    engine: str
+    dvc_md5: str
+    classes: list[str]
+    threshold: float
+    image_size: int
+    train_params: dict[str, Any] = Field(description="params.yaml `train`, with `features`")
+    test_metrics: dict[str, float]
+
+
+class ErrorAnswer(BaseModel):
+    error: str
+
+
+def error_responses() -> dict[int, dict]:
+    """OpenAPI's error answers of the prediction endpoints: each status with its reasons."""
+    reasons: dict[int, list[str]] = {}
+    for reason, status in REJECTIONS.items():
+        reasons.setdefault(status, []).append(reason)
+    return {
+        status: {"model": ErrorAnswer, "description": ", ".join(names)}
+        for status, names in sorted(reasons.items())
+    }
+
+
+def multipart_upload(field: str, description: str, most: int) -> dict:
+    """The OpenAPI request body of a multipart upload of up to ``most`` files in ``field``.
+
+    Declared here rather than with FastAPI's typed `UploadFile` parameters: those make FastAPI
+    read and parse the whole body before the handler runs, which would lose the checks made
+    while the body arrives (pace 408, size 413, admission and drain 503; docs/serving.md).
+    """
+    file = {"type": "string", "format": "binary"}
+    schema = (
+        file if most == 1 else {"type": "array", "items": file, "minItems": 1, "maxItems": most}
+    )
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [field],
+                        "properties": {field: {**schema, "description": description}},
+                    }
+                }
+            },
+        }
+    }
+
+
+CARD = served_card()
+UPLOAD_LIMITS = (
+    "a photo in any format Pillow reads (JPEG, PNG, GIF, WebP, ...); "
+    f"at most {CARD.serve['max_upload_bytes']} bytes, each side at least "
+    f"{CARD.serve['min_side']} px"
+)
+
+app = FastAPI(
+    title=API_TITLE,
+    description=API_DESCRIPTION,
+    contact=API_CONTACT,
+    version=CARD.version,
+    docs_url=None,  # /docs is served below, from local assets
+    redoc_url=None,
+)
 
 
 @app.exception_handler(UploadError)
@@ -195,18 +309,70 @@ async def upload_error(request: Request, error: UploadError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
 
 
+def error_message(status: int, request_method: str, path: str, detail: str | None = None) -> str:
+    return f"{detail or HTTPStatus(status).phrase}: {request_method} {path}"
+
+
 @app.exception_handler(HTTPException)
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    """405 and the like answered as every other error: ``{"error": ...}`` (an unknown path
-    never reaches this app: BentoML answers it)."""
-    message = f"{error.detail}: {request.method} {request.url.path}"
+    """405 and the like answered as every other error: ``{"error": ...}``."""
+    message = error_message(error.status_code, request.method, request.url.path, error.detail)
     return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+
+
+class JsonErrors:
+    """ASGI middleware: BentoML's own router answers an unknown path (404), and a wrong method
+    on its own routes (405), in plain text before the service's app is asked; this rewrites
+    exactly those plain-text 404 and 405 answers as ``{"error": ...}``. Any other answer passes
+    through untouched, as it streams."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: Message | None = None  # the start of a plain-text 404 or 405, not yet sent
+
+        async def rewrite(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and is_plain_404_or_405(message):
+                held = message
+                return
+            if held is None:
+                await send(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                status = held["status"]
+                body = JSONResponse(
+                    {"error": error_message(status, scope["method"], scope["path"])}
+                ).body
+                headers = MutableHeaders(raw=list(held["headers"]))
+                headers["content-type"] = "application/json"
+                headers["content-length"] = str(len(body))
+                await send({**held, "headers": headers.raw})
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
+
+
+def is_plain_404_or_405(start: Message) -> bool:
+    content_type = MutableHeaders(raw=start["headers"]).get("content-type", "")
+    return start["status"] in (404, 405) and content_type.startswith("text/plain")
+
+
+def deployed_revision(value: str | None) -> tuple[str, bool | None]:
+    """The commit named by GIT_REVISION (as `git describe --always --dirty` prints it) and
+    whether tracked files differed from it ("-dirty"); ("unknown", None) if it is not set."""
+    if not value:
+        return "unknown", None
+    return value.removesuffix("-dirty"), value.endswith("-dirty")
 
 
 @bentoml.asgi_app(app, path="/")
 @bentoml.service(workers=1, traffic={"timeout": TRAFFIC_TIMEOUT_SECONDS})
 class DandelionService:
-    if BATCHING[served_card().engine]:
+    if BATCHING[CARD.engine]:
         classifier = bentoml.depends(Classifier)
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
 
@@ -219,11 +385,13 @@ class DandelionService:
         )
         self.max_batch_files: int = card.serve["max_batch_files"]
         # Which commit was deployed is not part of the (content-addressed) bento: whoever
-        # deploys it says so (compose and the Kubernetes overlay pass GIT_REVISION).
-        git_revision = os.environ.get("GIT_REVISION") or "unknown"
+        # deploys it says so (compose and the Kubernetes overlay pass GIT_REVISION), and
+        # whether its work tree was dirty, with git's "-dirty" suffix.
+        git_revision, git_dirty = deployed_revision(os.environ.get("GIT_REVISION"))
         self.info = {
             "model": str(self.bento_model.tag),
             "git_revision": git_revision,
+            "git_dirty": git_dirty,
             **{key: value for key, value in card.to_metadata().items() if key != "serve"},
         }
         self.batching = BATCHING[card.engine]
@@ -292,28 +460,60 @@ class DandelionService:
     def page(self) -> str:
         return PAGE
 
+    @app.get("/docs", include_in_schema=False)
+    def docs(self) -> HTMLResponse:
+        """Swagger UI on /openapi.json, from the assets BentoML ships: nothing from the web."""
+        return get_swagger_ui_html(
+            openapi_url="./openapi.json",
+            title=f"{API_TITLE}: API",
+            swagger_js_url=f"{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER_ASSETS}/favicon-light-32x32.png",
+        )
+
+    @app.get("/docs.json", include_in_schema=False)
+    def bentoml_openapi(self) -> dict:
+        """BentoML's OpenAPI document (this API and its health and metrics endpoints), with
+        this service's description and contact instead of BentoML's."""
+        document = self.bento_service.openapi_spec.asdict()
+        document["info"].update(
+            title=API_TITLE, description=API_DESCRIPTION, contact=API_CONTACT, version=CARD.version
+        )
+        return document
+
     @app.get("/model-info")
-    def model_info(self) -> dict:
+    def model_info(self) -> ModelInfo:
+        """The served model's card (params with their types from params.yaml, test metrics)
+        and the Git revision deployed."""
         return self.info
 
-    @app.post("/predict")
-    async def predict(self, request: Request) -> dict:
-        """One image in the multipart field ``image``."""
+    @app.post(
+        "/predict",
+        responses=error_responses(),
+        openapi_extra=multipart_upload(IMAGE_FIELD, UPLOAD_LIMITS, most=1),
+    )
+    async def predict(self, request: Request) -> Prediction:
+        """Classify one photo, sent in the multipart field `image`."""
         async with (
             self.accepted(request),
-            self.uploaded(request, "image", most=1) as files,
+            self.uploaded(request, IMAGE_FIELD, most=1) as files,
             self.admitted(),
         ):
             (image,) = await self.decoded(files)
             (outputs,) = await self.scores(image[np.newaxis])
         return self.answer(outputs)
 
-    @app.post("/predict_batch")
-    async def predict_batch(self, request: Request) -> dict:
-        """Several images, each in a multipart field ``images``."""
+    @app.post(
+        "/predict_batch",
+        responses=error_responses(),
+        openapi_extra=multipart_upload(IMAGES_FIELD, UPLOAD_LIMITS, CARD.serve["max_batch_files"]),
+    )
+    async def predict_batch(self, request: Request) -> BatchPredictions:
+        """Classify several photos, each in a multipart field `images`: one answer per file,
+        in the order sent, or (if any file is bad) a 4xx naming it and no answers."""
         async with (
             self.accepted(request),
-            self.uploaded(request, "images", self.max_batch_files) as files,
+            self.uploaded(request, IMAGES_FIELD, self.max_batch_files) as files,
             self.admitted(),
         ):
             outputs = await self.scores(np.stack(await self.decoded(files)))
@@ -377,7 +577,14 @@ class DandelionService:
         """The files of a multipart ``field`` (at most ``most``), read whole; UploadError
         (4xx) for anything else. Their temporary files are closed on leaving."""
         self.check_headers(request, field, most)
-        form = await read_form(request, most)
+        try:
+            form = await read_form(request, most)
+        except UploadError as error:
+            if error.reason == "too_many_files":
+                error.message = f"{error.message} in the field '{field}'" + (
+                    " (send several photos to /predict_batch)" if most == 1 else ""
+                )
+            raise
         try:
             files = form.getlist(field)
             if not files:
@@ -436,3 +643,6 @@ class DandelionService:
         verdict = self.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))
         self.metrics.count_answer(verdict)
         return {**verdict, "model_version": self.info["version"]}
+
+
+DandelionService.add_asgi_middleware(JsonErrors)

@@ -32,6 +32,7 @@ REJECTIONS = {
     "bad_content_length": 400,
     "request_too_large": 413,
     "malformed_multipart": 400,
+    "too_many_files": 400,
     "truncated_multipart": 400,
     "missing_file": 422,
     "not_a_file": 422,
@@ -166,6 +167,10 @@ async def read_form(request: Request, most: int) -> FormData:
     except UploadError:  # from paced_body: too slow
         raise
     except MultiPartException as exc:  # too many files or fields, a part too large
+        if exc.message.startswith("Too many files"):  # Starlette's words for max_files
+            raise UploadError(
+                "too_many_files", f"too many files: at most {most} per request"
+            ) from None
         raise UploadError(
             "malformed_multipart", f"unreadable multipart body: {exc.message}"
         ) from None

@@ -210,13 +210,16 @@ def test_wrong_field_and_wrong_encoding_get_a_clear_4xx(service):
     assert text_field.status_code == 422
 
 
-def test_a_wrong_method_gets_a_json_error_too(service):
-    # (An unknown path still gets BentoML's plain-text 404: BentoML's own app answers it
-    # before the service's routes are asked.)
+def test_a_wrong_method_and_an_unknown_path_get_json_errors_too(service):
     wrong_method = requests.get(f"{service.url}/predict", timeout=TIMEOUT)
     assert wrong_method.status_code == 405
     assert wrong_method.json() == {"error": "Method Not Allowed: GET /predict"}
     assert "POST" in wrong_method.headers["Allow"]
+    # BentoML's own router answers this one, before the service's routes are asked; the
+    # service's middleware (JsonErrors) makes it JSON.
+    unknown = requests.get(f"{service.url}/no-such-page", timeout=TIMEOUT)
+    assert unknown.status_code == 404
+    assert unknown.json() == {"error": "Not Found: GET /no-such-page"}
 
 
 def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):

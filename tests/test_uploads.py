@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -83,8 +85,11 @@ def test_a_body_cut_anywhere_is_refused_not_half_read(client, keep):
 def test_too_many_files_and_no_boundary_are_clear_400s(client):
     body, content_type = multipart(4)
     answer = client.post("/", content=body, headers={"content-type": content_type})
-    assert answer.status_code == 400 and answer.json()["reason"] == "malformed_multipart"
-    assert "Too many files" in answer.json()["error"] and "400:" not in answer.json()["error"]
+    assert answer.status_code == 400
+    assert answer.json() == {
+        "reason": "too_many_files",
+        "error": "too many files: at most 3 per request",
+    }
     answer = client.post("/", content=body, headers={"content-type": "multipart/form-data"})
     assert answer.json() == {
         "reason": "malformed_multipart",
@@ -176,3 +181,61 @@ def test_a_good_file_becomes_model_input():
     array = decode_upload(jpeg(colour=(10, 200, 30)), 32, LIMITS)
     assert array.shape == (32, 32, 3) and array.dtype == np.uint8
     assert abs(int(array[..., 1].mean()) - 200) < 10  # still green
+
+
+def test_an_epilogue_after_the_closing_boundary_is_no_truncation(client):
+    body, content_type = multipart(2)
+    padded = body + b"\r\nan epilogue, which multipart allows and ignores" * 10
+    answer = client.post("/", content=padded, headers={"content-type": content_type})
+    assert answer.status_code == 200 and len(answer.json()["files"]) == 2
+
+
+def test_too_many_text_fields_are_a_clear_400(client):
+    fields = [(f"note{i}", (None, "x")) for i in range(3 + 16 + 1)]  # more than most + 16
+    body, content_type = requests_multipart(fields)
+    answer = client.post("/", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 400 and answer.json()["reason"] == "malformed_multipart"
+    assert "Too many fields" in answer.json()["error"]
+
+
+def requests_multipart(fields: list) -> tuple[bytes, str]:
+    import requests
+
+    prepared = requests.Request("POST", "http://127.0.0.1/", files=fields).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header says width x height (a decompression bomb's calling card)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    small = buffer.getvalue()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return small[:8] + ihdr + small[8 + 25 :]
+
+
+@pytest.mark.parametrize(
+    ("side", "words"),
+    [
+        (4000, "the image is 4000x4000: more than 10000000 pixels"),  # over serve.max_pixels
+        (20000, "the image has more than 10000000 pixels"),  # Pillow's own bomb guard
+    ],
+)
+def test_images_claiming_too_many_pixels_are_refused_before_decoding(side, words):
+    started = time.monotonic()
+    with pytest.raises(UploadError) as raised:
+        decode_upload(png_claiming_size(side, side), 32, LIMITS)
+    assert raised.value.reason == "too_many_pixels" and raised.value.status == 413
+    assert raised.value.message == words
+    assert time.monotonic() - started < 0.5  # from the header: nothing was decompressed
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_the_formats_the_api_documents_are_decoded(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buffer, fmt)
+    array = decode_upload(buffer.getvalue(), 32, LIMITS)
+    assert array.shape == (32, 32, 3)
+    assert abs(int(array[..., 1].mean()) - 200) < 12 and int(array[..., 0].mean()) < 40
