@@ -186,6 +186,8 @@ def test_a_stage_process_still_shows_python_errors(tmp_path):
 def test_a_cold_repro_is_quiet_and_says_what_each_stage_did_and_took(reproduced):
     log = reproduced.cold.stdout + reproduced.cold.stderr
     assert not [m for m in NOISE_MARKERS if m in log], log
-    for stage in stages_run(reproduced.cold.stdout):
+    ran = stages_run(reproduced.cold.stdout)
+    assert {"download", "features", "train", "package"} <= set(ran), ran
+    for stage in ran:
         assert re.search(TIMED_LAST_LINE.format(stage=stage), log, re.MULTILINE), stage
     assert re.search(r"^train: epoch 1/\d+: .*val_accuracy", log, re.MULTILINE)
