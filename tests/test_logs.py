@@ -126,6 +126,26 @@ def test_training_prints_one_line_per_epoch_with_its_metrics():
         assert float(match[2]) == pytest.approx(history.history["loss"][epoch - 1], abs=1e-4)
 
 
+def test_registering_the_trained_model_prints_no_misleading_mlflow_warning(mlflow_store, capfd):
+    import keras
+    import mlflow
+
+    from stages.promote import promote_if_better
+
+    mlflow.set_experiment("logs")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+    with mlflow.start_run() as run:  # as train logs it
+        mlflow.keras.log_model(model, name="model", pip_requirements=["keras"])
+    capfd.readouterr()
+    version, promoted = promote_if_better(
+        mlflow.MlflowClient(), "logs", run.info.run_id, "b1", {"accuracy": 0.9}, "accuracy", 0, {}
+    )
+    assert promoted and version.run_id == run.info.run_id
+    err = capfd.readouterr().err
+    assert "Created version '1'" in err  # MLflow's own stderr is captured here
+    assert "has no artifacts" not in err and "WARNING" not in err, err
+
+
 def tiny_workspace(root: Path) -> Path:
     """params.yaml (random-init backbone, 32 px) and preprocess-like arrays of 6 photos/split."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
