@@ -188,10 +188,10 @@ def test_a_stage_process_keeps_tensorflow_noise_out_and_ends_with_a_timed_line(t
 
 
 def test_a_stage_process_still_shows_python_errors(tmp_path):
-    """The filter drops only its lines: a failing stage's one-line error still arrives."""
+    """The filter drops only its lines: a failing stage's traceback still arrives."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "stages.features", "missing", "features"],
+        [sys.executable, "-m", "stages.preprocess", "missing/split.csv", "arrays"],
         cwd=tiny_workspace(tmp_path),
         env=env,
         capture_output=True,
@@ -199,7 +199,8 @@ def test_a_stage_process_still_shows_python_errors(tmp_path):
         timeout=300,
     )
     assert result.returncode != 0
-    assert "FileNotFoundError" in result.stderr and "missing/train.npz" in result.stderr
+    assert result.stderr.startswith("Traceback"), result.stderr
+    assert "FileNotFoundError" in result.stderr and "missing/split.csv" in result.stderr
 
 
 @pytest.mark.slow
