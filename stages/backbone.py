@@ -122,7 +122,7 @@ def features_and_probes(pixels, backbone: keras.Model, layers: list[str]):
     activations of its inner ``layers``, concatenated (novelty's input; stages/train.py).
 
     Inner layers, because the last one's features hardly tell a photo of noise or a flat
-    colour from a photo of a field (measured: README, "neither"); mid-level ones do.
+    colour from a photo of a field (measured: docs/pipeline.md, "Neither"); mid-level ones do.
     """
     probe = keras.Model(
         backbone.input,
@@ -145,8 +145,10 @@ def frozen_features(
     images: np.ndarray,
     batch_size: int,
     augmentation: keras.Sequential | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
 ) -> np.ndarray:
-    """The extractor's features of ``images``, optionally of a random augmented view."""
+    """The extractor's features of ``images``, optionally of a random augmented view;
+    ``callbacks`` see the prediction's batches (progress)."""
     if augmentation is not None:
         images = np.concatenate(
             [
@@ -154,4 +156,4 @@ def frozen_features(
                 for start in range(0, len(images), batch_size)
             ]
         )
-    return extractor.predict(images, batch_size=batch_size, verbose=0)
+    return extractor.predict(images, batch_size=batch_size, verbose=0, callbacks=callbacks)

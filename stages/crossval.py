@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from stages.backbone import (
     make_deterministic,
     resolve_weights,
 )
+from stages.logs import summarised
 from stages.params import load_params
 from stages.split import read_split
 from stages.train import compile_for_training, fit_head, head_training_set
@@ -88,7 +90,6 @@ def fold_head(
         (validation["plain"], validation["labels"]),
         train_params,
         [early_stopping(train_params)],
-        verbose=0,
     )
     return head, fitting, validation
 
@@ -204,13 +205,18 @@ def cross_validate(
     for name in recipes:
         scores = np.full(len(every_row), np.nan)
         accuracies = []
-        for held_out in held_out_rows:
+        for fold, held_out in enumerate(held_out_rows, 1):
+            started = time.perf_counter()
             training = subset(photos, np.setdiff1d(every_row, held_out))
             keras.backend.clear_session()
             scorer = RECIPES[name](training, train_params, params)
             scores[held_out] = scorer(subset(photos, held_out))
             predicted = scores[held_out] >= 0.5
             accuracies.append(float(np.mean(predicted == photos["labels"][held_out])))
+            log(
+                f"crossval: {name}: fold {fold}/{len(held_out_rows)}: accuracy "
+                f"{accuracies[-1]:.4f} ({time.perf_counter() - started:.1f} s)"
+            )
         metrics[name] = {
             "accuracy": float(np.mean(accuracies)),
             "accuracy_sd": float(np.std(accuracies, ddof=1)),
@@ -274,8 +280,9 @@ def write_noise_report(
     )
 
 
+@summarised("crossval")
 @exits_in_one_line_without_weights("crossval")
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("split_csv", type=Path, help="split stage output (file hashes)")
     parser.add_argument("arrays_dir", type=Path, help="preprocess stage output (thumbnails)")
@@ -315,9 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     write_noise_report(
         args.out_dir, photos, images, rows, out_of_fold[recipe], all_params["classes"], recipe
     )
-    print(
-        f"crossval: {len(rows)} of {len(images)} photos contradicted at >= "
-        f"{params['noise_confidence']} by {recipe}: {args.out_dir / 'label_noise.csv'}"
+    return (
+        f"{len(params['recipes'])} recipes x {params['folds']} folds; {len(rows)} of "
+        f"{len(images)} photos contradicted at >= {params['noise_confidence']} by {recipe} "
+        f"-> {args.out_dir}"
     )
 
 

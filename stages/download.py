@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 from PIL import Image
 
+from stages.logs import Progress, summarised
 from stages.params import load_params
 
 # Fetch from here instead of download.base_url, without editing params.yaml: a mirror of the
@@ -157,11 +158,15 @@ def download_one(entry: CatalogueEntry, settings: DownloadSettings, out_dir: Pat
 
 
 def download_dataset(
-    entries: list[CatalogueEntry], settings: DownloadSettings, out_dir: Path
+    entries: list[CatalogueEntry],
+    settings: DownloadSettings,
+    out_dir: Path,
+    progress: Progress | None = None,
 ) -> dict:
     """Download ``entries`` into ``out_dir/<label>/<filename>``; return the report.
 
-    Only validated images are ever written, so a reject leaves nothing behind.
+    Only validated images are ever written, so a reject leaves nothing behind. ``progress``
+    counts the files as they finish.
     """
 
     def attempt(entry: CatalogueEntry) -> str | None:
@@ -182,8 +187,13 @@ def download_dataset(
         raise ServerUnreachable(f"cannot reach {settings.base_url}: {exc}") from exc
     except DownloadError as exc:
         first_reason = str(exc)
+    reasons, failed = [first_reason], int(first_reason is not None)
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        reasons = [first_reason, *pool.map(attempt, entries[1:])]
+        for reason in pool.map(attempt, entries[1:]):
+            reasons.append(reason)
+            failed += reason is not None
+            if progress is not None:
+                progress.update(len(reasons), f"{failed} failed")
 
     classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
     for entry, reason in zip(entries, reasons, strict=True):
@@ -209,7 +219,8 @@ def check_enough_images(report: dict, min_per_class: int) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("download")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("catalogue", type=Path)
     parser.add_argument("out_dir", type=Path)
@@ -221,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = DownloadSettings(**{**params, "base_url": base_url})
     print(f"download: from {settings.base_url}")
     try:
-        report = download_dataset(read_catalogue(args.catalogue), settings, args.out_dir)
+        entries = read_catalogue(args.catalogue)
+        progress = Progress("download", len(entries), "files")
+        report = download_dataset(entries, settings, args.out_dir, progress)
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
         for label, result in report["classes"].items():
@@ -232,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     except DownloadError as exc:
         see = f"; see {args.report}" if args.report.exists() else ""
         sys.exit(f"download failed: {exc}{see}")
+    ok = sum(result["ok"] for result in report["classes"].values())
+    return f"{ok:,} of {len(entries):,} images -> {args.out_dir}"
 
 
 if __name__ == "__main__":

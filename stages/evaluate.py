@@ -34,6 +34,7 @@ from serving.contract import (
     sha256_of,
 )
 from serving.engines import load_engine
+from stages.logs import summarised
 from stages.params import load_params
 from stages.tracking import training_run, use_project_store
 
@@ -114,7 +115,8 @@ def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
         mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items() if v is not None})
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("evaluate")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir", type=Path, help="train's output (the MLflow run's model)")
     parser.add_argument("export_dir", type=Path, help="export's output: what is served")
@@ -154,12 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(prediction_rows(test["paths"], labels, outputs, rule))
 
     log_to_training_run(model_file, test_metrics)
-    print(
-        "evaluate: test "
+    return (
+        "test "
         + ", ".join(
             f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
         )
-        + f"; generated pictures flagged neither: {unlike_share:.3f}"
+        + f"; generated pictures flagged neither: {unlike_share:.3f} -> {args.live_dir}"
     )
 
 

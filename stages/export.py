@@ -16,6 +16,7 @@ import numpy as np
 
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, check_engine
+from stages.logs import summarised
 from stages.params import load_params
 
 
@@ -35,7 +36,8 @@ def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
     model.export(str(out_dir / OPENVINO_FILE), format="openvino", verbose=False)
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("export")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir", type=Path, help="train's output")
     parser.add_argument("export_dir", type=Path)
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
     engine = load_params()["serve"]["engine"]
     export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
-    print(f"export: {args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})")
+    return f"{args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})"
 
 
 if __name__ == "__main__":

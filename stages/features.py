@@ -20,6 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from stages.backbone import (
@@ -32,16 +33,38 @@ from stages.backbone import (
     probe_extractor,
     resolve_weights,
 )
+from stages.logs import PROGRESS_EVERY_SECONDS, Progress, summarised
 from stages.params import load_params
 from stages.split import SPLITS
 
 AUGMENTED_SPLITS = ("train", "val")
 
 
+class CountViews(keras.callbacks.Callback):
+    """Tells ``progress`` how many photo views are done as ``predict()`` ends each batch."""
+
+    def __init__(
+        self, progress: Progress, done_before: int, photos: int, batch_size: int, detail: str
+    ):
+        super().__init__()
+        self.progress, self.detail = progress, detail
+        self.done_before, self.photos, self.batch_size = done_before, photos, batch_size
+
+    def on_predict_batch_end(self, batch: int, logs=None) -> None:
+        done = min(self.photos, (batch + 1) * self.batch_size)
+        self.progress.update(self.done_before + done, self.detail)
+
+
 def extract_features(
-    splits: dict[str, dict[str, np.ndarray]], params: dict, log=print
+    splits: dict[str, dict[str, np.ndarray]],
+    params: dict,
+    log=print,
+    every: float = PROGRESS_EVERY_SECONDS,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Features of every split's ``images``; the same params give the same arrays."""
+    """Features of every split's ``images``; the same params give the same arrays.
+
+    ``log`` gets a progress line at most every ``every`` seconds, and one per split.
+    """
     make_deterministic(params["seed"])
     image_size = next(iter(splits.values()))["images"].shape[1]
     backbone = build_backbone(image_size, resolve_weights(params["weights"]))
@@ -49,35 +72,70 @@ def extract_features(
     with_probes = probe_extractor(backbone, params["novelty_layers"])
     augmentation = build_augmentation(params["seed"])
     batch_size = params["batch_size"]
+    views = {name: view_names(name, params["augment_copies"]) for name in splits}
+    progress = Progress(
+        "features",
+        sum(len(arrays["images"]) * len(views[name]) for name, arrays in splits.items()),
+        "photo views",
+        every,
+        log,
+    )
+    done = 0
+
+    def counted(name: str, view: str, photos: int) -> list[keras.callbacks.Callback]:
+        return [CountViews(progress, done, photos, batch_size, f"{name}: {view}")]
+
     features = {}
     for name, arrays in splits.items():
         started = time.perf_counter()
         images = arrays["images"]
-        plain, probes = with_probes.predict(images, batch_size=batch_size, verbose=0)
+        count = len(images)
+        plain, probes = with_probes.predict(
+            images, batch_size=batch_size, verbose=0, callbacks=counted(name, "plain", count)
+        )
+        done += count
+        flipped = frozen_features(
+            extractor, images[:, :, ::-1], batch_size, callbacks=counted(name, "flipped", count)
+        )
+        done += count
         out = {
             "plain": plain,
             "probes": probes,
-            "flipped": frozen_features(extractor, images[:, :, ::-1], batch_size),
+            "flipped": flipped,
             "labels": arrays["labels"],
             "paths": arrays["paths"],
         }
         if name in AUGMENTED_SPLITS:
-            views = [
-                frozen_features(extractor, images, batch_size, augmentation)
-                for _ in range(params["augment_copies"])
-            ]
-            out["augmented"] = np.stack(views) if views else out["plain"][np.newaxis][:0]
+            augmented = []
+            for view in views[name][2:]:
+                augmented.append(
+                    frozen_features(
+                        extractor,
+                        images,
+                        batch_size,
+                        augmentation,
+                        callbacks=counted(name, view, count),
+                    )
+                )
+                done += count
+            out["augmented"] = np.stack(augmented) if augmented else out["plain"][np.newaxis][:0]
         features[name] = out
-        view_count = 2 + (params["augment_copies"] if name in AUGMENTED_SPLITS else 0)
         log(
-            f"features: {name}: {len(images)} photos x {view_count} views "
+            f"features: {name}: {count} photos x {len(views[name])} views "
             f"in {time.perf_counter() - started:.1f} s"
         )
     return features
 
 
+def view_names(split: str, augment_copies: int) -> list[str]:
+    """The views of each photo of ``split`` the stage computes, in order."""
+    augmented = augment_copies if split in AUGMENTED_SPLITS else 0
+    return ["plain", "flipped", *(f"augmented {i + 1}" for i in range(augmented))]
+
+
+@summarised("features")
 @exits_in_one_line_without_weights("features")
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arrays_dir", type=Path, help="preprocess stage output")
     parser.add_argument("features_dir", type=Path)
@@ -89,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     args.features_dir.mkdir(parents=True, exist_ok=True)
     for split, arrays in features.items():
         np.savez(args.features_dir / f"{split}.npz", **arrays)
+    photos = sum(len(arrays["labels"]) for arrays in features.values())
+    return f"{len(features)} splits, {photos:,} photos -> {args.features_dir}"
 
 
 if __name__ == "__main__":

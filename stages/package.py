@@ -32,6 +32,7 @@ import yaml
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
 from serving.engines import ENGINE_PACKAGES, engine_of
+from stages.logs import summarised
 from stages.params import load_params
 
 BENTOFILE = "bentofile.yaml"
@@ -127,7 +128,8 @@ def write_reproducible_archive(folder: Path, archive: Path) -> None:
     os.replace(partial, archive)
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("package")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_dir", type=Path, help="train's output (the MLflow run's model)")
     parser.add_argument("export_dir", type=Path, help="export's output: what the bento serves")
@@ -141,10 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bentoml-home-") as home:
         tag = build_bento(args.export_dir, card, args.bento_archive, Path(home))
-    print(
-        f"package: bento {tag} (threshold {card.threshold}, test accuracy "
-        f"{card.test_metrics['accuracy']:.3f}) -> {args.bento_archive}; "
-        "register and deploy it with `python -m stages.promote`"
+    print("package: register and deploy the bento with `python -m stages.promote`")
+    return (
+        f"bento {tag} (threshold {card.threshold}, test accuracy "
+        f"{card.test_metrics['accuracy']:.3f}) -> {args.bento_archive}"
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.contract import load_image
+from stages.logs import summarised
 from stages.params import load_params
 from stages.split import SPLITS, read_split
 
@@ -32,7 +33,8 @@ def preprocess_split(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("preprocess")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("split_csv", type=Path)
     parser.add_argument("out_dir", type=Path)
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     image_size = params["preprocess"]["image_size"]
     rows = read_split(args.split_csv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    counts, total = [], 0
     for split in SPLITS:
         chosen = [row for row in rows if row.split == split]
         arrays = preprocess_split(
@@ -52,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         # Uncompressed: training loads it in a fraction of a second.
         np.savez(args.out_dir / f"{split}.npz", **arrays)
-        print(f"preprocess: {split}: {len(chosen)} images at {image_size}px")
+        counts.append(f"{len(chosen)} {split}")
+        total += len(chosen)
+    return f"{total} images ({', '.join(counts)}) at {image_size} px -> {args.out_dir}"
 
 
 if __name__ == "__main__":

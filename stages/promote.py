@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -44,6 +45,15 @@ from stages.tracking import training_run, use_project_store
 CHAMPION = "champion"
 BENTO_TAG = "bento"  # registered version tag: the version of the bento that ships it
 BENTO_ARTIFACTS = "bento"  # run artifact folder holding the bento archive
+
+
+# MLflow 3 keeps a model logged with log_model(name="model") apart from its run's artifacts, so
+# registering runs:/<run id>/model finds no artifacts there and registers that logged model
+# (models:/m-...) instead: exactly the model meant, but announced as a WARNING that reads like a
+# failure. Only that message is dropped; MLflow's other warnings still show.
+logging.getLogger("mlflow.tracking._model_registry.fluent").addFilter(
+    lambda record: "has no artifacts at artifact path 'model'" not in record.getMessage()
+)
 
 
 class PromotionError(Exception):

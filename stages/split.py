@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.logs import summarised
 from stages.params import load_params
 
 SPLITS = ("train", "val", "test")
@@ -128,7 +129,8 @@ def read_split(path: Path) -> list[SplitRow]:
         return [SplitRow(**row) for row in csv.DictReader(handle)]
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("split")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("catalogue", type=Path, help="for its reviewed exclusions")
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, reason in sorted(exclusions.items()):
         print(f"split: excluded {name}: {reason}")
     write_split(rows, args.out_csv)
-    for split in (*SPLITS, EXCLUDED):
-        print(f"split: {split}: {sum(r.split == split for r in rows)} images")
+    counts = ", ".join(f"{sum(r.split == s for r in rows)} {s}" for s in (*SPLITS, EXCLUDED))
+    return f"{len(rows)} images ({counts}) -> {args.out_csv}"
 
 
 if __name__ == "__main__":

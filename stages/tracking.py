@@ -9,6 +9,7 @@ with that copy. DVC exports the real project root to every stage command as ``DV
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def project_root() -> Path:
 
 def use_project_store(experiment: str = EXPERIMENT) -> None:
     """Point MLflow at the project's store (unless the user chose one) and select ``experiment``."""
+    # MLflow announces at INFO that it creates (and migrates) a new store's tables: expected on
+    # a project's first run, and not news in a stage's log. Its warnings and errors still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         root = project_root()
         mlflow.set_tracking_uri(f"sqlite:///{root / STORE_FILE}")

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from stages.backbone import (
     probe_extractor,
     resolve_weights,
 )
+from stages.logs import summarised
 from stages.params import load_params
 from stages.tracking import use_project_store
 
@@ -68,6 +70,24 @@ class LiveMetrics(DVCLiveCallback):
             split, name = ("val", metric[4:]) if metric.startswith("val_") else ("train", metric)
             self.live.log_metric(f"{split}/{name}", value)
         self.live.next_step()
+
+
+class EpochLines(keras.callbacks.Callback):
+    """One line per epoch with its metrics (Keras' ``verbose=2`` prints two)."""
+
+    def __init__(self, log=print):
+        super().__init__()
+        self.log = log
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items())
+        self.log(
+            f"train: epoch {epoch + 1}/{self.params['epochs']}: {metrics} "
+            f"({time.perf_counter() - self.started:.1f} s)"
+        )
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, label_smoothing: float) -> None:
@@ -136,9 +156,9 @@ def fit_head(
     validation: tuple[np.ndarray, np.ndarray],
     params: dict,
     callbacks: list,
-    verbose: int = 2,
 ) -> tuple[keras.Model, keras.callbacks.History]:
-    """A new head fitted on ``(features, labels)``; ``callbacks`` stop it early on validation."""
+    """A new head fitted on ``(features, labels)``; ``callbacks`` stop it early on validation
+    (and print progress: Keras' own is off)."""
     head = build_head(training[0].shape[1], params["dropout"])
     compile_for_training(head, params["learning_rate"], params["label_smoothing"])
     history = head.fit(
@@ -147,7 +167,7 @@ def fit_head(
         epochs=params["epochs"],
         batch_size=params["batch_size"],
         callbacks=callbacks,
-        verbose=verbose,
+        verbose=0,
     )
     return head, history
 
@@ -181,7 +201,7 @@ def train_classifier(
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=params["patience"], restore_best_weights=True
     )
-    callbacks = [stop, LiveMetrics(live=live)]
+    callbacks = [stop, LiveMetrics(live=live), EpochLines(log=lambda line: print(line, flush=True))]
     head, history = fit_head(
         (train_features, train_labels), (val_features, val["labels"]), params, callbacks
     )
@@ -203,7 +223,7 @@ def train_classifier(
                 epochs=epochs_run + params["fine_tune_epochs"],
                 batch_size=batch_size,
                 callbacks=callbacks,
-                verbose=2,
+                verbose=0,
             )
         epochs_run += len(history.epoch)
 
@@ -266,8 +286,9 @@ def _renumber_shared_objects(config, ids: dict | None = None):
     return config
 
 
+@summarised("train")
 @exits_in_one_line_without_weights("train")
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("arrays_dir", type=Path, help="preprocess stage output")
     parser.add_argument("features_dir", type=Path, help="features stage output")
@@ -315,9 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.keras.log_model(
             classifier, name="model", pip_requirements=SERVING_REQUIREMENTS, signature=signature
         )
-    print(
-        f"train: {summary['epochs_run']} epochs run, best epoch {summary['best/epoch']}, "
-        f"val accuracy {summary['best/val_accuracy']:.3f}"
+    return (
+        f"{summary['epochs_run']} epochs run, best epoch {summary['best/epoch']}, "
+        f"val accuracy {summary['best/val_accuracy']:.3f} -> {args.model_dir}"
     )
 
 
