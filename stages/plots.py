@@ -24,6 +24,8 @@ from pathlib import Path
 
 import vl_convert
 
+from stages.logs import summarised
+
 # DVC's plot templates are Vega-Lite v5 specs: draw them with the newest v5 vl-convert has.
 VEGA_LITE = "5.21"
 SCALE = 1.5  # PNG pixels per chart pixel: sharp in a README without being heavy
@@ -123,7 +125,8 @@ def dvc_plots_json(*args: str) -> str:
     return result.stdout
 
 
-def main(argv: list[str] | None = None) -> None:
+@summarised("plots")
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="directory for one PNG per named plot")
     parser.add_argument("template", type=Path, help="HTML template file to write")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out_dir / SPECS_FILE).write_text(json.dumps(specs, indent=1) + "\n")
     args.template.parent.mkdir(parents=True, exist_ok=True)
     args.template.write_text(template, encoding="utf-8")
-    print(f"plots: {', '.join(sorted(images))} in {args.out_dir}; page template {args.template}")
+    return f"{len(images)} PNGs -> {args.out_dir}, page template -> {args.template}"
 
 
 if __name__ == "__main__":
