@@ -8,6 +8,10 @@ dvc.yaml as `dvc plots diff` renders them (base and workspace side by side), tur
 PNG files next to the report so CML can upload them (drawn as the plots stage draws the
 README's, stages/plots.py). On GitHub Actions the script also sets the step output
 ``metrics_changed`` (true/false) for the retrain workflow.
+
+``--data-source public`` (set by the cml workflow when .github/scripts/pull.sh found no MinIO
+secrets) adds a note that nothing came from the team's remote: every stage was rebuilt from
+the public data URL.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stages.download import BASE_URL_VARIABLE
+from stages.params import load_params
 from stages.plots import PlotsError, file_name, plot_specs, png
 
 # Named plots of dvc.yaml shown in the report.
@@ -61,7 +67,21 @@ def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
     return images
 
 
-def build_report(base: str, report: Path, repo: Path = Path(".")) -> bool:
+def public_rebuild_note(repo: Path) -> list[str]:
+    """What a rebuild without the remote used: the data URL the download stage read."""
+    params = load_params(repo / "params.yaml")["download"]
+    base_url = os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
+    return [
+        "> **Rebuilt without the DVC remote.** This repository has no MinIO secrets (a fork or",
+        "> a fresh copy), so nothing was pulled: `dvc repro` ran every stage, downloading the",
+        f"> photos from {base_url} and the ImageNet backbone from Keras' public URL.",
+        "",
+    ]
+
+
+def build_report(
+    base: str, report: Path, repo: Path = Path("."), data_source: str = "remote"
+) -> bool:
     """Write ``report`` (and its images beside it); return whether any metric changed."""
     report.parent.mkdir(parents=True, exist_ok=True)
     changed = metrics_changed(base, repo)
@@ -74,6 +94,7 @@ def build_report(base: str, report: Path, repo: Path = Path(".")) -> bool:
     lines = [
         f"## Model report: workspace vs `{base}`",
         "",
+        *(public_rebuild_note(repo) if data_source == "public" else []),
         "### Metrics",
         "",
         metrics.strip() or "No metrics found.",
@@ -96,9 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help="Git revision to compare with, e.g. origin/main")
     parser.add_argument("report", type=Path, help="Markdown file to write (images go beside it)")
+    parser.add_argument(
+        "--data-source",
+        choices=("remote", "public"),
+        default="remote",
+        help="where the pipeline's inputs came from (pull.sh's step output): public adds a note",
+    )
     args = parser.parse_args(argv)
     try:
-        changed = build_report(args.base, args.report)
+        changed = build_report(args.base, args.report, data_source=args.data_source)
     except (ReportError, PlotsError) as error:
         sys.exit(f"report: {error}")
     if github_output := os.environ.get("GITHUB_OUTPUT"):
