@@ -341,8 +341,8 @@ def test_readyz_answers_within_seconds_from_the_start(reproduced, tmp_path):
 
 
 def test_the_locust_load_test_runs_headless_without_failures(service, tmp_path):
-    """tests/locustfile.py as docs/serving.md runs it, briefly (bounded: 8 s of 4 users)."""
-    locustfile = service.workspace / "tests" / "locustfile.py"  # beside the workspace's data
+    """benchmarks/locustfile.py as docs/serving.md runs it, briefly (bounded: 8 s of 4 users)."""
+    locustfile = service.workspace / "benchmarks" / "locustfile.py"  # beside the workspace's data
     command = [sys.executable, "-m", "locust", "-f", str(locustfile), "--host", service.url]
     command += ["--headless", "--users", "4", "--spawn-rate", "4", "--run-time", "8s"]
     command += ["--csv", str(tmp_path / "load"), "--only-summary"]

@@ -18,7 +18,7 @@ CPU is also given per request, for the server and for this load generator (which
 cores), beside the engine's own CPU per image, so what the HTTP path costs on top of
 inference is explicit.
 
-    python tests/load_benchmark.py [--requests 240] [--concurrency 1 8 32]
+    python benchmarks/load_benchmark.py [--requests 240] [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ import requests
 from engine_benchmark import images_per_second
 from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the annotations
 from prometheus_client.parser import text_string_to_metric_families
+
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import (
     REPO_ROOT,
     free_port,

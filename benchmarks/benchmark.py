@@ -5,7 +5,7 @@ copy of the dataset) and the S3 remote is moto's server on 127.0.0.1, so the fig
 the pipeline and DVC, not the internet. Run it from the repo root with the project's
 environment active:
 
-    python tests/benchmark.py [--mirror DIR] [--noop-runs 3]
+    python benchmarks/benchmark.py [--mirror DIR] [--noop-runs 3]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import (
     DATASET_MIRROR,
     WEIGHTS_DIR,
