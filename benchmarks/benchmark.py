@@ -21,21 +21,18 @@ from pathlib import Path
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import (
-    DATASET_MIRROR,
-    WEIGHTS_DIR,
-    configure_remote,
-    copy_workspace,
+from support.dvc import (
     delete_cache_and_outputs,
     dvc,
     file_hashes,
-    fresh_moto_account,
-    moto_s3_server,
     output_paths,
     pipeline_env,
     prepare_keras_home,
-    serve_directory,
 )
+from support.git import copy_workspace
+from support.http import serve_directory
+from support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from support.s3 import configure_remote, fresh_moto_account, moto_s3_server
 
 
 def timed_dvc(workspace: Path, env: dict[str, str], *args: str) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import PIPELINE_PATHS, REPO_ROOT
+from support.paths import PIPELINE_PATHS, REPO_ROOT
 
 from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine

@@ -35,7 +35,10 @@ from PIL import Image
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import REPO_ROOT, free_port, running_server, split_photos
+from support.http import free_port
+from support.paths import REPO_ROOT
+from support.processes import running_server
+from support.service import split_photos
 
 BIG_SIDE = 2850  # px; a noise JPEG of this side at quality 95 is about 9 MB
 

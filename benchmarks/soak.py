@@ -34,7 +34,10 @@ from load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support import REPO_ROOT, free_port, running_server, split_photos
+from support.http import free_port
+from support.paths import REPO_ROOT
+from support.processes import running_server
+from support.service import split_photos
 
 
 def model_worker(server: psutil.Process) -> psutil.Process:

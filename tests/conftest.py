@@ -9,22 +9,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from support import (
-    DATASET_MIRROR,
-    WEIGHTS_DIR,
-    RunningService,
-    S3Endpoint,
-    copy_workspace,
-    dvc,
-    fresh_moto_account,
-    git,
-    moto_s3_server,
-    pipeline_env,
-    prepare_keras_home,
-    python_module,
-    serve_directory,
-    serving,
-)
+from support.dvc import dvc, pipeline_env, prepare_keras_home
+from support.git import copy_workspace, git
+from support.http import serve_directory
+from support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from support.processes import python_module
+from support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
+from support.service import RunningService, serving
 
 
 def require_shared(path):

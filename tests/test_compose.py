@@ -16,7 +16,9 @@ from urllib.parse import urlparse
 import yaml
 from conftest import require_tools
 from dvc.repo import Repo
-from support import REPO_ROOT, copy_workspace, service_constant
+from support.git import copy_workspace
+from support.paths import REPO_ROOT
+from support.service import service_constant
 
 
 def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) -> dict:

@@ -13,7 +13,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from support import REPO_ROOT
+from support.paths import REPO_ROOT
 
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, engine_of, load_engine

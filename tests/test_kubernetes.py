@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
-from support import REPO_ROOT, service_constant
+from support.paths import REPO_ROOT
+from support.service import service_constant
 
 KUSTOMIZE_DIRS = {
     "base": REPO_ROOT / "deploy/kubernetes/base",

@@ -12,7 +12,10 @@ import tarfile
 import keras
 import pytest
 import yaml
-from support import PIPELINE_PATHS, REPO_ROOT, copy_workspace, python_module, set_param
+from support.dvc import set_param
+from support.git import copy_workspace
+from support.paths import PIPELINE_PATHS, REPO_ROOT
+from support.processes import python_module
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
 from stages.export import export_model

@@ -9,7 +9,7 @@ import pytest
 import requests
 from conftest import require_tools
 from PIL import Image
-from support import DATASET_MIRROR
+from support.paths import DATASET_MIRROR
 
 pytestmark = pytest.mark.slow
 

@@ -7,18 +7,10 @@ import shutil
 import socket
 
 import pytest
-from support import (
-    PIPELINE_PATHS,
-    PIPELINE_STAGES,
-    REPO_ROOT,
-    copy_workspace,
-    dvc,
-    git,
-    output_paths,
-    serve_directory,
-    set_param,
-    stages_run,
-)
+from support.dvc import dvc, output_paths, set_param, stages_run
+from support.git import copy_workspace, git
+from support.http import serve_directory
+from support.paths import PIPELINE_PATHS, PIPELINE_STAGES, REPO_ROOT
 
 STAGES = PIPELINE_STAGES
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, git, python_module, with_interpreter_tools
+from support.git import git
+from support.paths import REPO_ROOT
+from support.processes import python_module, with_interpreter_tools
 
 HOOKS = [
     "ruff-check",

@@ -16,21 +16,11 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from support import (
-    EVALUATE_METRICS,
-    PIPELINE_PATHS,
-    dvc,
-    evaluated_predictions,
-    free_port,
-    multipart_body,
-    python_module,
-    served_answers,
-    serving,
-    set_param,
-    split_photos,
-    stages_run,
-    stop_process_group,
-)
+from support.dvc import dvc, set_param, stages_run
+from support.http import free_port, multipart_body
+from support.paths import EVALUATE_METRICS, PIPELINE_PATHS
+from support.processes import python_module, stop_process_group
+from support.service import evaluated_predictions, served_answers, serving, split_photos
 
 from serving.contract import MODEL_FILE, NOVELTY, PROBABILITY, DecisionRule, sha256_of
 from serving.engines import engine_of, load_engine

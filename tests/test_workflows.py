@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import yaml
-from support import REPO_ROOT
+from support.paths import REPO_ROOT
 
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
 
