@@ -148,11 +148,19 @@ UNUSUAL = {
 }
 
 
+# Those that keep the photo's colours (grayscale ones drop the cue that tells the classes apart).
+KEEP_COLOURS = {"png-with-alpha", "cmyk-jpeg", "palette-gif", "animated-gif", "exif-rotated-jpeg"}
+
+
 @pytest.mark.parametrize("kind", UNUSUAL)
 def test_unusual_but_valid_images_are_classified(service, kind):
-    response = post_image(service, UNUSUAL[kind](a_photo(service)), filename=f"{kind}.img")
+    # The test photo evaluate scored furthest from the threshold: re-encoding cannot flip it.
+    photo = max(evaluated_predictions(service.workspace), key=lambda p: abs(p.score - 0.5))
+    picture = Image.open(photo.photo).convert("RGB")
+    response = post_image(service, UNUSUAL[kind](picture), filename=f"{kind}.img")
     assert response.status_code == 200, response.text
-    assert response.json()["label"] in {"dandelion", "grass"}
+    if kind in KEEP_COLOURS:  # decoded as the same picture: evaluate's label for it
+        assert response.json()["label"] == photo.predicted, (photo, response.json())
 
 
 def png_claiming_size(width: int, height: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import keras
@@ -24,6 +25,7 @@ BACKBONE = {
     "augment_copies": 1,
     "novelty_layers": ["block_6_expand_relu", "block_10_expand_relu"],
 }
+CLASSES = ["grass", "dandelion"]  # class index 1 is the positive class, as in params.yaml
 PARAMS = {
     "seed": 1,
     "batch_size": 8,
@@ -159,7 +161,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
             {
-                "classes": ["grass", "dandelion"],
+                "classes": CLASSES,
                 "features": BACKBONE,
                 "train": PARAMS,
                 "evaluate": {"threshold": 0.5},
@@ -190,8 +192,18 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert set(evaluated["unlike"]) == {"neither_share"}
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
-    predictions = (tmp_path / "results/evaluate" / PREDICTIONS_FILE).read_text().splitlines()
-    assert predictions[0] == ",".join(evaluate.PREDICTION_FIELDS) and len(predictions) == 1 + 8
+    with open(tmp_path / "results/evaluate" / PREDICTIONS_FILE, newline="") as handle:
+        assert handle.readline().strip() == ",".join(evaluate.PREDICTION_FIELDS)
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    # One row per test photo, with its true label, and a decision that follows its score.
+    assert [row["label"] for row in rows] == [CLASSES[i] for i in tiny_split(8, 2)["labels"]]
+    assert [row["predicted"] for row in rows] == [
+        CLASSES[float(row["score"]) >= 0.5] for row in rows
+    ]
+    # The reported metrics are those of these very rows.
+    correct = [row["predicted"] == row["label"] for row in rows]
+    assert test_metrics["accuracy"] == pytest.approx(np.mean(correct))
 
     # The run is found by the model's SHA-256, as evaluate and promote find it.
     run = training_run(sha256_of(tmp_path / "model" / MODEL_FILE))
