@@ -19,7 +19,8 @@ def serve_http(handler_class, **handler_kwargs) -> Iterator[str]:
     handler = functools.partial(handler_class, **handler_kwargs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True  # a handler still sleeping cannot block the teardown
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Polled every 50 ms for shutdown (not the default 0.5 s): each teardown waits that long.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
