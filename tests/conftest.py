@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -76,7 +77,8 @@ def keras_home(tmp_path_factory):
 def empty_mlflow_db(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its schema made, to copy: the migrations take seconds."""
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    with contextlib.chdir(path.parent):  # the default experiment's ./mlruns: not the repo's
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -84,6 +86,7 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
 def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
     """An isolated MLflow tracking store, so tests never write to the repo's own."""
     shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)  # new experiments keep their artifacts in ./mlruns, here
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
