@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,22 +10,35 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from support import (
-    DATASET_MIRROR,
-    WEIGHTS_DIR,
-    RunningService,
-    S3Endpoint,
-    copy_workspace,
-    dvc,
-    fresh_moto_account,
-    git,
-    moto_s3_server,
-    pipeline_env,
-    prepare_keras_home,
-    python_module,
-    serve_directory,
-    serving,
-)
+from support.dvc import dvc, pipeline_env, prepare_keras_home
+from support.git import copy_workspace, git
+from support.http import serve_directory
+from support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from support.processes import python_module
+from support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
+from support.service import RunningService, serving
+
+# Fixtures that need ../shared, the reproduced pipeline or a served bento.
+NEEDS_PIPELINE = {
+    "dataset_mirror",
+    "keras_home",
+    "reproduced",
+    "pipeline_copy",
+    "promoted",
+    "service",
+}
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (-m "not slow") runs without ../shared: a test using those fixtures would
+    only be skipped there, so it must be marked slow."""
+    misfiled = [
+        item.nodeid
+        for item in items
+        if not item.get_closest_marker("slow") and NEEDS_PIPELINE & set(item.fixturenames)
+    ]
+    if misfiled:
+        raise pytest.UsageError(f"mark slow (they need ../shared or the pipeline): {misfiled}")
 
 
 def require_shared(path):
@@ -59,9 +73,20 @@ def keras_home(tmp_path_factory):
     return prepare_keras_home(tmp_path_factory.mktemp("keras_home"))
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema made, to copy: the migrations take seconds."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    with contextlib.chdir(path.parent):  # the default experiment's ./mlruns: not the repo's
+        mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch, empty_mlflow_db):
     """An isolated MLflow tracking store, so tests never write to the repo's own."""
+    shutil.copyfile(empty_mlflow_db, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)  # new experiments keep their artifacts in ./mlruns, here
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

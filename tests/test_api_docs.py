@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import require_tools
 from stub_service import CARD, photo, stub_service
-from support import free_port
+from support.http import free_port
 
 from serving.uploads import REJECTIONS
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from support import REPO_ROOT
+from support.paths import REPO_ROOT
 
 from stages.backbone import IMAGENET_WEIGHTS_FILE
 from stages.split import SPLITS

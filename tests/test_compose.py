@@ -7,6 +7,8 @@ the file exactly as `docker compose up` would before starting anything.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -16,14 +18,23 @@ from urllib.parse import urlparse
 import yaml
 from conftest import require_tools
 from dvc.repo import Repo
-from support import REPO_ROOT, copy_workspace, service_constant
+from support.git import copy_workspace
+from support.paths import REPO_ROOT
+from support.service import service_constant
 
 
 def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) -> dict:
+    """What `docker-compose config` makes of the stack (each variant run once: a second)."""
     (binary,) = require_tools("docker-compose")
+    env_items = tuple(sorted((extra_env or {}).items()))
+    return copy.deepcopy(_compose_config(binary, extra_args, env_items))
+
+
+@functools.cache
+def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) -> dict:
     ours = ("MINIO_", "MLFLOW_", "CLASSIFIER_", "PROMETHEUS_", "GRAFANA_", "GIT_REVISION")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
-    env.update(extra_env or {})
+    env.update(env_items)
     result = subprocess.run(
         [binary, "--project-directory", str(REPO_ROOT), *extra_args, "config"],
         cwd=REPO_ROOT,

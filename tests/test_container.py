@@ -14,7 +14,10 @@ import uuid
 import pytest
 import requests
 from conftest import require_tools
-from support import REPO_ROOT, free_port, running_server, split_photos
+from support.http import free_port
+from support.paths import REPO_ROOT
+from support.processes import running_server
+from support.service import split_photos
 
 pytestmark = pytest.mark.slow
 PODMAN_DIR = REPO_ROOT / "tests" / "podman"

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from support import make_image
+from support.images import make_image
 
 from serving import contract
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import PIPELINE_PATHS, REPO_ROOT
+from support.paths import PIPELINE_PATHS, REPO_ROOT
 
 from stages.package import included_files
 

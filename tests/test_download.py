@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from support import make_image, serve_http
+from support.http import serve_http
+from support.images import make_image
 
 from stages import download
 from stages.download import CatalogueEntry, DownloadError, DownloadSettings

@@ -13,7 +13,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from support import REPO_ROOT
+from support.paths import REPO_ROOT
 
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, engine_of, load_engine
@@ -64,25 +64,31 @@ def test_openvino_export_scores_as_keras_does(keras_file, images, tmp_path):
 
 
 def test_export_is_byte_identical_from_fresh_processes(keras_file, tmp_path):
-    """dvc.lock must not change between clean runs: the converted files are the same bytes."""
-    digests = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        code = (
-            "import sys; from pathlib import Path; from stages.export import export_model; "
-            "export_model(Path(sys.argv[1]), Path(sys.argv[2]), 'openvino')"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(keras_file), str(out)],
+    """dvc.lock must not change between clean runs: the converted files are the same bytes.
+
+    Each export in a fresh process, as `dvc repro` runs the stage (an export in a process that
+    has converted other models may name things differently). Both run at once."""
+    code = (
+        "import sys; from pathlib import Path; from stages.export import export_model; "
+        "export_model(Path(sys.argv[1]), Path(sys.argv[2]), 'openvino')"
+    )
+    exports = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(keras_file), str(tmp_path / run)],
             cwd=REPO_ROOT,
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=300,
         )
-        assert done.returncode == 0, done.stderr[-2000:]
-        digests.append(
-            {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()}
-        )
+        for run in ("a", "b")
+    ]
+    errors = [export.communicate(timeout=300)[1] for export in exports]  # both finish first
+    for export, stderr in zip(exports, errors, strict=True):
+        assert export.returncode == 0, stderr[-2000:]
+    digests = [
+        {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()}
+        for out in (tmp_path / "a", tmp_path / "b")
+    ]
     assert digests[0] == digests[1] and set(digests[0]) == {"classifier.xml", "classifier.bin"}
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from support import EVALUATE_METRICS, dvc, git, python_module, stages_run
+from support.dvc import dvc, stages_run
+from support.git import git
+from support.paths import EVALUATE_METRICS
+from support.processes import python_module
 
 pytestmark = pytest.mark.slow
 

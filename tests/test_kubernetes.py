@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
-from support import REPO_ROOT, service_constant
+from support.paths import REPO_ROOT
+from support.service import service_constant
 
 KUSTOMIZE_DIRS = {
     "base": REPO_ROOT / "deploy/kubernetes/base",
@@ -100,7 +101,7 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
 
     resources_ = container["resources"]
     assert set(resources_["requests"]) == set(resources_["limits"]) == {"cpu", "memory"}
-    # The process tree levels off at 370 MiB (tests/soak.py): the limit must sit above that.
+    # The process tree levels off at 370 MiB (benchmarks/soak.py): the limit must sit above that.
     limit = resources_["limits"]["memory"]
     assert limit.endswith(("Mi", "Gi"))
     assert int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1) > 370

@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from support import REPO_ROOT, make_image, serve_directory, stages_run
+from support.dvc import stages_run
+from support.http import serve_directory
+from support.images import make_image
+from support.paths import REPO_ROOT
 
 from stages.download import CatalogueEntry, DownloadSettings, download_dataset
 from stages.logs import NATIVE_NOISE, Progress, pass_through, summarised

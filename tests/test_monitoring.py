@@ -19,16 +19,12 @@ import requests
 import yaml
 from conftest import require_tools
 from prometheus_client.parser import text_string_to_metric_families
-from support import (
-    PIPELINE_PATHS,
-    REPO_ROOT,
-    evaluated_predictions,
-    free_port,
-    git,
-    make_image,
-    running_server,
-    served_answers,
-)
+from support.git import git
+from support.http import free_port
+from support.images import make_image
+from support.paths import PIPELINE_PATHS, REPO_ROOT
+from support.processes import running_server
+from support.service import evaluated_predictions, served_answers
 
 from serving.metrics import LOW_CONFIDENCE
 from serving.uploads import REJECTIONS

@@ -12,7 +12,10 @@ import tarfile
 import keras
 import pytest
 import yaml
-from support import PIPELINE_PATHS, REPO_ROOT, copy_workspace, python_module, set_param
+from support.dvc import set_param
+from support.git import copy_workspace
+from support.paths import PIPELINE_PATHS, REPO_ROOT
+from support.processes import python_module
 
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
 from stages.export import export_model
@@ -55,9 +58,16 @@ def bento_contents(archive) -> tuple[dict, ModelCard, list[str]]:
     return bento, card, sorted(n.removeprefix("src/") for n in files if n.startswith("src/"))
 
 
-def test_same_inputs_in_two_directories_give_identical_archives(model_dir, tmp_path):
-    user_home = tmp_path / "user-bentoml"
-    first = package(copy_workspace(tmp_path / "a" / "repo"), model_dir, user_home)
+@pytest.fixture(scope="module")
+def built(model_dir, tmp_path_factory):
+    """A bento archive the stage built in a copy of this repo, and the user's BentoML home."""
+    root = tmp_path_factory.mktemp("built")
+    user_home = root / "user-bentoml"
+    return package(copy_workspace(root / "a" / "repo"), model_dir, user_home), user_home
+
+
+def test_same_inputs_in_two_directories_give_identical_archives(built, model_dir, tmp_path):
+    first, user_home = built
     second = package(copy_workspace(tmp_path / "elsewhere" / "b"), model_dir, user_home)
     assert first.read_bytes() == second.read_bytes()
     # dvc repro changes no state outside Git and DVC: the user's BentoML store is untouched.
@@ -79,9 +89,9 @@ def test_same_inputs_in_two_directories_give_identical_archives(model_dir, tmp_p
     assert not [name for name in sources if name.startswith("stages/")]
 
 
-def test_a_threshold_change_is_a_new_bento_carrying_the_new_threshold(model_dir, tmp_path):
+def test_a_threshold_change_is_a_new_bento_carrying_the_new_threshold(built, model_dir, tmp_path):
+    before = bento_contents(built[0])[1]
     workspace = copy_workspace(tmp_path / "repo")
-    before = bento_contents(package(workspace, model_dir, tmp_path / "home"))[1]
     set_param(workspace, "evaluate.threshold", 0.62)
     after = bento_contents(package(workspace, model_dir, tmp_path / "home"))[1]
     assert after.threshold == 0.62 and after.rule.predict(0.61) == 0

@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import require_tools
 from PIL import Image, ImageStat
-from support import split_photos
+from support.service import split_photos
 
 pytestmark = pytest.mark.slow
 

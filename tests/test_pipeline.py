@@ -7,18 +7,10 @@ import shutil
 import socket
 
 import pytest
-from support import (
-    PIPELINE_PATHS,
-    PIPELINE_STAGES,
-    REPO_ROOT,
-    copy_workspace,
-    dvc,
-    git,
-    output_paths,
-    serve_directory,
-    set_param,
-    stages_run,
-)
+from support.dvc import dvc, output_paths, set_param, stages_run
+from support.git import copy_workspace, git
+from support.http import serve_directory
+from support.paths import PIPELINE_PATHS, PIPELINE_STAGES, REPO_ROOT
 
 STAGES = PIPELINE_STAGES
 # The frozen ImageNet backbone separates the classes well (0.955 5-fold CV accuracy for a
@@ -81,7 +73,7 @@ def test_changing_a_train_param_reruns_only_what_depends_on_it(pipeline_copy, re
     set_param(pipeline_copy, "train.dropout", 0.3)
     changed = dvc(pipeline_copy, "repro", env=reproduced.env)
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert stages_run(changed.stdout) == ["train", "export", "evaluate", "package"]
+    assert stages_run(changed.stdout) == ["train", "export", "evaluate", "package", "plots"]
 
 
 def test_a_second_clean_run_elsewhere_gives_the_committed_dvc_lock_byte_for_byte(

@@ -25,7 +25,8 @@ from PIL import Image
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from support import PIPELINE_PATHS, REPO_ROOT, git
+from support.git import git
+from support.paths import PIPELINE_PATHS, REPO_ROOT
 
 from stages.plots import SPECS_FILE, file_name, page_template, plot_specs, render
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO_ROOT, git, python_module, with_interpreter_tools
+from support.git import git
+from support.paths import REPO_ROOT
+from support.processes import python_module, with_interpreter_tools
 
 HOOKS = [
     "ruff-check",
@@ -58,6 +60,7 @@ def test_ruff_hook_pins_the_ruff_of_constraints():
     assert set(re.findall(r"ruff==([\w.]+)", config)) == {pinned.group(1)}
 
 
+@pytest.mark.slow  # builds every hook's environment from PyPI: network, and ~20 s
 def test_all_files_pass_every_hook_in_a_fresh_clone(tmp_path, hook_env):
     workspace = fresh_clone(tmp_path / "repo")
     result = pre_commit(workspace, "run", "--all-files", env=hook_env)
@@ -66,6 +69,7 @@ def test_all_files_pass_every_hook_in_a_fresh_clone(tmp_path, hook_env):
     assert "hook id: dvc-pre-commit" in result.stdout  # `dvc status` ran (verbose hook)
 
 
+@pytest.mark.slow  # builds every hook's environment from PyPI: network, and ~20 s
 def test_installed_hooks_refuse_a_bad_commit(tmp_path, hook_env):
     workspace = fresh_clone(tmp_path / "repo")
     head_before = git(workspace, "rev-parse", "HEAD").stdout

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support import make_image
+from support.images import make_image
 
 from stages import preprocess
 

@@ -7,7 +7,9 @@ import keras
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from support import PIPELINE_PATHS, dvc, python_module, set_param
+from support.dvc import dvc, set_param
+from support.paths import PIPELINE_PATHS
+from support.processes import python_module
 
 from serving.contract import MODEL_NAME
 from stages import promote

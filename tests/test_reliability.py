@@ -13,14 +13,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
 import numpy as np
 import pytest
 import requests
-from support import free_port, multipart_body, running_server, split_photos
+from support.http import free_port, multipart_body
+from support.load import Outcome, send_photos
+from support.processes import running_server
+from support.service import split_photos
 
 from serving.uploads import RETRY_AFTER_SECONDS, STALL_SECONDS
 
@@ -109,65 +110,11 @@ def test_stalled_and_trickling_uploads_get_408_in_seconds_while_others_are_serve
     )
 
 
-@dataclass(frozen=True)
-class Outcome:
-    started: float  # time.monotonic() when the request was sent
-    status: int | str  # the HTTP status, or "refused" (at connect), "reset" or an error name
-    seconds: float
-    retry_after: str | None
-
-
-async def flood(
-    url: str,
-    photos: list[bytes],
-    concurrency: int,
-    seconds: float,
-    backoff: bool,
-    fresh_connections: bool = False,
-) -> list[Outcome]:
-    """POST /predict from ``concurrency`` clients for ``seconds``, one after another each.
-
-    ``backoff``: after a 503 a client waits as Retry-After says, as well-behaved clients do;
-    otherwise it sends again at once. ``fresh_connections``: a new connection per request, so
-    that a request either reaches the server or is refused at connect, and is never lost on a
-    kept-alive connection the server has just closed."""
-    outcomes: list[Outcome] = []
-    deadline = time.monotonic() + seconds
-
-    async def client(session: aiohttp.ClientSession, offset: int) -> None:
-        sent = offset
-        while time.monotonic() < deadline:
-            form = aiohttp.FormData()
-            form.add_field("image", photos[sent % len(photos)], filename="photo.jpg")
-            sent += 1
-            started, retry_after = time.monotonic(), None
-            try:
-                async with session.post(f"{url}/predict", data=form) as response:
-                    await response.read()
-                    status, retry_after = response.status, response.headers.get("Retry-After")
-            except aiohttp.ClientConnectorError:
-                status = "refused"
-            except aiohttp.ClientOSError:  # reset in the socket's queue, unread
-                status = "reset"
-            except (TimeoutError, aiohttp.ClientError) as error:
-                status = type(error).__name__
-            outcomes.append(Outcome(started, status, time.monotonic() - started, retry_after))
-            if backoff and status == 503:
-                await asyncio.sleep(float(retry_after))
-            elif not isinstance(status, int):
-                await asyncio.sleep(0.05)  # the server is going away: do not spin
-
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=fresh_connections)
-    timeout = aiohttp.ClientTimeout(total=90)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(client(session, i) for i in range(concurrency)))
-    return outcomes
-
-
 @pytest.mark.parametrize("backoff", [True, False], ids=["retry-after", "no-backoff"])
 def test_past_capacity_the_service_answers_503_at_once_and_recovers(service, backoff):
     photos = photos_of(service.workspace)
-    outcomes = asyncio.run(flood(service.url, photos, 128, seconds=10, backoff=backoff))
+    flood = send_photos(f"{service.url}/predict", photos, 128, seconds=10, backoff=backoff)
+    outcomes = asyncio.run(flood)
     statuses = {outcome.status for outcome in outcomes}
     assert statuses <= {200, 503}, statuses
     refused = [outcome for outcome in outcomes if outcome.status == 503]
@@ -204,7 +151,7 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
             )
         )
 
-        load = flood(url, photos, 16, seconds=6, backoff=False, fresh_connections=True)
+        load = send_photos(f"{url}/predict", photos, 16, seconds=6, fresh_connections=True)
         loader = threading.Thread(target=lambda: outcomes.extend(asyncio.run(load)))
         loader.start()
         batch_thread.start()

@@ -15,19 +15,12 @@ import time
 import mlflow
 import pytest
 import yaml
-from support import (
-    EVALUATE_METRICS,
-    PIPELINE_PATHS,
-    S3Endpoint,
-    configure_remote,
-    delete_cache_and_outputs,
-    dvc,
-    file_hashes,
-    free_port,
-    git,
-    output_paths,
-    running_server,
-)
+from support.dvc import delete_cache_and_outputs, dvc, file_hashes, output_paths
+from support.git import git
+from support.http import free_port
+from support.paths import EVALUATE_METRICS, PIPELINE_PATHS
+from support.processes import running_server
+from support.s3 import S3Endpoint, configure_remote
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from support import PIPELINE_PATHS, REPO_ROOT
+from support.paths import PIPELINE_PATHS, REPO_ROOT
 
 
 def command_lines(path):

@@ -11,7 +11,10 @@ import re
 
 import pytest
 from PIL import Image
-from support import EVALUATE_METRICS, PIPELINE_PATHS, copy_workspace, git, run_report, set_param
+from support.dvc import set_param
+from support.git import copy_workspace, git
+from support.paths import EVALUATE_METRICS, PIPELINE_PATHS
+from support.report import run_report
 
 CONFUSION = f"{PIPELINE_PATHS['evaluate_dir']}/plots/sklearn/confusion_matrix.json"
 

@@ -12,17 +12,11 @@ import csv
 import json
 
 import pytest
-from support import (
-    EVALUATE_METRICS,
-    PIPELINE_PATHS,
-    PIPELINE_STAGES,
-    dvc,
-    git,
-    run_report,
-    serve_directory,
-    set_param,
-    stages_run,
-)
+from support.dvc import dvc, set_param, stages_run
+from support.git import git
+from support.http import serve_directory
+from support.paths import EVALUATE_METRICS, PIPELINE_PATHS, PIPELINE_STAGES
+from support.report import run_report
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from support import make_image
+from support.images import make_image
 
 from stages import split
 from stages.split import file_sha256

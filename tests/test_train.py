@@ -1,7 +1,12 @@
-"""Train stage on tiny generated images (random init, 32 px) so it runs in seconds."""
+"""Train stage on tiny generated images (random init, 32 px) so it runs in seconds.
+
+The features of the tiny photos, and one training on them, are computed once for the module:
+building MobileNetV2 is most of each test's time.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import keras
@@ -21,9 +26,10 @@ BACKBONE = {
     "seed": 3,
     "weights": "none",
     "batch_size": 8,
-    "augment_copies": 1,
+    "augment_copies": 2,
     "novelty_layers": ["block_6_expand_relu", "block_10_expand_relu"],
 }
+CLASSES = ["grass", "dandelion"]  # class index 1 is the positive class, as in params.yaml
 PARAMS = {
     "seed": 1,
     "batch_size": 8,
@@ -56,11 +62,27 @@ def tiny_images() -> dict[str, dict[str, np.ndarray]]:
     return {"train": tiny_split(16, 0), "val": tiny_split(8, 1)}
 
 
-def run_training(tmp_path, backbone=BACKBONE, **overrides):
-    images = tiny_images()
-    cached = features.extract_features(images, backbone)
+def run_training(tmp_path, cached, backbone=BACKBONE, **overrides):
+    """Train on ``cached`` (features of tiny_images()) as if ``backbone`` had computed them."""
+    keras.backend.clear_session()  # layer names restart, as in each `dvc repro` process
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        return train.train_classifier(images, cached, {**PARAMS, **overrides}, BACKBONE, live)
+        return train.train_classifier(
+            tiny_images(), cached, {**PARAMS, **overrides}, backbone, live
+        )
+
+
+@pytest.fixture(scope="module")
+def cached():
+    """The features stage's output for tiny_images()."""
+    return features.extract_features(tiny_images(), BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def trained(cached, tmp_path_factory):
+    """(model, summary, dvclive directory) of one training with PARAMS."""
+    directory = tmp_path_factory.mktemp("trained")
+    model, summary = run_training(directory, cached)
+    return model, summary, directory / "live"
 
 
 def test_weights_setting_is_validated(tmp_path):
@@ -73,10 +95,8 @@ def test_weights_setting_is_validated(tmp_path):
         resolve_weights("imagenet21k")
 
 
-def test_features_hold_every_view_and_are_reproducible():
-    images = tiny_images()
-    first = features.extract_features(images, {**BACKBONE, "augment_copies": 2})
-    second = features.extract_features(images, {**BACKBONE, "augment_copies": 2})
+def test_features_hold_every_view_and_are_reproducible(cached):
+    first, second = cached, features.extract_features(tiny_images(), BACKBONE)
     for split, count in (("train", 16), ("val", 8)):
         for view in ("plain", "flipped", "augmented", "labels"):
             np.testing.assert_array_equal(first[split][view], second[split][view])
@@ -88,25 +108,29 @@ def test_features_hold_every_view_and_are_reproducible():
         assert not np.array_equal(first[split]["augmented"][0], first[split]["augmented"][1])
 
 
-def test_a_head_is_never_trained_on_another_backbones_features(tmp_path, mlflow_store):
+def test_a_head_is_never_trained_on_another_backbones_features(tmp_path, cached):
     with pytest.raises(ValueError, match="rerun the features stage"):
-        run_training(tmp_path, backbone={**BACKBONE, "seed": BACKBONE["seed"] + 1})
+        run_training(tmp_path, cached, backbone={**BACKBONE, "seed": BACKBONE["seed"] + 1})
 
 
-def test_without_augmented_views_the_head_trains_on_the_photos_alone(tmp_path, mlflow_store):
-    cached = features.extract_features(tiny_images(), {**BACKBONE, "augment_copies": 0})
-    assert cached["train"]["augmented"].shape == (0, *cached["train"]["plain"].shape)
-    training_features, labels = train.head_training_set(cached["train"])
+def test_without_augmented_views_the_head_trains_on_the_photos_alone(tmp_path, cached):
+    unaugmented = {"train": tiny_split(16, 0)}
+    extracted = features.extract_features(unaugmented, {**BACKBONE, "augment_copies": 0})
+    assert extracted["train"]["augmented"].shape == (0, *extracted["train"]["plain"].shape)
+    # The same features as the module's, but for the augmented views it has and this lacks.
+    np.testing.assert_array_equal(extracted["train"]["plain"], cached["train"]["plain"])
+    photos_alone = {**cached, "train": {**cached["train"], **extracted["train"]}}
+    training_features, labels = train.head_training_set(photos_alone["train"])
     assert training_features.shape == cached["train"]["plain"].shape and len(labels) == 16
-    run_training(tmp_path, backbone={**BACKBONE, "augment_copies": 0})
+    run_training(tmp_path, photos_alone, backbone={**BACKBONE, "augment_copies": 0})
 
 
-def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflow_store):
-    model, summary = run_training(tmp_path)
+def test_classifier_maps_pixels_to_a_probability_and_logs_curves(trained):
+    model, summary, live = trained
     outputs = model.predict(tiny_split(4, 2)["images"], verbose=0)
     assert outputs.shape == (4, 2)  # probability and novelty (serving/contract.py)
     assert 1 <= summary["best/epoch"] <= summary["epochs_run"] <= PARAMS["epochs"]
-    curve = (tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv").read_text()
+    curve = (live / "plots" / "metrics" / "val" / "loss.tsv").read_text()
     rows = [line.split("\t") for line in curve.strip().splitlines()[1:]]  # step, loss
     assert len(rows) == summary["epochs_run"]
     # The model holds the weights of the best epoch: the one with the lowest val loss.
@@ -115,37 +139,34 @@ def test_classifier_maps_pixels_to_a_probability_and_logs_curves(tmp_path, mlflo
     assert summary["best/val_loss"] == pytest.approx(min(losses), rel=1e-4)
 
 
-def test_fine_tuning_continues_the_epoch_count_in_a_nested_run(tmp_path, mlflow_store):
+def test_fine_tuning_continues_the_epoch_count_in_a_nested_run(tmp_path, cached, mlflow_store):
     mlflow.set_experiment("test")
     with mlflow.start_run() as parent:
-        _, summary = run_training(tmp_path, fine_tune_layers=5, fine_tune_epochs=2, patience=5)
+        _, summary = run_training(
+            tmp_path, cached, fine_tune_layers=5, fine_tune_epochs=2, patience=5
+        )
     assert summary["epochs_run"] == PARAMS["epochs"] + 2
     assert PARAMS["epochs"] < summary["best/epoch"] <= PARAMS["epochs"] + 2  # a fine-tuned one
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert children["tags.mlflow.runName"].tolist() == ["fine-tune"]
 
 
-def test_same_seed_gives_identical_predictions(tmp_path, mlflow_store):
+def test_the_same_training_gives_the_same_predictions_and_model_bytes(trained, cached, tmp_path):
+    """Two trainings with one seed (distinct Python objects, saved at different times) predict
+    the same and give one file."""
     sample = tiny_split(4, 3)["images"]
-    first, _ = run_training(tmp_path / "a")
-    second, _ = run_training(tmp_path / "b")
+    first, _, _ = trained
+    second, _ = run_training(tmp_path, cached)
     np.testing.assert_array_equal(
         first.predict(sample, verbose=0), second.predict(sample, verbose=0)
     )
-
-
-def test_the_same_training_saves_the_same_model_bytes(tmp_path, mlflow_store):
-    """Two trainings (distinct Python objects, saved at different times) give one file."""
-    sample = tiny_split(4, 3)["images"]
-    paths = [tmp_path / "a.keras", tmp_path / "b.keras"]
-    for path in paths:
-        keras.backend.clear_session()  # layer names restart, as in each `dvc repro` process
-        model, _ = run_training(tmp_path / path.stem)
+    paths = [tmp_path / "first.keras", tmp_path / "second.keras"]
+    for model, path in zip((first, second), paths, strict=True):
         train.save_reproducibly(model, path)
     assert paths[0].read_bytes() == paths[1].read_bytes()
     reloaded = keras.models.load_model(paths[0], compile=False)
     np.testing.assert_allclose(
-        reloaded.predict(sample, verbose=0), model.predict(sample, verbose=0)
+        reloaded.predict(sample, verbose=0), second.predict(sample, verbose=0)
     )
 
 
@@ -159,7 +180,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
             {
-                "classes": ["grass", "dandelion"],
+                "classes": CLASSES,
                 "features": BACKBONE,
                 "train": PARAMS,
                 "evaluate": {"threshold": 0.5},
@@ -190,8 +211,18 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert set(evaluated["unlike"]) == {"neither_share"}
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
-    predictions = (tmp_path / "results/evaluate" / PREDICTIONS_FILE).read_text().splitlines()
-    assert predictions[0] == ",".join(evaluate.PREDICTION_FIELDS) and len(predictions) == 1 + 8
+    with open(tmp_path / "results/evaluate" / PREDICTIONS_FILE, newline="") as handle:
+        assert handle.readline().strip() == ",".join(evaluate.PREDICTION_FIELDS)
+        handle.seek(0)
+        rows = list(csv.DictReader(handle))
+    # One row per test photo, with its true label, and a decision that follows its score.
+    assert [row["label"] for row in rows] == [CLASSES[i] for i in tiny_split(8, 2)["labels"]]
+    assert [row["predicted"] for row in rows] == [
+        CLASSES[float(row["score"]) >= 0.5] for row in rows
+    ]
+    # The reported metrics are those of these very rows.
+    correct = [row["predicted"] == row["label"] for row in rows]
+    assert test_metrics["accuracy"] == pytest.approx(np.mean(correct))
 
     # The run is found by the model's SHA-256, as evaluate and promote find it.
     run = training_run(sha256_of(tmp_path / "model" / MODEL_FILE))
@@ -221,11 +252,10 @@ def test_novelty_is_the_mahalanobis_distance_in_units_of_the_val_threshold():
         train.novelty_projection(train_features, val_features, 1.0)
 
 
-def test_the_models_novelty_output_is_that_distance_of_its_probes(tmp_path, mlflow_store):
+def test_the_models_novelty_output_is_that_distance_of_its_probes(trained, cached):
     """The Keras layers compute what novelty_projection defines, from the cached probes."""
-    model, _ = run_training(tmp_path)
+    model, _, _ = trained
     images = tiny_images()
-    cached = features.extract_features(images, BACKBONE)
     weights, bias = model.get_layer("novelty_whitening").get_weights()
     probes = cached["val"]["probes"]
     expected = np.square(probes @ weights + bias).sum(axis=1)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from support import multipart_body
+from support.http import multipart_body
 
 from serving import uploads
 from serving.uploads import (

@@ -21,22 +21,16 @@ import tomllib
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
-from support import (
-    PIPELINE_PATHS,
-    REPO_ROOT,
-    copy_workspace,
-    dvc,
-    fresh_moto_account,
-    git,
-    make_image,
-    serve_directory,
-    set_param,
-    with_interpreter_tools,
-)
+from support.dvc import dvc, set_param
+from support.git import copy_workspace, git
+from support.http import serve_directory
+from support.images import make_image
+from support.paths import PIPELINE_PATHS, REPO_ROOT, REPORT_SCRIPT
+from support.processes import with_interpreter_tools
+from support.s3 import fresh_moto_account
 
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
 PULL_SCRIPT = REPO_ROOT / ".github" / "scripts" / "pull.sh"
-REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 MINIO_SECRETS = ("MINIO_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 

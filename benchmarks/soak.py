@@ -1,6 +1,7 @@
 """Soak test of the champion: a long run at concurrency 16, then the model worker killed.
 
-Needs what tests/load_benchmark.py needs (`dvc repro`, `python -m stages.promote`). On 127.0.0.1:
+Needs what benchmarks/load_benchmark.py needs (`dvc repro`, `python -m stages.promote`). On
+127.0.0.1:
 
 1. `bentoml serve dandelion-vs-grass:latest`; warm-up until the process tree's memory is
    steady (rounds of 2,500 requests until one grows RSS by less than 2 %, at most 8), then
@@ -12,7 +13,7 @@ Needs what tests/load_benchmark.py needs (`dvc repro`, `python -m stages.promote
    service's only worker): how many requests failed, whether the service recovered, and how
    long until /readyz answered 200 again.
 
-    python tests/soak.py [--requests 5000] [--concurrency 16]
+    python benchmarks/soak.py [--requests 5000] [--concurrency 16]
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ import numpy as np
 import psutil
 import requests
 from load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
-from support import REPO_ROOT, free_port, running_server, split_photos
+
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.http import free_port
+from support.paths import REPO_ROOT
+from support.processes import running_server
+from support.service import split_photos
 
 
 def model_worker(server: psutil.Process) -> psutil.Process:

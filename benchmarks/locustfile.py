@@ -2,8 +2,8 @@
 
 After `dvc repro` (or `dvc pull`), with the service on port 3000:
 
-    locust -f tests/locustfile.py --host http://127.0.0.1:3000
-    locust -f tests/locustfile.py --host http://127.0.0.1:3000 --headless \
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:3000
+    locust -f benchmarks/locustfile.py --host http://127.0.0.1:3000 --headless \
         --users 16 --spawn-rate 16 --run-time 60s --csv results-load
 
 The photos are the pipeline's test split (data/split.csv, data/raw). An answer counts as a
@@ -21,7 +21,7 @@ from locust import HttpUser, between, task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # locust puts only this file's folder on the path
-from stages.params import pipeline_paths  # noqa: E402
+from stages.params import pipeline_paths
 
 
 def test_photos() -> list[bytes]:

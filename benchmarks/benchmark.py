@@ -5,7 +5,7 @@ copy of the dataset) and the S3 remote is moto's server on 127.0.0.1, so the fig
 the pipeline and DVC, not the internet. Run it from the repo root with the project's
 environment active:
 
-    python tests/benchmark.py [--mirror DIR] [--noop-runs 3]
+    python benchmarks/benchmark.py [--mirror DIR] [--noop-runs 3]
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from support import (
-    DATASET_MIRROR,
-    WEIGHTS_DIR,
-    configure_remote,
-    copy_workspace,
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.dvc import (
     delete_cache_and_outputs,
     dvc,
     file_hashes,
-    fresh_moto_account,
-    moto_s3_server,
     output_paths,
     pipeline_env,
     prepare_keras_home,
-    serve_directory,
 )
+from support.git import copy_workspace
+from support.http import serve_directory
+from support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from support.s3 import configure_remote, fresh_moto_account, moto_s3_server
 
 
 def timed_dvc(workspace: Path, env: dict[str, str], *args: str) -> float:

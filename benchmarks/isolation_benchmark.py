@@ -1,6 +1,6 @@
 """Isolation benchmark: do big uploads slow down small ones, and is their memory given back?
 
-Needs the champion in BentoML's store and the photos in data/ (as tests/load_benchmark.py).
+Needs the champion in BentoML's store and the photos in data/ (as benchmarks/load_benchmark.py).
 Serves `dandelion-vs-grass:latest` on 127.0.0.1, then:
 
 1. quiet: ``--requests`` single-photo /predict calls of the test photos at concurrency 4;
@@ -12,7 +12,7 @@ Serves `dandelion-vs-grass:latest` on 127.0.0.1, then:
 ``--before REV`` also measures the service's code at Git revision REV (served from a
 temporary worktree, on the same model), so a change can be compared in one run.
 
-    python tests/isolation_benchmark.py [--requests 400] [--batches 3] [--before REV]
+    python benchmarks/isolation_benchmark.py [--requests 400] [--batches 3] [--before REV]
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ import numpy as np
 import requests
 from load_benchmark import MODEL_TAG, load, tree_rss_mib
 from PIL import Image
-from support import REPO_ROOT, free_port, running_server, split_photos
+
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.http import free_port
+from support.paths import REPO_ROOT
+from support.processes import running_server
+from support.service import split_photos
 
 BIG_SIDE = 2850  # px; a noise JPEG of this side at quality 95 is about 9 MB
 

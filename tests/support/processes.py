@@ -1,0 +1,83 @@
+"""Subprocesses: this interpreter's modules and tools, and servers started and stopped whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+
+def with_interpreter_tools(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's scripts (dvc, ruff...) first on PATH."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return dict(env, PATH=path)
+
+
+def python_module(
+    module: str, cwd: Path, *args: str, env: dict[str, str], timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` with this interpreter, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str],
+    url: str,
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    timeout: float = 240,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Start a server, wait until ``url + ready_path`` answers 200, stop it (and its children)."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its workers
+        )
+    try:
+        _wait_until_ready(f"{url}{ready_path}", process, log_path, timeout)
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def _wait_until_ready(probe: str, process: subprocess.Popen, log_path: Path, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log_path.read_text()
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(probe, timeout=2).status_code == 200:
+                return
+        time.sleep(1)
+    raise AssertionError(f"{probe} not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,103 @@
+"""The served model: its photos, what evaluate decided for them, and `bentoml serve` of a bento."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from support.http import free_port
+from support.paths import (
+    DATASET_MIRROR,
+    EVALUATE_METRICS,
+    EVALUATE_PREDICTIONS,
+    PIPELINE_PATHS,
+    REPO_ROOT,
+)
+from support.processes import running_server
+
+
+def service_constant(name: str):
+    """A module-level constant of serving/service.py, read without importing BentoML."""
+    tree = ast.parse((REPO_ROOT / "serving" / "service.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    raise LookupError(name)
+
+
+def split_photos(workspace: Path) -> list[tuple[str, str]]:
+    """(label, path in the shared mirror) of every photo in the pipeline's test split."""
+    with open(workspace / PIPELINE_PATHS["split_csv"], newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    return [
+        (row["label"], str(DATASET_MIRROR / "data" / row["label"] / row["path"].split("/")[-1]))
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row of evaluate's predictions file, with the photo's path in the shared mirror."""
+
+    photo: str
+    label: str
+    predicted: str
+    score: float
+    novelty: float
+
+
+def evaluated_predictions(workspace: Path) -> list[Prediction]:
+    """What evaluate decided for every test photo (data/raw/<label>/<file> -> the mirror)."""
+    with open(workspace / EVALUATE_PREDICTIONS, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [
+        Prediction(
+            str(DATASET_MIRROR / "data" / Path(row["path"]).relative_to(PIPELINE_PATHS["raw_dir"])),
+            row["label"],
+            row["predicted"],
+            float(row["score"]),
+            float(row["novelty"]),
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    metrics: dict  # what evaluate reported (test split) for the served model
+    workspace: Path
+
+
+@contextlib.contextmanager
+def serving(bento_tag: str, workspace: Path, env: dict, log_dir: Path) -> Iterator[RunningService]:
+    """`bentoml serve bento_tag` on a free loopback port, for the model ``workspace`` evaluated."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bentoml", "serve", bento_tag]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with running_server(command, url, log_dir / "serve.log", env=env):
+        metrics = json.loads((workspace / EVALUATE_METRICS).read_text())["test"]
+        yield RunningService(url, metrics, workspace)
+
+
+def served_answers(url: str, photos: list[str], workers: int = 8) -> list[dict]:
+    """`POST /predict` of every photo (bounded: one request each), the JSON answers in order."""
+
+    def predict(photo: str) -> dict:
+        with open(photo, "rb") as handle:
+            response = requests.post(f"{url}/predict", files={"image": handle}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(predict, photos))
