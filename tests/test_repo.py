@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from support.paths import PIPELINE_PATHS, REPO_ROOT
@@ -47,3 +48,34 @@ def test_every_stage_input_is_in_git_or_made_by_a_stage():
     assert missing == []
     # A new file inside a tracked dependency (say serving/new.py) must be added to Git too.
     assert [name for dep in sorted(deps) for name in under(dep, untracked)] == []
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as -."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_readme_and_the_docs_resolves():
+    """The README is the front door to docs/: a moved section must not leave a dead link."""
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 5
+    dead = []
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)|src=\"([^\"]+)\"", text):
+            target = next(t for t in target if t)
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                dead.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                if anchor not in heading_anchors(linked.read_text()):
+                    dead.append(f"{page.name}: {target} (no such heading)")
+    assert dead == []
