@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import require_tools
 from stub_service import CARD, photo, stub_service
+from support.browser import headless_chromium, requested_urls
 from support.http import free_port
 
 from serving.uploads import REJECTIONS
@@ -22,19 +23,6 @@ with warnings.catch_warnings():
     # Starlette's TestClient on httpx (which the project pins) says httpx2 will replace it.
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
-
-# As the machine's own browser probe: no background traffic on a closed network.
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1200,1000",
-]
 
 
 @pytest.fixture(scope="module")
@@ -160,32 +148,10 @@ def served(stub) -> Iterator[str]:
 
 @pytest.fixture
 def browser(tmp_path):
-    chromium, chromedriver = require_tools("chromium", "chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = chromium
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    # Every request the page makes, from Chromium's DevTools network events.
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_page_load_timeout(60)
+    tools = require_tools("chromium", "chromedriver")
+    driver = headless_chromium(*tools, tmp_path / "profile", "--window-size=1200,1000")
     yield driver
     driver.quit()
-
-
-def requested_urls(browser) -> list[str]:
-    import json
-
-    events = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
-    return [
-        event["params"]["request"]["url"]
-        for event in events
-        if event["method"] == "Network.requestWillBeSent"
-    ]
 
 
 def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, tmp_path):

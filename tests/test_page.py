@@ -6,7 +6,6 @@ Every expected value comes from the running service itself (its /predict_batch, 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -17,21 +16,11 @@ import pytest
 import requests
 from conftest import require_tools
 from PIL import Image, ImageStat
+from support.browser import headless_chromium, requested_urls
 from support.service import split_photos
 
 pytestmark = pytest.mark.slow
 
-# As the machine's own browser probe: no background traffic on a closed network.
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DESKTOP, PHONE = (1000, 1400), (390, 844)  # window sizes (CSS px)
 WAIT_SECONDS = 60  # for any one thing the page shows; the test's own bound
 
@@ -58,20 +47,7 @@ document.body.append(input);
 
 @pytest.fixture
 def browser(tmp_path):
-    chromium, chromedriver = require_tools("chromium", "chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = chromium
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
-        options.add_argument(flag)
-    # Every request the page makes (DevTools' Network events), to check where they go.
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_page_load_timeout(WAIT_SECONDS)
-    driver.set_script_timeout(WAIT_SECONDS)
+    driver = headless_chromium(*require_tools("chromium", "chromedriver"), tmp_path / "profile")
     driver.set_window_size(*DESKTOP)
     yield driver
     driver.quit()
@@ -113,13 +89,6 @@ def finished_cards(browser, count: int) -> list[dict]:
         return cards if len(answered) == len(cards) == len(history) == count else False
 
     return wait_for(browser, done, f"{count} verdicts never appeared")
-
-
-def requested_urls(browser) -> list[str]:
-    """The URL of every request the page has made since the last call."""
-    events = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
-    sent = [event for event in events if event["method"] == "Network.requestWillBeSent"]
-    return [event["params"]["request"]["url"] for event in sent]
 
 
 def thumbnails_loaded(browser, selector: str) -> list[int]:

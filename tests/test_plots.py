@@ -25,6 +25,7 @@ from PIL import Image
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from support.browser import headless_chromium, sent_requests
 from support.git import git
 from support.paths import PIPELINE_PATHS, REPO_ROOT
 
@@ -39,20 +40,6 @@ CLASSES = ("dandelion", "grass")
 # when it has this many saturated pixels (a drawn chart here has thousands).
 MIN_COLOURED_PIXELS = 300
 CHART = "svg.marks, canvas.marks"  # what vega-embed draws each chart into
-
-# As tests/test_page.py, plus no name resolution: nothing may reach past this machine.
-CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1000,1000",
-    "--host-resolver-rules=MAP * ~NOTFOUND",
-]
 
 
 def expand(path: str) -> str:
@@ -124,20 +111,15 @@ def project(tmp_path, template) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    """Headless Chromium with the network off (DevTools offline mode) and requests logged."""
-    chromium, chromedriver = require_tools("chromium", "chromedriver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = chromium
-    profile = tmp_path_factory.mktemp("chromium") / "profile"
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_page_load_timeout(60)
+    """Headless Chromium with the network off (DevTools offline mode and no name resolution:
+    nothing may reach past this machine), requests and console errors logged."""
+    driver = headless_chromium(
+        *require_tools("chromium", "chromedriver"),
+        tmp_path_factory.mktemp("chromium") / "profile",
+        "--window-size=1000,1000",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        logs=("performance", "browser"),
+    )
     driver.execute_cdp_cmd("Network.enable", {})
     driver.execute_cdp_cmd(
         "Network.emulateNetworkConditions",
@@ -151,11 +133,9 @@ def open_page(driver, page: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """Load ``page``; return every request made meanwhile (document URL, URL) and JS errors."""
     driver.get_log("performance"), driver.get_log("browser")  # drop earlier entries
     driver.get(page.as_uri())
-    events = [json.loads(entry["message"])["message"] for entry in driver.get_log("performance")]
     requests = [
-        (event["params"].get("documentURL", ""), event["params"]["request"]["url"])
-        for event in events
-        if event["method"] == "Network.requestWillBeSent"
+        (params.get("documentURL", ""), params["request"]["url"])
+        for params in sent_requests(driver)
     ]
     errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     return requests, errors
