@@ -14,21 +14,33 @@ default page loads them from a CDN, and offline it stays blank.
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import re
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
+from importlib import resources
 from importlib.metadata import version
+from io import BytesIO
 from pathlib import Path
 
 import vl_convert
+from fontTools.ttLib import TTFont
 
 from stages.logs import summarised
 
 # DVC's plot templates are Vega-Lite v5 specs: draw them with the newest v5 vl-convert has.
 VEGA_LITE = "5.21"
 SCALE = 1.5  # PNG pixels per chart pixel: sharp in a README without being heavy
+# The one font the charts are drawn with: matplotlib's copy of DejaVu Sans (pinned with
+# matplotlib in constraints.txt), under a family name no system has. vl-convert also loads the
+# system's fonts, and with whatever font a machine calls sans-serif the PNGs would differ
+# byte for byte from one machine to the next.
+FONT_FAMILY = "DVC Plots Sans"
 SPECS_FILE = "specs.json"  # beside the PNGs: the Vega-Lite specs they were drawn from
 
 # DVC fills these placeholders in the template (dvc_render.html): {plot_divs} is required;
@@ -104,7 +116,25 @@ def file_name(plot: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", plot.lower()).strip("-") + ".png"
 
 
+@functools.cache
+def register_font() -> None:
+    """Give vl-convert ``FONT_FAMILY``: DejaVu Sans renamed (its licence asks that a modified
+    copy be renamed), in a directory kept for the life of the process."""
+    source = resources.files("matplotlib") / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    font = TTFont(BytesIO(source.read_bytes()), recalcTimestamp=False)
+    names = {1: FONT_FAMILY, 4: FONT_FAMILY, 6: FONT_FAMILY.replace(" ", ""), 16: FONT_FAMILY}
+    for record in font["name"].names:
+        if record.nameID in names:
+            record.string = names[record.nameID]
+    directory = Path(tempfile.mkdtemp(prefix="plots-font-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    font.save(directory / "DVCPlotsSans.ttf")
+    vl_convert.register_font_directory(str(directory))
+
+
 def png(spec: dict) -> bytes:
+    register_font()
+    spec = {**spec, "config": {**spec.get("config", {}), "font": FONT_FAMILY}}
     return vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE, scale=SCALE)
 
 

@@ -244,3 +244,31 @@ def test_committed_pngs_were_drawn_from_the_current_plots_and_data():
     assert committed == plot_specs(shown), "dvc.yaml's plots changed: run `dvc repro -f -s plots`"
     pngs = {path.name for path in (REPO_ROOT / PLOTS_DIR).glob("*.png")}
     assert pngs == {file_name(name) for name in PLOT_NAMES}
+
+
+# Hashes the PNG of each committed spec, drawn by the plots stage's own code.
+DRAW_COMMITTED = f"""
+import hashlib, json
+from stages.plots import png
+specs = json.load(open({str(REPO_ROOT / PLOTS_DIR / SPECS_FILE)!r}))
+print(json.dumps({{name: hashlib.sha256(png(spec)).hexdigest() for name, spec in specs.items()}}))
+"""
+
+
+def test_the_pngs_do_not_depend_on_the_machine_s_fonts(tmp_path):
+    """vl-convert loads the system's fonts too; with the stage's own font the bytes stay the
+    same when they are hidden (a private mount namespace puts an empty directory over them)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a mount namespace here (unshare -m needs root)")
+    draw = [sys.executable, "-c", DRAW_COMMITTED]
+    with_fonts = subprocess.run(draw, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    (tmp_path / "empty").mkdir()
+    hide = f'mount --bind {tmp_path / "empty"} /usr/share/fonts && exec "$@"'
+    without = subprocess.run(
+        ["unshare", "-m", "sh", "-c", hide, "sh", *draw],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(with_fonts.stdout) == json.loads(without.stdout)
