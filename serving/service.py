@@ -242,6 +242,7 @@ class ModelInfo(BaseModel):
     image_size: int
     train_params: dict[str, Any] = Field(description="params.yaml `train`, with `features`")
     test_metrics: dict[str, float]
+    max_batch_files: int = Field(description="the most files /predict_batch takes at once")
 
 
 class ErrorAnswer(BaseModel):
@@ -393,6 +394,7 @@ class DandelionService:
             "git_revision": git_revision,
             "git_dirty": git_dirty,
             **{key: value for key, value in card.to_metadata().items() if key != "serve"},
+            "max_batch_files": self.max_batch_files,  # the page splits bigger drops
         }
         self.batching = BATCHING[card.engine]
         if not self.batching:  # the engine runs in this process

@@ -130,6 +130,9 @@ def test_bad_requests_get_their_status_and_a_json_error(client, kind):
     assert answer.status_code == status, answer.text
     assert answer.headers["content-type"] == "application/json"
     assert words in answer.json()["error"]
+    # ... and /openapi.json lists that status among /predict's answers.
+    documented = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
+    assert str(status) in documented
 
 
 @pytest.mark.parametrize(
@@ -242,9 +245,10 @@ def test_model_info_is_the_card_typed_and_the_revision_deployed(
         info = client.get("/model-info").json()
     assert info["git_revision"] == shown and info["git_dirty"] is dirty
     card = CARD.to_metadata()
-    del card["serve"]  # upload limits: the service's business, shown in /openapi.json
+    serve = card.pop("serve")  # upload limits: in /openapi.json; the batch size here too
     assert info == {"model": f"dandelion-vs-grass:{CARD.version}", **card,
-                    "git_revision": shown, "git_dirty": dirty}  # fmt: skip
+                    "git_revision": shown, "git_dirty": dirty,
+                    "max_batch_files": serve["max_batch_files"]}  # fmt: skip
     # As params.yaml types them, not strings.
     assert info["train_params"]["seed"] == 42 and isinstance(info["train_params"]["seed"], int)
     assert isinstance(info["train_params"]["learning_rate"], float)
