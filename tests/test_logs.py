@@ -167,20 +167,34 @@ def tiny_workspace(root: Path) -> Path:
     return root
 
 
+# Runs the features stage's main() as `python -m` would, but from `-c`: stages/__init__.py
+# starts its stderr filter only for `python -m stages.<name>`.
+RUN_FEATURES_UNFILTERED = """
+import runpy, sys
+sys.argv = ["stages.features", *sys.argv[1:]]
+runpy.run_module("stages.features", run_name="__main__")
+"""
+
+
 def test_a_stage_process_keeps_tensorflow_noise_out_and_ends_with_a_timed_line(tmp_path):
     """The features stage imports TensorFlow and runs predict() under op determinism, which
     without the filter prints all three kinds of noise (absl preface, oneDNN, MapDataset)."""
     workspace = tiny_workspace(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a new user runs it
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.features", "arrays", "features"],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def features(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *command], cwd=workspace, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    # The control: the same stage run without `-m` starts no filter, and the noise is there
+    # (else this machine's TensorFlow prints none, and the check below would prove nothing).
+    unfiltered = features("-c", RUN_FEATURES_UNFILTERED, "arrays", "features-unfiltered")
+    assert unfiltered.returncode == 0, unfiltered.stderr
+    assert [m for m in NOISE_MARKERS if m in unfiltered.stderr], unfiltered.stderr
+    result = features("-m", "stages.features", "arrays", "features")
     assert result.returncode == 0, result.stderr
     assert not [m for m in NOISE_MARKERS if m in result.stderr + result.stdout], result.stderr
     lines = result.stdout.splitlines()
