@@ -5,8 +5,8 @@ import sys
 
 from stages import logs
 
-# Runs before any stage imports TensorFlow: keep its C++ start-up chatter out of stage logs
-# (warnings and errors still show). TensorFlow's own logging honours it; the lines that come
+# Runs before any stage imports TensorFlow: keep its C++ start-up chatter (info and warning
+# lines) out of stage logs; errors still show. TensorFlow's own logging honours it; the lines that come
 # through Abseil instead are dropped by stages/logs.py.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

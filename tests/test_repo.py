@@ -52,9 +52,11 @@ def test_every_stage_input_is_in_git_or_made_by_a_stage():
 
 def heading_anchors(markdown: str) -> set[str]:
     """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as -."""
-    anchors = set()
+    anchors, in_code = set(), False
     for line in markdown.splitlines():
-        if line.startswith("#"):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif line.startswith("#") and not in_code:
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors

@@ -29,7 +29,8 @@ if [ "$set_count" -ne "${#secrets[@]}" ]; then
   missing=()
   for name in "${secrets[@]}"; do [ -n "${!name:-}" ] || missing+=("$name"); done
   echo "pull: ${missing[*]} not set: add the repository secrets MINIO_ENDPOINT," \
-    "MINIO_ACCESS_KEY and MINIO_SECRET_KEY (docs/ci.md)" >&2
+    "MINIO_ACCESS_KEY (passed as AWS_ACCESS_KEY_ID) and MINIO_SECRET_KEY" \
+    "(passed as AWS_SECRET_ACCESS_KEY); see docs/ci.md" >&2
   exit 1
 fi
 
