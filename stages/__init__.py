@@ -6,8 +6,8 @@ import sys
 from stages import logs
 
 # Runs before any stage imports TensorFlow: keep its C++ start-up chatter (info and warning
-# lines) out of stage logs; errors still show. TensorFlow's own logging honours it; the lines that come
-# through Abseil instead are dropped by stages/logs.py.
+# lines) out of stage logs; errors still show. TensorFlow's own logging honours it; the lines
+# that come through Abseil instead are dropped by stages/logs.py.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Python sets argv[0] to "-m" while it locates the module of `python -m stages.<name>`, which
