@@ -107,3 +107,11 @@ def stub_service() -> StubService:
         else:
             os.environ["BENTOML_HOME"] = saved
     return StubService(module, home, app)
+
+
+def stub_client():
+    """A Starlette TestClient on the stub service's app (entering it runs the app's lifespan,
+    which makes a new service instance)."""
+    from starlette.testclient import TestClient
+
+    return TestClient(stub_service().app)

@@ -7,20 +7,14 @@ from __future__ import annotations
 import re
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import require_tools
-from stub_service import CARD, photo, stub_service
+from stub_service import CARD, photo, stub_client, stub_service
 from support.browser import headless_chromium, requested_urls
 from support.http import free_port
-
-with warnings.catch_warnings():
-    # Starlette's TestClient on httpx (which the project pins) says httpx2 will replace it.
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +23,8 @@ def stub():
 
 
 @pytest.fixture(scope="module")
-def client(stub):
-    with TestClient(stub.app) as client:
+def client():
+    with stub_client() as client:
         yield client
 
 
@@ -145,6 +139,31 @@ def browser(tmp_path):
     driver.quit()
 
 
+def try_out(browser, wait, operation: str):
+    """Swagger UI's block of ``operation``, opened, with "Try it out" pressed."""
+    from selenium.webdriver.common.by import By
+
+    block = browser.find_element(By.ID, operation)
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
+    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    return block
+
+
+def execute(block, wait) -> tuple[str, str]:
+    """Press Execute in ``block``: the answer's status cell and body, as the page shows them."""
+    from selenium.webdriver.common.by import By
+
+    block.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait.until(
+        lambda _: block.find_elements(
+            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
+        )
+    )
+    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
+    return status[0].text, body
+
+
 def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -163,30 +182,18 @@ def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, 
     # Try /predict with a photo, as a user would: the schema's file field, then Execute.
     image = tmp_path / "green.png"
     image.write_bytes(photo((20, 230, 20)))
-    block = browser.find_element(By.ID, "operations-default-predict_predict_post")
-    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
-    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    block = try_out(browser, wait, "operations-default-predict_predict_post")
     wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, "input[type=file]"))
     block.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(image))
-    block.find_element(By.CSS_SELECTOR, ".execute").click()
-    status = wait.until(
-        lambda _: block.find_elements(
-            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
-        )
-    )
-    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
+    status, body = execute(block, wait)
     browser.save_screenshot(str(tmp_path / "docs.png"))
-    assert status[0].text.startswith("200"), body
+    assert status.startswith("200"), body
     assert '"label": "dandelion"' in body and f'"model_version": "{CARD.version}"' in body
 
     # And /predict_batch with two photos: the array of files, one input per item.
     grassy = tmp_path / "grassy.png"
     grassy.write_bytes(photo((120, 60, 40)))
-    block = browser.find_element(By.ID, "operations-default-predict_batch_predict_batch_post")
-    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    wait.until(lambda _: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"))
-    block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
+    block = try_out(browser, wait, "operations-default-predict_batch_predict_batch_post")
     for path in (image, grassy):
         inputs = len(block.find_elements(By.CSS_SELECTOR, "input[type=file]"))
         block.find_element(
@@ -196,15 +203,9 @@ def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, 
             lambda _, n=inputs: len(block.find_elements(By.CSS_SELECTOR, "input[type=file]")) > n
         )
         block.find_elements(By.CSS_SELECTOR, "input[type=file]")[-1].send_keys(str(path))
-    block.find_element(By.CSS_SELECTOR, ".execute").click()
-    status = wait.until(
-        lambda _: block.find_elements(
-            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"
-        )
-    )
-    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .microlight").text
+    status, body = execute(block, wait)
     browser.save_screenshot(str(tmp_path / "docs-batch.png"))
-    assert status[0].text.startswith("200"), body
+    assert status.startswith("200"), body
     assert body.index('"filename": "green.png"') < body.index('"filename": "grassy.png"')
     assert body.count('"label": "dandelion"') == 1 and body.count('"label": "grass"') == 1
 

@@ -5,15 +5,9 @@ document and /docs: tests/test_api_docs.py)."""
 from __future__ import annotations
 
 import time
-import warnings
 
 import pytest
-from stub_service import CARD, photo, stub_service
-
-with warnings.catch_warnings():
-    # Starlette's TestClient on httpx (which the project pins) says httpx2 will replace it.
-    warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient
+from stub_service import CARD, photo, stub_client, stub_service
 
 from serving import uploads
 
@@ -26,8 +20,8 @@ def stub():
 
 
 @pytest.fixture(scope="module")
-def client(stub):
-    with TestClient(stub.app) as client:
+def client():
+    with stub_client() as client:
         yield client
 
 
@@ -241,7 +235,7 @@ def test_model_info_is_the_card_typed_and_the_revision_deployed(
         monkeypatch.delenv("GIT_REVISION", raising=False)
     else:
         monkeypatch.setenv("GIT_REVISION", revision)
-    with TestClient(stub.app) as client:
+    with stub_client() as client:
         info = client.get("/model-info").json()
     assert info["git_revision"] == shown and info["git_dirty"] is dirty
     card = CARD.to_metadata()
