@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from support.browser import headless_chromium, sent_requests
 from support.git import git
 from support.paths import PIPELINE_PATHS, REPO_ROOT
+from support.processes import python_module
 
 from stages.plots import SPECS_FILE, file_name, page_template, plot_specs, render
 
@@ -76,11 +78,9 @@ def write_plot_files(root: Path, variant: int = 0) -> None:
                 path.write_text(json.dumps(rows))
 
 
-def run(root: Path, *command: str) -> subprocess.CompletedProcess:
-    """``python -m <command>`` in ``root`` with this interpreter; fails the test on error."""
-    result = subprocess.run(
-        [sys.executable, "-m", *command], cwd=root, capture_output=True, text=True, timeout=300
-    )
+def run(root: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``root`` with this interpreter; fails the test on error."""
+    result = python_module(module, root, *args, env=dict(os.environ), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -225,12 +225,8 @@ def test_a_missing_plot_file_stops_the_stage_with_its_name(project):
     (_, plot), *_ = DVC_YAML["plots"][0].items()
     missing = expand(next(iter(plot["y"])))
     (project / missing).unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.plots", "out/plots", "out/template.html"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = python_module(
+        "stages.plots", project, "out/plots", "out/template.html", env=dict(os.environ), timeout=300
     )
     assert result.returncode != 0
     assert "plots: dvc could not load every plot" in result.stderr and missing in result.stderr
