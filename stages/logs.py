@@ -50,6 +50,10 @@ NATIVE_NOISE = re.compile(
 # so lines, not a redrawn bar).
 PROGRESS_EVERY_SECONDS = 10.0
 
+# At exit, how long a stage waits for the filter to pass its last lines on. Only a child process
+# that outlives the stage and keeps its stderr (a daemon) makes it wait that long.
+DRAIN_WAIT_SECONDS = 10.0
+
 _stage_started: float | None = None
 
 
@@ -78,19 +82,42 @@ def drop_native_noise() -> None:
     except OSError:  # no usable stderr: nothing to filter
         return
     sys.stderr.flush()
+    pipe = os.fstat(drain.stdin.fileno())
     os.dup2(drain.stdin.fileno(), 2)
     drain.stdin.close()
 
     def restore() -> None:
-        # Close our end of the pipe so the filter sees the end, and wait for its last lines.
+        # Give up our end of the pipe so the filter sees the end, and wait for its last lines.
         sys.stderr.flush()
         os.dup2(original, 2)
+        # Libraries may hold copies of the pipe: vl-convert's JavaScript runtime (the plots
+        # stage) dups stderr for the life of the process, and the filter would never see the
+        # end. Point every copy at the real stderr instead, so a late write still shows.
+        for fd in copies_of(pipe):
+            os.dup2(original, fd)
         try:
-            drain.wait(timeout=10)
+            drain.wait(timeout=DRAIN_WAIT_SECONDS)
         except subprocess.TimeoutExpired:  # a child process still holds the pipe open
             pass
 
     atexit.register(restore)
+
+
+def copies_of(file: os.stat_result) -> list[int]:
+    """This process's file descriptors open on ``file`` (none where the OS cannot list them)."""
+    try:
+        listed = os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")
+    except OSError:
+        return []
+    copies = []
+    for name in listed:
+        try:
+            found = os.fstat(int(name))
+        except (OSError, ValueError):  # closed meanwhile (listdir's own descriptor)
+            continue
+        if (found.st_dev, found.st_ino) == (file.st_dev, file.st_ino):
+            copies.append(int(name))
+    return copies
 
 
 def pass_through(source, target) -> None:

@@ -18,7 +18,7 @@ from support.images import make_image
 from support.paths import REPO_ROOT
 
 from stages.download import CatalogueEntry, DownloadSettings, download_dataset
-from stages.logs import NATIVE_NOISE, Progress, pass_through, summarised
+from stages.logs import DRAIN_WAIT_SECONDS, NATIVE_NOISE, Progress, pass_through, summarised
 
 # As TensorFlow 2.21 writes them (timestamps and thread ids vary).
 ABSL_PREFACE = (
@@ -221,6 +221,31 @@ def test_a_stage_process_still_shows_python_errors(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("Traceback"), result.stderr
     assert "FileNotFoundError" in result.stderr and "missing/split.csv" in result.stderr
+
+
+# A library that keeps its own copy of stderr, as vl-convert's JavaScript runtime does in the
+# plots stage: a line through the copy while the filter runs, and one from an exit handler that
+# runs after the filter has been taken down (atexit runs handlers last registered first).
+KEEPS_A_COPY_OF_STDERR = f"""
+import atexit, os
+atexit.register(lambda: os.write(copy, b"late line\\n"))
+from stages import logs
+logs.drop_native_noise()
+copy = os.dup(2)
+os.write(copy, {ABSL_PREFACE!r} + b"\\nown line\\n")
+"""
+
+
+def test_a_library_holding_a_copy_of_stderr_does_not_hold_up_the_stage_s_exit():
+    result = subprocess.run(
+        [sys.executable, "-c", KEEPS_A_COPY_OF_STDERR],
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        capture_output=True,
+        # Not a measure of speed: past this, the stage sat out the filter's whole wait.
+        timeout=DRAIN_WAIT_SECONDS / 2,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b"own line\nlate line\n"
 
 
 @pytest.mark.slow
