@@ -64,15 +64,16 @@ def test_folds_are_stratified_and_keep_copies_of_one_picture_together():
 
 
 def test_recipes_are_scored_out_of_fold_and_mislabelled_photos_are_listed():
-    data = photos(48, flipped_labels=[5, 10])
-    groups = [str(i) for i in range(48)]
+    data = photos(36, flipped_labels=[5, 10])
+    groups = [str(i) for i in range(36)]
+    three_folds = dict(PARAMS, folds=3)  # each fold trains a model: fewer folds, a faster test
     metrics, out_of_fold = crossval.cross_validate(
-        data, groups, ["linear_probe", "head", "head_flip"], TRAIN_PARAMS, PARAMS
+        data, groups, ["linear_probe", "head", "head_flip"], TRAIN_PARAMS, three_folds
     )
     for name in ("linear_probe", "head", "head_flip"):
-        assert len(metrics[name]["fold_accuracies"]) == 4
+        assert len(metrics[name]["fold_accuracies"]) == 3
         # Only the two flipped labels can be wrong on such separated classes.
-        assert metrics[name]["accuracy"] == pytest.approx(46 / 48, abs=0.03)
+        assert metrics[name]["accuracy"] == pytest.approx(34 / 36, abs=0.03)
         assert not np.isnan(out_of_fold[name]).any()
     rows = crossval.confident_contradictions(data["labels"], out_of_fold["linear_probe"], 0.9)
     assert sorted(rows.tolist()) == [5, 10]

@@ -176,9 +176,13 @@ runpy.run_module("stages.features", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_stage_process_keeps_tensorflow_noise_out_and_ends_with_a_timed_line(tmp_path):
     """The features stage imports TensorFlow and runs predict() under op determinism, which
-    without the filter prints all three kinds of noise (absl preface, oneDNN, MapDataset)."""
+    without the filter prints all three kinds of noise (absl preface, oneDNN, MapDataset).
+
+    Full tier: two TensorFlow processes take about 8 s, and the pipeline run's logs are checked
+    there too. The fast tier checks the filter on those exact lines and its process plumbing."""
     workspace = tiny_workspace(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a new user runs it

@@ -81,3 +81,11 @@ def test_every_link_between_the_readme_and_the_docs_resolves():
                 if anchor not in heading_anchors(linked.read_text()):
                     dead.append(f"{page.name}: {target} (no such heading)")
     assert dead == []
+
+
+def test_the_testing_guide_names_every_test_file():
+    """docs/testing.md says what each test file checks: a new file belongs in that list."""
+    guide = (REPO_ROOT / "docs" / "testing.md").read_text()
+    named = set(re.findall(r"\b(test_\w+)\.py\b", guide))
+    files = {path.stem for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    assert sorted(files - named) == []
