@@ -10,17 +10,22 @@ Everything else, from routing and middleware to upload checks and JSON answers, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import io
 import os
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from support.http import free_port
 
 from serving.contract import MODEL_NAME, ModelCard
 
@@ -115,3 +120,26 @@ def stub_client():
     from starlette.testclient import TestClient
 
     return TestClient(stub_service().app)
+
+
+@contextlib.contextmanager
+def stub_served() -> Iterator[str]:
+    """The stub service's app under uvicorn on 127.0.0.1, as `bentoml serve` would run it: its
+    base URL. Starting it makes a new service instance (``StubService.instance()``)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(stub_service().app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,16 +5,13 @@ stub model (tests/stub_service.py) served by uvicorn on 127.0.0.1."""
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import require_tools
-from stub_service import CARD, photo, stub_client, stub_service
+from stub_service import CARD, photo, stub_client, stub_served, stub_service
 from support.browser import headless_chromium, requested_urls
-from support.http import free_port
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +110,8 @@ def test_docs_page_uses_only_assets_the_service_serves(client):
 
 @pytest.fixture(scope="module")
 def served(stub) -> Iterator[str]:
-    """The stub service's app under uvicorn on 127.0.0.1, as `bentoml serve` would run it."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(stub.app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with stub_served() as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,13 +1,17 @@
 """The HTTP front (serving/service.py) in this process, on a stub model (tests/stub_service.py):
-status codes, JSON errors, batch filenames, the 408 and 503 paths and /model-info (the OpenAPI
-document and /docs: tests/test_api_docs.py)."""
+status codes, JSON errors, batch filenames, the 408 and 503 paths and /model-info, and the
+page's retries of a busy service in headless Chromium (the OpenAPI document and /docs:
+tests/test_api_docs.py; the page on the real model: tests/test_page.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
-from stub_service import CARD, photo, stub_client, stub_service
+from conftest import require_tools
+from stub_service import CARD, photo, stub_client, stub_served, stub_service
+from support.browser import headless_chromium, sent_requests
 
 from serving import uploads
 
@@ -247,3 +251,62 @@ def test_model_info_is_the_card_typed_and_the_revision_deployed(
     assert info["train_params"]["seed"] == 42 and isinstance(info["train_params"]["seed"], int)
     assert isinstance(info["train_params"]["learning_rate"], float)
     assert info["train_params"]["features"]["novelty_layers"] == ["block_6_expand_relu"]
+
+
+# The page's verdict cards and status line, read in one go (it redraws its lists whole).
+PAGE_STATE_SCRIPT = """
+return {
+  status: document.getElementById("status").textContent,
+  cards: [...document.querySelectorAll("#verdicts li.card")].map((item) => ({
+    verdict: item.querySelector(".verdict")?.textContent ?? null,
+    failed: item.querySelector(".failed")?.textContent ?? null,
+  })),
+};
+"""
+
+
+def test_the_page_retries_a_busy_service_after_retry_after_and_gives_up_after_three(stub, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = require_tools("chromium", "chromedriver")
+    green = tmp_path / "green.png"
+    green.write_bytes(photo(GREEN))
+    with (
+        stub_served() as url,
+        contextlib.closing(headless_chromium(*chromium, tmp_path / "profile")) as browser,
+    ):
+        front = stub.instance()  # the served app's
+        wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+
+        def state() -> dict:
+            return browser.execute_script(PAGE_STATE_SCRIPT)
+
+        def predict_posts() -> int:
+            return sum(
+                1
+                for params in sent_requests(browser)
+                if params["request"]["method"] == "POST"
+                and params["request"]["url"] == f"{url}/predict"
+            )
+
+        browser.get(f"{url}/")
+        wait.until(lambda _: "Loading" not in browser.find_element(By.ID, "model-card").text)
+        sent_requests(browser)  # drop the page load's own requests
+
+        # Busy at first: the page says it will try again, and does once the service has room.
+        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        browser.find_element(By.ID, "file").send_keys(str(green))
+        wait.until(lambda _: "busy: trying again in 1 s" in state()["status"])
+        front.in_flight = 0
+        wait.until(lambda _: [card["verdict"] for card in state()["cards"]] == ["dandelion"])
+        assert predict_posts() == 2  # the 503, then the answer
+
+        # Busy throughout: three retries a second apart, then the service's own reason.
+        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        browser.find_element(By.ID, "file").send_keys(str(green))
+        failed = wait.until(lambda _: state()["cards"][0]["failed"])
+        front.in_flight = 0
+        assert failed.startswith("The service is busy or restarting: the service is at capacity")
+        assert failed.endswith("Try again in a moment.")
+        assert predict_posts() == 4
