@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -145,3 +146,17 @@ def test_fine_tuning_is_cross_validated_on_the_photos():
     )
     assert len(metrics["fine_tune"]["fold_accuracies"]) == PARAMS["folds"]
     assert out_of_fold["fine_tune"].shape == (24,) and not np.isnan(out_of_fold["fine_tune"]).any()
+
+
+def test_only_tensorflow_s_retracing_warning_is_dropped():
+    """fine_tune's one trace per fold is expected; TensorFlow's other warnings still show."""
+    logger, records = logging.getLogger("tensorflow"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("5 out of the last 7 calls to %s triggered tf.function retracing.", "<f>")
+        logger.warning("Compiled the loaded model, but the compiled metrics have yet to be built.")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage()[:26] for record in records] == ["Compiled the loaded model,"]
