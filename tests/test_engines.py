@@ -63,11 +63,13 @@ def test_openvino_export_scores_as_keras_does(keras_file, images, tmp_path):
     assert np.array_equal(one_by_one, openvino_scores)
 
 
+@pytest.mark.slow
 def test_export_is_byte_identical_from_fresh_processes(keras_file, tmp_path):
     """dvc.lock must not change between clean runs: the converted files are the same bytes.
 
     Each export in a fresh process, as `dvc repro` runs the stage (an export in a process that
-    has converted other models may name things differently). Both run at once."""
+    has converted other models may name things differently). Both run at once. Full tier: two
+    TensorFlow processes, and the pipeline run's second `dvc repro` checks it at full size."""
     code = (
         "import sys; from pathlib import Path; from stages.export import export_model; "
         "export_model(Path(sys.argv[1]), Path(sys.argv[2]), 'openvino')"
