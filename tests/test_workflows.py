@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 
 import pytest
@@ -25,8 +24,9 @@ from support.dvc import dvc, set_param
 from support.git import copy_workspace, git
 from support.http import serve_directory
 from support.images import make_image
-from support.paths import PIPELINE_PATHS, REPO_ROOT, REPORT_SCRIPT
+from support.paths import PIPELINE_PATHS, REPO_ROOT
 from support.processes import with_interpreter_tools
+from support.report import run_report
 from support.s3 import fresh_moto_account
 
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
@@ -254,17 +254,9 @@ def pull(workspace, tmp_path, **values: str) -> tuple[subprocess.CompletedProces
 
 def report(workspace, tmp_path, data_source: str, env) -> str:
     """The cml workflow's report step: the Markdown it would post."""
-    markdown = tmp_path / "report" / "report.md"
-    result = subprocess.run(
-        [sys.executable, str(REPORT_SCRIPT), "HEAD", str(markdown), "--data-source", data_source],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return markdown.read_text()
+    run = run_report(workspace, "HEAD", tmp_path, "--data-source", data_source, env=env)
+    assert run.result.returncode == 0, run.result.stderr
+    return run.markdown.read_text()
 
 
 def serve_small_dataset(root, per_class: int = 2) -> list[dict[str, str]]:

@@ -18,15 +18,17 @@ class ReportRun:
     github_output: Path  # the step outputs the workflows read
 
 
-def run_report(workspace: Path, base: str, out_dir: Path, env=None) -> ReportRun:
-    """Run .github/scripts/report.py in ``workspace`` as the workflows do."""
+def run_report(workspace: Path, base: str, out_dir: Path, *options: str, env=None) -> ReportRun:
+    """Run .github/scripts/report.py in ``workspace`` as the workflows do (``options`` such as
+    ``--data-source public`` follow the base and the Markdown file)."""
     markdown, github_output = out_dir / "report" / "report.md", out_dir / "github_output"
     github_output.unlink(missing_ok=True)
     result = subprocess.run(
-        [sys.executable, str(REPORT_SCRIPT), base, str(markdown)],
+        [sys.executable, str(REPORT_SCRIPT), base, str(markdown), *options],
         cwd=workspace,
         capture_output=True,
         text=True,
         env=dict(env or os.environ, GITHUB_OUTPUT=str(github_output)),
+        timeout=300,
     )
     return ReportRun(result, markdown, github_output)
