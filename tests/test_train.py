@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import keras
 import mlflow
@@ -72,9 +73,17 @@ def run_training(tmp_path, cached, backbone=BACKBONE, **overrides):
 
 
 @pytest.fixture(scope="module")
-def cached():
+def extraction() -> tuple[dict, list[str]]:
+    """The features stage's output for tiny_images(), and the lines it logged (a progress line
+    after every batch)."""
+    lines: list[str] = []
+    return features.extract_features(tiny_images(), BACKBONE, log=lines.append, every=0), lines
+
+
+@pytest.fixture(scope="module")
+def cached(extraction):
     """The features stage's output for tiny_images()."""
-    return features.extract_features(tiny_images(), BACKBONE)
+    return extraction[0]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +112,21 @@ def test_features_hold_every_view(cached):
         # Random init and generated photos, yet each view is a different input to the backbone.
         assert not np.array_equal(cached[split]["plain"], cached[split]["flipped"])
         assert not np.array_equal(cached[split]["augmented"][0], cached[split]["augmented"][1])
+
+
+def test_feature_progress_counts_every_view_of_every_photo_once(extraction):
+    _, lines = extraction
+    progress = [re.match(r"features: (\d+)/(\d+) photo views \((\w+): ([\w ]+)\)", line)
+                for line in lines]  # fmt: skip
+    counted = [(int(m[1]), int(m[2]), m[3], m[4]) for m in progress if m]
+    total = 16 * 4 + 8 * 4  # train and val: plain, flipped and two augmented views each
+    assert {count[1] for count in counted} == {total}
+    done = [count[0] for count in counted]
+    assert done == sorted(set(done)) and done[-1] == total
+    views = [view for *_, split, view in counted if split == "val"]
+    assert list(dict.fromkeys(views)) == ["plain", "flipped", "augmented 1", "augmented 2"]
+    # A photo's views end on batch boundaries: 16 train photos in batches of 8.
+    assert [c[0] for c in counted if c[2:] == ("train", "plain")] == [8, 16]
 
 
 # Full tier, as the same training below: the pipeline run checks both again at full size (a
