@@ -41,18 +41,16 @@ AUGMENTED_SPLITS = ("train", "val")
 
 
 class CountViews(keras.callbacks.Callback):
-    """Tells ``progress`` how many photo views are done as ``predict()`` ends each batch."""
+    """Advances ``progress`` by each batch's photos as ``predict()`` ends the batch."""
 
-    def __init__(
-        self, progress: Progress, done_before: int, photos: int, batch_size: int, detail: str
-    ):
+    def __init__(self, progress: Progress, photos: int, batch_size: int, detail: str):
         super().__init__()
         self.progress, self.detail = progress, detail
-        self.done_before, self.photos, self.batch_size = done_before, photos, batch_size
+        self.photos, self.batch_size = photos, batch_size
 
     def on_predict_batch_end(self, batch: int, logs=None) -> None:
-        done = min(self.photos, (batch + 1) * self.batch_size)
-        self.progress.update(self.done_before + done, self.detail)
+        in_batch = min(self.batch_size, self.photos - batch * self.batch_size)
+        self.progress.advance(in_batch, self.detail)
 
 
 def extract_features(
@@ -80,10 +78,9 @@ def extract_features(
         every,
         log,
     )
-    done = 0
 
     def counted(name: str, view: str, photos: int) -> list[keras.callbacks.Callback]:
-        return [CountViews(progress, done, photos, batch_size, f"{name}: {view}")]
+        return [CountViews(progress, photos, batch_size, f"{name}: {view}")]
 
     features = {}
     for name, arrays in splits.items():
@@ -93,11 +90,9 @@ def extract_features(
         plain, probes = with_probes.predict(
             images, batch_size=batch_size, verbose=0, callbacks=counted(name, "plain", count)
         )
-        done += count
         flipped = frozen_features(
             extractor, images[:, :, ::-1], batch_size, callbacks=counted(name, "flipped", count)
         )
-        done += count
         out = {
             "plain": plain,
             "probes": probes,
@@ -117,7 +112,6 @@ def extract_features(
                         callbacks=counted(name, view, count),
                     )
                 )
-                done += count
             out["augmented"] = np.stack(augmented) if augmented else out["plain"][np.newaxis][:0]
         features[name] = out
         log(

@@ -143,9 +143,11 @@ class Progress:
         self.label, self.total, self.unit, self.every = label, total, unit, every
         self.log = log or _print
         self.started = self.last_line = time.perf_counter()
+        self.done = 0
 
     def update(self, done: int, detail: str = "") -> None:
         """``done`` of ``total`` are done; ``detail`` says more (e.g. "2 failed")."""
+        self.done = done
         now = time.perf_counter()
         if now - self.last_line >= self.every:
             self.last_line = now
@@ -154,6 +156,10 @@ class Progress:
                 f"{self.label}: {done:,}/{self.total:,} {self.unit}{note}, "
                 f"{now - self.started:.1f} s"
             )
+
+    def advance(self, count: int, detail: str = "") -> None:
+        """``count`` more are done."""
+        self.update(self.done + count, detail)
 
 
 def summarised(stage: str) -> Callable[[Callable], Callable]:
