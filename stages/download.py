@@ -38,6 +38,11 @@ OFFLINE_HINT = (
 )
 
 
+def data_url(params: dict) -> str:
+    """Where the stage fetches from: ``download.base_url``, unless BASE_URL_VARIABLE is set."""
+    return os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
+
+
 class DownloadError(Exception):
     """A file that could not be fetched or is not a usable image."""
 
@@ -228,8 +233,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     params = load_params()["download"]
-    base_url = os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
-    settings = DownloadSettings(**{**params, "base_url": base_url})
+    settings = DownloadSettings(**{**params, "base_url": data_url(params)})
     print(f"download: from {settings.base_url}")
     try:
         entries = read_catalogue(args.catalogue)

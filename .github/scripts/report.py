@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.download import BASE_URL_VARIABLE
+from stages.download import data_url
 from stages.params import load_params
 from stages.plots import PlotsError, file_name, plot_specs, png
 
@@ -69,8 +69,7 @@ def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
 
 def public_rebuild_note(repo: Path) -> list[str]:
     """What a rebuild without the remote used: the data URL the download stage read."""
-    params = load_params(repo / "params.yaml")["download"]
-    base_url = os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
+    base_url = data_url(load_params(repo / "params.yaml")["download"])
     return [
         "> **Rebuilt without the DVC remote.** This repository has no MinIO secrets (a fork or",
         "> a fresh copy), so nothing was pulled: `dvc repro` ran every stage, downloading the",
