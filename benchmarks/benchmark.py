@@ -5,7 +5,7 @@ copy of the dataset) and the S3 remote is moto's server on 127.0.0.1, so the fig
 the pipeline and DVC, not the internet. Run it from the repo root with the project's
 environment active:
 
-    python benchmarks/benchmark.py [--mirror DIR] [--noop-runs 3]
+    python -m benchmarks.benchmark [--mirror DIR] [--noop-runs 3]
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.dvc import (
+from tests.support.dvc import (
     delete_cache_and_outputs,
     dvc,
     file_hashes,
@@ -29,10 +28,10 @@ from support.dvc import (
     pipeline_env,
     prepare_keras_home,
 )
-from support.git import copy_workspace
-from support.http import serve_directory
-from support.paths import DATASET_MIRROR, WEIGHTS_DIR
-from support.s3 import configure_remote, fresh_moto_account, moto_s3_server
+from tests.support.git import copy_workspace
+from tests.support.http import serve_directory
+from tests.support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from tests.support.s3 import configure_remote, fresh_moto_account, moto_s3_server
 
 
 def timed_dvc(workspace: Path, env: dict[str, str], *args: str) -> float:

@@ -4,27 +4,25 @@ After `dvc repro` (or `dvc pull`): exports data/model for each engine of serving
 (as the export stage does), then times scoring the test photos in batches of 1 and 32 on this
 machine's cores, and compares the scores with Keras'.
 
-    python benchmarks/engine_benchmark.py [--seconds 5]
+    python -m benchmarks.engine_benchmark [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.paths import PIPELINE_PATHS, REPO_ROOT
-
 from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine
 from stages.export import export_model
+
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 
 
 def images_per_second(score, images: np.ndarray, batch: int, seconds: float) -> float:

@@ -12,7 +12,7 @@ Serves `dandelion-vs-grass:latest` on 127.0.0.1, then:
 ``--before REV`` also measures the service's code at Git revision REV (served from a
 temporary worktree, on the same model), so a change can be compared in one run.
 
-    python benchmarks/isolation_benchmark.py [--requests 400] [--batches 3] [--before REV]
+    python -m benchmarks.isolation_benchmark [--requests 400] [--batches 3] [--before REV]
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from load_benchmark import MODEL_TAG, load, tree_rss_mib
 from PIL import Image
 
+from benchmarks.load_benchmark import MODEL_TAG, load, tree_rss_mib
+
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.http import free_port
-from support.paths import REPO_ROOT
-from support.processes import running_server
-from support.service import split_photos
+from tests.support.http import free_port
+from tests.support.paths import REPO_ROOT
+from tests.support.processes import running_server
+from tests.support.service import split_photos
 
 BIG_SIDE = 2850  # px; a noise JPEG of this side at quality 95 is about 9 MB
 

@@ -18,7 +18,7 @@ CPU is also given per request, for the server and for this load generator (which
 cores), beside the engine's own CPU per image, so what the HTTP path costs on top of
 inference is explicit.
 
-    python benchmarks/load_benchmark.py [--requests 240] [--concurrency 1 8 32]
+    python -m benchmarks.load_benchmark [--requests 240] [--concurrency 1 8 32]
 """
 
 from __future__ import annotations
@@ -37,19 +37,18 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
-from engine_benchmark import images_per_second
 from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the annotations
 from prometheus_client.parser import text_string_to_metric_families
 
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.http import free_port
-from support.load import send_photos
-from support.paths import REPO_ROOT
-from support.processes import running_server
-from support.service import split_photos
-
+from benchmarks.engine_benchmark import images_per_second
 from serving.contract import MODEL_FILE
+
+# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
+from tests.support.http import free_port
+from tests.support.load import send_photos
+from tests.support.paths import REPO_ROOT
+from tests.support.processes import running_server
+from tests.support.service import split_photos
 
 MODEL_TAG = "dandelion-vs-grass:latest"
 

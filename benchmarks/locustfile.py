@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import csv
 import random
-import sys
 from pathlib import Path
 
 from locust import HttpUser, between, task
 
+from stages.params import pipeline_paths  # the project is installed (pip install -e .)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # locust puts only this file's folder on the path
-from stages.params import pipeline_paths
 
 
 def test_photos() -> list[bytes]:

@@ -13,7 +13,7 @@ Needs what benchmarks/load_benchmark.py needs (`dvc repro`, `python -m stages.pr
    service's only worker): how many requests failed, whether the service recovered, and how
    long until /readyz answered 200 again.
 
-    python benchmarks/soak.py [--requests 5000] [--concurrency 16]
+    python -m benchmarks.soak [--requests 5000] [--concurrency 16]
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
-from load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
+
+from benchmarks.load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.http import free_port
-from support.paths import REPO_ROOT
-from support.processes import running_server
-from support.service import split_photos
+from tests.support.http import free_port
+from tests.support.paths import REPO_ROOT
+from tests.support.processes import running_server
+from tests.support.service import split_photos
 
 
 def model_worker(server: psutil.Process) -> psutil.Process:

@@ -4,7 +4,7 @@ The PNGs (for the README) are drawn from the Vega-Lite specs that ``dvc plots sh
 fills in from dvc.yaml's ``plots:`` section, so that section stays the one definition of
 each chart; .github/scripts/report.py draws the CML report's plots with the same functions.
 The specs go beside the PNGs (``specs.json``): DVC cannot take dvc.yaml as a dep, so they
-show in Git what each PNG was drawn from, and tests/test_plots.py checks they are current.
+show in Git what each PNG was drawn from, and tests/unit/test_plots.py checks they are current.
 
 The HTML template (``plots.html_template`` in .dvc/config) carries Vega, Vega-Lite and
 Vega-Embed inline, as vl-convert-python (pinned in constraints.txt) bundles them: DVC's

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from support.dvc import dvc, pipeline_env, prepare_keras_home
-from support.git import copy_workspace, git
-from support.http import serve_directory
-from support.paths import DATASET_MIRROR, WEIGHTS_DIR
-from support.processes import python_module
-from support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
-from support.service import RunningService, serving
+
+from tests.support.dvc import dvc, pipeline_env, prepare_keras_home
+from tests.support.git import copy_workspace, git
+from tests.support.http import serve_directory
+from tests.support.needs import require_shared
+from tests.support.paths import DATASET_MIRROR, WEIGHTS_DIR
+from tests.support.processes import python_module
+from tests.support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
+from tests.support.service import RunningService, serving
 
 # Fixtures that need ../shared, the reproduced pipeline or a served bento.
 NEEDS_PIPELINE = {
@@ -39,26 +41,6 @@ def pytest_collection_modifyitems(items):
     ]
     if misfiled:
         raise pytest.UsageError(f"mark slow (they need ../shared or the pipeline): {misfiled}")
-
-
-def require_shared(path):
-    """The shared mirror exists in CI; on a user's machine without it, skip instead."""
-    if path.exists():
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{path} is missing: CI must have ../shared beside the checkout")
-    pytest.skip(f"{path} not present (it ships beside the repo on build machines only)")
-
-
-def require_tools(*names: str) -> list[str]:
-    """Paths of Debian-packaged tools the test needs: .ci/run installs them; elsewhere, skip."""
-    found = {name: shutil.which(name) for name in names}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{missing} missing: .ci/run installs them (apt-get)")
-        pytest.skip(f"not installed (Debian packages): {missing}")
-    return list(found.values())
 
 
 @pytest.fixture(scope="session")

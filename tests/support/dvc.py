@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from support.paths import MOBILENET_WEIGHTS, WEIGHTS_DIR
-from support.processes import python_module, with_interpreter_tools
+from tests.support.paths import MOBILENET_WEIGHTS, WEIGHTS_DIR
+from tests.support.processes import python_module, with_interpreter_tools
 
 
 def prepare_keras_home(keras_home: Path) -> Path:

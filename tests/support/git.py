@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from support.paths import REPO_ROOT
+from tests.support.paths import REPO_ROOT
 
 
 def git(cwd: Path, *args: str, env=None, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.paths import REPORT_SCRIPT
+from tests.support.paths import REPORT_SCRIPT
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import requests
 
-from support.dvc import dvc
+from tests.support.dvc import dvc
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import requests
 
-from support.http import free_port
-from support.paths import (
+from tests.support.http import free_port
+from tests.support.paths import (
     DATASET_MIRROR,
     EVALUATE_METRICS,
     EVALUATE_PREDICTIONS,
     PIPELINE_PATHS,
     REPO_ROOT,
 )
-from support.processes import running_server
+from tests.support.processes import running_server
 
 
 def service_constant(name: str):

@@ -1,0 +1,276 @@
+"""Monitoring live: a real Prometheus (Debian's `prometheus`) scraping a real `bentoml serve` of
+the pipeline's bento while a bounded burst of good and bad requests arrives; every model metric
+moves by exactly what was sent, and every dashboard query and rule returns data."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.metrics import LOW_CONFIDENCE
+from serving.uploads import REJECTIONS
+from tests.support.git import git
+from tests.support.http import free_port
+from tests.support.images import make_image
+from tests.support.monitoring import RULES_FILE, dashboard_queries, rules, scrape_job, with_bool
+from tests.support.needs import require_tools
+from tests.support.paths import PIPELINE_PATHS
+from tests.support.processes import running_server
+from tests.support.service import evaluated_predictions, served_answers
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``url``/metrics: (name, sorted labels) -> value."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def changes(before: dict, after: dict, name: str) -> dict[tuple, float]:
+    """How much each series of ``name`` grew, by its labels; unchanged series left out."""
+    grown = {
+        labels: value - before.get((metric, labels), 0.0)
+        for (metric, labels), value in after.items()
+        if metric == name
+    }
+    return {labels: delta for labels, delta in grown.items() if delta}
+
+
+@dataclass(frozen=True)
+class Burst:
+    answers: list[dict]  # the JSON of every 200 answer, single and batch predictions together
+    rejected: dict[tuple[str, str], int]  # (reason, status) -> requests sent that way
+    before: dict
+    after: dict
+
+
+def bad_requests(url: str) -> dict[tuple[str, str], int]:
+    """Send each kind of bad request; (reason, status) -> how many were sent."""
+    tiny = make_image(size=(8, 8), fmt="PNG")
+    sent = [
+        ("not_an_image", {"files": {"image": ("notes.jpg", b"not a photo")}}),
+        ("not_an_image", {"files": {"image": ("notes.jpg", b"still not a photo")}}),
+        ("empty_file", {"files": {"image": ("empty.jpg", b"")}}),
+        ("image_too_small", {"files": {"image": ("tiny.png", tiny)}}),
+        ("missing_file", {"files": {"photo": ("a.jpg", make_image())}}),
+        ("not_a_file", {"files": {"image": (None, "text")}}),
+        ("not_multipart", {"data": b"raw bytes", "headers": {"Content-Type": "image/jpeg"}}),
+    ]
+    counts: dict[tuple[str, str], int] = {}
+    for reason, request in sent:
+        response = requests.post(f"{url}/predict", timeout=60, **request)
+        assert response.status_code == REJECTIONS[reason], (reason, response.text)
+        key = (reason, str(REJECTIONS[reason]))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def send_burst(url: str, photos: list[str]) -> Burst:
+    """A bounded burst: every test photo twice, two batches of three, and bad requests."""
+    before = scrape(url)
+    answers = served_answers(url, photos * 2)
+    for batch in (photos[:3], photos[-3:]):
+        files = [("images", open(photo, "rb")) for photo in batch]  # noqa: SIM115
+        try:
+            response = requests.post(f"{url}/predict_batch", files=files, timeout=60)
+        finally:
+            for _, handle in files:
+                handle.close()
+        assert response.status_code == 200, response.text
+        answers += response.json()["predictions"]
+    rejected = bad_requests(url)
+    return Burst(answers, rejected, before, scrape(url))
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, tmp_path_factory) -> str:
+    """Debian's prometheus on 127.0.0.1, scraping the service every second, with our rules."""
+    (binary,) = require_tools("prometheus")
+    root = tmp_path_factory.mktemp("prometheus")
+    job = scrape_job()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            {
+                "job_name": job["job_name"],
+                "metrics_path": job["metrics_path"],
+                "static_configs": [{"targets": [service.url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        binary,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
+        # Counters only grow in Prometheus' eyes after a first sample: scrape before the burst.
+        wait_for(url, f'up{{job="{job["job_name"]}"}} == 1')
+        yield url
+
+
+def query(prometheus_url: str, expr: str) -> list[dict]:
+    response = requests.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+def finite_series(prometheus_url: str, expr: str) -> int:
+    """How many series ``expr`` returns with a number (NaN, as from 0/0, draws nothing)."""
+    return sum(math.isfinite(float(r["value"][1])) for r in query(prometheus_url, expr))
+
+
+def wait_for(prometheus_url: str, expr: str, timeout: float = 30) -> list[dict]:
+    """Poll ``expr`` until it returns data (bounded: ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = query(prometheus_url, expr)
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"no data for {expr} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def burst(service, prometheus) -> Burst:
+    """The known requests, once Prometheus has scraped their effect and evaluated the rules."""
+    photos = [prediction.photo for prediction in evaluated_predictions(service.workspace)]
+    # BentoML creates a request series on its first occurrence (the first /predict, the
+    # first 415), and rate() ignores what a series counted before its first sample: the
+    # service now answers a whole burst between two scrapes. So a first burst creates every
+    # series, Prometheus scrapes them, and the second burst is the one measured.
+    send_burst(service.url, photos)
+    time.sleep(3)  # scrapes every second
+    sent = send_burst(service.url, photos)
+    total = sum(changes({}, sent.after, "classifier_predictions_total").values())
+    wait_for(
+        prometheus,
+        f'sum(classifier_predictions_total{{job="{scrape_job()["job_name"]}"}}) == {total}',
+    )
+    for rule in rules():
+        if "record" in rule:
+            wait_for(prometheus, rule["record"])
+    # BentoML creates a series on its first request (a /predict_batch, a 415): give those a
+    # second sample, so that rate() sees them too.
+    time.sleep(3)
+    return sent
+
+
+def test_model_metrics_count_the_known_requests(service, burst):
+    answers = burst.answers
+    assert len(answers) == 2 * 60 + 6
+    by_label = changes(burst.before, burst.after, "classifier_predictions_total")
+    sent_labels = {
+        label: sum(a["label"] == label for a in answers) for label in ("grass", "dandelion")
+    }
+    assert {dict(labels)["label"]: delta for labels, delta in by_label.items()} == {
+        label: count for label, count in sent_labels.items() if count
+    }
+
+    confidence = "classifier_prediction_confidence_ratio"
+    assert changes(burst.before, burst.after, f"{confidence}_count") == {(): len(answers)}
+    low = changes(burst.before, burst.after, f"{confidence}_bucket").get(
+        (("le", str(LOW_CONFIDENCE)),), 0
+    )
+    assert low == sum(a["confidence"] <= LOW_CONFIDENCE for a in answers)
+    assert changes(burst.before, burst.after, f"{confidence}_sum")[()] == pytest.approx(
+        sum(a["confidence"] for a in answers)
+    )
+
+    # The engine runs in the front (OpenVINO): one call per /predict, one per batch of three.
+    images = "classifier_model_call_images"
+    assert changes(burst.before, burst.after, f"{images}_count") == {(): 2 * 60 + 2}
+    assert changes(burst.before, burst.after, f"{images}_sum") == {(): 2 * 60 + 2 * 3}
+
+    rejected = changes(burst.before, burst.after, "classifier_rejected_uploads_total")
+    assert {
+        (dict(k)["reason"], dict(k)["status"]): v for k, v in rejected.items()
+    } == burst.rejected
+
+
+def test_info_and_expected_share_describe_the_model_served(service, burst):
+    info = [
+        labels for (name, labels), value in burst.after.items() if name == "classifier_model_info"
+    ]
+    assert len(info) == 1 and burst.after[("classifier_model_info", info[0])] == 1
+    labels = dict(info[0])
+    model_info = requests.get(f"{service.url}/model-info", timeout=10).json()
+    assert labels["model_version"] == model_info["version"]
+    head = git(service.workspace, "rev-parse", "--short", "HEAD").stdout.strip()
+    assert labels["git_revision"] == model_info["git_revision"] == head
+    lock = yaml.safe_load((service.workspace / "dvc.lock").read_text())
+    (served,) = [
+        out
+        for out in lock["stages"]["export"]["outs"]
+        if out["path"] == PIPELINE_PATHS["export_dir"]
+    ]
+    assert labels["dvc_md5"] == served["md5"]  # `git log -S <md5> -- dvc.lock` finds its commit
+
+    share = {
+        dict(k)["bound"]: v
+        for (name, k), v in burst.after.items()
+        if name == "classifier_expected_predicted_share_ratio"
+    }
+    assert share == {
+        "lower": service.metrics["positive_share_low"],
+        "upper": service.metrics["positive_share_high"],
+    }
+    assert share["lower"] < service.metrics["positive_share"] < share["upper"]
+
+
+def test_metrics_follow_prometheus_naming_conventions(service, burst):
+    (promtool,) = require_tools("promtool")
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    linted = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert linted.returncode == 0 and not linted.stdout.strip(), linted.stdout + linted.stderr
+
+
+def test_every_dashboard_and_alert_expression_returns_data(prometheus, burst, tmp_path):
+    checked: list[tuple[str, str, int]] = []
+    for where, expr in dashboard_queries():
+        checked.append((where, expr, finite_series(prometheus, expr)))
+    for rule in rules():
+        if "record" in rule:
+            name = f"record {rule['record']}"
+            checked.append((name, rule["expr"], finite_series(prometheus, rule["expr"])))
+        else:
+            # `bool` makes the comparison return 0 or 1 instead of filtering: the alert's
+            # signal and bound both exist and match, whether or not it fires.
+            expr = with_bool(rule["expr"])
+            checked.append((f"alert {rule['alert']}", expr, finite_series(prometheus, expr)))
+    report = "\n".join(
+        f"{count:3d}  {where}: {' '.join(expr.split())}" for where, expr, count in checked
+    )
+    print(f"series per expression from the real Prometheus:\n{report}")
+    assert [where for where, _, count in checked if count == 0] == [], report
+
+
+def test_prometheus_loads_and_evaluates_every_rule(prometheus, burst):
+    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert sorted(rule["name"] for rule in loaded) == sorted(
+        rule.get("alert") or rule["record"] for rule in rules()
+    )
+    assert [rule["name"] for rule in loaded if rule["health"] != "ok"] == []
+    # Nothing is wrong with the service under this burst: no alert fires.
+    assert [rule["name"] for rule in loaded if rule.get("state") == "firing"] == []

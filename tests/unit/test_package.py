@@ -1,0 +1,98 @@
+"""Package stage: the same inputs build the same bento bytes, anywhere, touching no BentoML store.
+
+Runs `python -m stages.package` (as dvc.yaml does) on a tiny Keras model in copies of this repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import keras
+import pytest
+import yaml
+
+from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
+from stages.export import export_model
+from stages.package import included_files
+from tests.support.dvc import set_param
+from tests.support.git import copy_workspace
+from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
+from tests.support.processes import python_module
+
+TEST_METRICS = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "roc_auc": 0.95}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.save(directory / MODEL_FILE)
+    return directory
+
+
+def package(workspace, model_dir, user_bentoml_home):
+    """Run the stage in ``workspace`` on a Keras-engine export; return its archive's path."""
+    metrics = workspace / PIPELINE_PATHS["evaluate_dir"] / "metrics.json"
+    metrics.write_text(json.dumps({"test": TEST_METRICS}))
+    export_dir = workspace / PIPELINE_PATHS["export_dir"]
+    export_model(model_dir / MODEL_FILE, export_dir, "keras")
+    archive = workspace / PIPELINE_PATHS["bento_archive"]
+    env = dict(os.environ, BENTOML_HOME=str(user_bentoml_home), BENTOML_DO_NOT_TRACK="true")
+    args = [str(model_dir), str(export_dir), str(metrics), str(archive)]
+    result = python_module("stages.package", workspace, *args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return archive
+
+
+def bento_contents(archive) -> tuple[dict, ModelCard, list[str]]:
+    """bento.yaml, the model's card and the shipped source files of an archive."""
+    with tarfile.open(archive) as tar:
+        bento = yaml.safe_load(tar.extractfile("bento.yaml"))
+        (model_yaml,) = [name for name in tar.getnames() if name.endswith("/model.yaml")]
+        card = ModelCard.from_metadata(yaml.safe_load(tar.extractfile(model_yaml))["metadata"])
+        files = [member.name for member in tar.getmembers() if member.isfile()]
+    return bento, card, sorted(n.removeprefix("src/") for n in files if n.startswith("src/"))
+
+
+@pytest.fixture(scope="module")
+def built(model_dir, tmp_path_factory):
+    """A bento archive the stage built in a copy of this repo, and the user's BentoML home."""
+    root = tmp_path_factory.mktemp("built")
+    user_home = root / "user-bentoml"
+    return package(copy_workspace(root / "a" / "repo"), model_dir, user_home), user_home
+
+
+def test_same_inputs_in_two_directories_give_identical_archives(built, model_dir, tmp_path):
+    first, user_home = built
+    second = package(copy_workspace(tmp_path / "elsewhere" / "b"), model_dir, user_home)
+    assert first.read_bytes() == second.read_bytes()
+    # dvc repro changes no state outside Git and DVC: the user's BentoML store is untouched.
+    assert not user_home.exists() or not any(user_home.rglob("*.yaml"))
+
+    bento, card, sources = bento_contents(first)
+    assert bento["name"] == MODEL_NAME and bento["version"] == card.version
+    assert card.model_sha256 == sha256_of(model_dir / MODEL_FILE)
+    assert card.engine == "keras" and card.dvc_md5.endswith(".dir")
+    # The Keras engine brings TensorFlow into the bento; the bentofile alone does not.
+    with tarfile.open(first) as tar:
+        requirements = tar.extractfile("env/python/requirements.txt").read().decode()
+    assert "tensorflow-cpu==" in requirements
+    assert "tensorflow" not in (REPO_ROOT / "bentofile.yaml").read_text()
+    assert card.test_metrics == TEST_METRICS and card.threshold == 0.5
+    assert card.train_params["seed"] == 42 and isinstance(card.train_params["seed"], int)
+    # The bento ships the service and its contract, and no pipeline stage.
+    assert sources == [path.as_posix() for path in included_files()]
+    assert not [name for name in sources if name.startswith("stages/")]
+
+
+def test_a_threshold_change_is_a_new_bento_carrying_the_new_threshold(built, model_dir, tmp_path):
+    before = bento_contents(built[0])[1]
+    workspace = copy_workspace(tmp_path / "repo")
+    set_param(workspace, "evaluate.threshold", 0.62)
+    after = bento_contents(package(workspace, model_dir, tmp_path / "home"))[1]
+    assert after.threshold == 0.62 and after.rule.predict(0.61) == 0
+    assert after.version != before.version and after.model_sha256 == before.model_sha256

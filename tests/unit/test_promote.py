@@ -1,0 +1,90 @@
+"""Promotion (`python -m stages.promote`): the champion gate on a real MLflow registry, and the
+command itself on the reproduced pipeline."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from stages import promote
+
+NAME = "gate-test"
+
+
+def logged_run(accuracy: float) -> str:
+    """A finished run holding a (tiny) Keras model, as `train` leaves it."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+    with mlflow.start_run() as run:
+        mlflow.keras.log_model(model, name="model", pip_requirements=["keras"])
+        mlflow.log_metric("test_accuracy", accuracy)
+    return run.info.run_id
+
+
+def gate(client, run_id, accuracy, min_improvement=0.0, bento=None):
+    return promote.promote_if_better(
+        client,
+        NAME,
+        run_id,
+        bento or f"bento-of-{run_id}",
+        {"accuracy": accuracy, "f1": accuracy},
+        "accuracy",
+        min_improvement,
+        {"git_revision": "abc123"},
+    )
+
+
+@pytest.fixture
+def client(mlflow_store):
+    mlflow.set_experiment("gate")
+    return MlflowClient()
+
+
+def versions(client) -> list[str]:
+    return sorted(v.version for v in client.search_model_versions(f"name='{NAME}'"))
+
+
+def test_first_model_becomes_champion(client):
+    run_id = logged_run(0.80)
+    champion, promoted = gate(client, run_id, 0.80)
+    assert promoted and champion.run_id == run_id
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
+    assert champion.tags["test_accuracy"] == "0.8" and champion.tags["git_revision"] == "abc123"
+    assert champion.tags["bento"] == f"bento-of-{run_id}"
+
+
+def test_worse_or_equal_model_changes_nothing(client):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    for accuracy in (0.85, 0.90):
+        champion, promoted = gate(client, logged_run(accuracy), accuracy)
+        assert not promoted and champion.version == first.version
+    assert versions(client) == [first.version]
+
+
+def test_rerunning_with_the_same_model_changes_nothing(client):
+    run_id = logged_run(0.90)
+    first, _ = gate(client, run_id, 0.90)
+    again, promoted = gate(client, run_id, 0.90)
+    assert not promoted and again.version == first.version
+    assert versions(client) == [first.version]
+
+
+def test_better_model_takes_the_alias_only_past_the_margin(client):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    _, promoted = gate(client, logged_run(0.91), 0.91, min_improvement=0.02)
+    assert not promoted
+    better, promoted = gate(client, logged_run(0.95), 0.95, min_improvement=0.02)
+    assert promoted and better.version != first.version
+    assert client.get_model_version_by_alias(NAME, "champion").version == better.version
+
+
+def test_a_new_bento_of_the_champions_run_is_judged_like_any_candidate(client):
+    """Same trained model, another threshold: a new bento, promoted only if it scores better."""
+    run_id = logged_run(0.90)
+    first, _ = gate(client, run_id, 0.90, bento="threshold-a")
+    _, promoted = gate(client, run_id, 0.88, bento="threshold-b")
+    assert not promoted
+    better, promoted = gate(client, run_id, 0.93, bento="threshold-c")
+    assert promoted and better.version != first.version and better.run_id == run_id
+    assert client.get_model_version_by_alias(NAME, "champion").tags["bento"] == "threshold-c"
