@@ -1,7 +1,7 @@
 """Load benchmark: the service (OpenVINO), the same service on Keras, a naive server, the limits.
 
 Needs the champion in BentoML's store and the photos in data/ (`dvc repro` or `dvc pull`,
-then `python -m stages.promote`). Everything runs on 127.0.0.1, in one go, on the test photos:
+then `dandelion promote`). Everything runs on 127.0.0.1, in one go, on the test photos:
 
 - openvino service: `bentoml serve dandelion-vs-grass:latest` (the champion, as users serve it:
                     one process, the engine in the front);

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from locust import HttpUser, between, task
 
-from stages.params import pipeline_paths  # the project is installed (pip install -e .)
+from pipeline.params import pipeline_paths  # the project is installed (pip install -e .)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """Soak test of the champion: a long run at concurrency 16, then the model worker killed.
 
-Needs what benchmarks/load_benchmark.py needs (`dvc repro`, `python -m stages.promote`). On
+Needs what benchmarks/load_benchmark.py needs (`dvc repro`, `dandelion promote`). On
 127.0.0.1:
 
 1. `bentoml serve dandelion-vs-grass:latest`; warm-up until the process tree's memory is

@@ -12,7 +12,6 @@ bento ships it and nothing else of the pipeline.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
@@ -20,20 +19,15 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
-MODEL_NAME = "dandelion-vs-grass"  # BentoML model and bento, MLflow registered model
+MODEL_NAME = "dandelion-vs-grass"  # BentoML model and bento, MLflow experiment and registered model
 MODEL_FILE = "classifier.keras"  # inside the train stage's model directory
 PREDICTIONS_FILE = "predictions.csv"  # evaluate's verdict on every test photo
-MODEL_SHA256_TAG = "model_sha256"  # MLflow tag linking a run (and registered version) to a model
 WHITE = (255, 255, 255)
 # The model's output per photo, shape (N, 2): P(classes[1]), and its novelty, the squared
 # Mahalanobis distance of its backbone features from the training photos' in units of the
-# threshold (stages/train.py): above 1, the photo is unlike anything the model was trained
+# threshold (pipeline/novelty.py): above 1, the photo is unlike anything the model was trained
 # on, and probably neither class.
 PROBABILITY, NOVELTY = 0, 1
-
-
-def sha256_of(path: Path | str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

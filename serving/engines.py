@@ -24,11 +24,9 @@ from serving.contract import MODEL_FILE
 
 ENGINES = ("openvino", "keras")
 OPENVINO_FILE = "classifier.xml"  # with its weights in classifier.bin
-# What a bento serving each engine must install (pinned: bento builds run offline).
-ENGINE_PACKAGES = {
-    "openvino": ["openvino==2026.4.1"],
-    "keras": ["keras==3.15.1", "tensorflow-cpu==2.21.0"],
-}
+# What a bento serving each engine must install besides bentofile.yaml's packages; the package
+# stage pins each from constraints.txt (bento builds run offline).
+ENGINE_PACKAGES = {"openvino": ["openvino"], "keras": ["keras", "tensorflow-cpu"]}
 
 # Whether the service batches concurrent requests for the engine. Measured on 2 cores
 # (docs/serving.md): Keras takes 16 ms for one image and 8 ms per image in batches of 32, so

@@ -1,4 +1,4 @@
-"""Download stage: fetch every image of the catalogue, keep only the ones that decode.
+"""Download stage: fetch every photo of the catalogue, keep only the ones that decode.
 
 The catalogue (``label,filename,sha256``) says *what* the dataset is; ``download.base_url``
 only says *where* to fetch it from, so a mirror serving the same bytes is interchangeable
@@ -7,30 +7,25 @@ with the original (the sha256 column catches one that does not).
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
+import dataclasses
 import io
 import json
 import os
-import sys
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 from PIL import Image
 
-from stages.logs import Progress, summarised
-from stages.params import load_params
+from pipeline.catalogue import BASE_URL_VARIABLE, CatalogueEntry, data_url, read_catalogue
+from pipeline.hashing import sha256_of
+from pipeline.logs import Progress
+from pipeline.params import DownloadParams
+from pipeline.stage import StageError, arguments, summarised
 
-# Fetch from here instead of download.base_url, without editing params.yaml: a mirror of the
-# same bytes (the catalogue's sha256 column pins them), for machines without internet. Not a
-# dependency of the stage, like base_url itself, so dvc.lock does not change.
-BASE_URL_VARIABLE = "DOWNLOAD_BASE_URL"
 OFFLINE_HINT = (
     f"without internet, serve a copy of the dataset and point {BASE_URL_VARIABLE} at it: "
     f"{BASE_URL_VARIABLE}=http://127.0.0.1:8000/data dvc repro "
@@ -38,54 +33,12 @@ OFFLINE_HINT = (
 )
 
 
-def data_url(params: dict) -> str:
-    """Where the stage fetches from: ``download.base_url``, unless BASE_URL_VARIABLE is set."""
-    return os.environ.get(BASE_URL_VARIABLE) or params["base_url"]
-
-
-class DownloadError(Exception):
+class DownloadError(StageError):
     """A file that could not be fetched or is not a usable image."""
 
 
 class ServerUnreachable(DownloadError):
     """Every attempt failed to connect at all (bad host name, refused, no network)."""
-
-
-@dataclass(frozen=True)
-class CatalogueEntry:
-    label: str
-    filename: str
-    sha256: str  # empty: not pinned
-
-    @property
-    def relative_path(self) -> str:
-        return f"{self.label}/{self.filename}"
-
-
-@dataclass(frozen=True)
-class DownloadSettings:
-    base_url: str
-    min_per_class: int
-    workers: int = 8
-    timeout_seconds: float = 10.0
-    retries: int = 3
-    backoff_seconds: float = 0.5
-
-
-def read_catalogue(path: Path) -> list[CatalogueEntry]:
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"label", "filename", "sha256"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        entries = [
-            CatalogueEntry(row["label"].strip(), row["filename"].strip(), row["sha256"].strip())
-            for row in reader
-        ]
-    for entry in entries:
-        if not entry.label or not entry.filename or "/" in entry.filename or ".." in entry.filename:
-            raise ValueError(f"{path}: invalid row {entry}")
-    return entries
 
 
 def validate_image(content: bytes) -> None:
@@ -109,7 +62,7 @@ def _session() -> requests.Session:
     return _thread_state.session
 
 
-def fetch(url: str, settings: DownloadSettings) -> bytes:
+def fetch(url: str, settings: DownloadParams) -> bytes:
     """GET ``url`` with bounded retries and exponential backoff.
 
     Retries connection errors, timeouts (including a body that stalls mid-transfer, which
@@ -147,24 +100,21 @@ def _root_cause(exc: requests.ConnectionError) -> str:
     return str(cause).split("): ", 1)[-1]  # drop the "HTTPConnection(host=..., port=...)" prefix
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
+def download_one(entry: CatalogueEntry, settings: DownloadParams, out_dir: Path) -> None:
+    content = fetch(f"{settings.base_url.rstrip('/')}/{entry.relative_path}", settings)
+    validate_image(content)
+    if entry.sha256 and sha256_of(content) != entry.sha256:
+        raise DownloadError("sha256 differs from the catalogue")
+    path = out_dir / entry.relative_path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     partial.write_bytes(content)
-    os.replace(partial, path)
-
-
-def download_one(entry: CatalogueEntry, settings: DownloadSettings, out_dir: Path) -> None:
-    content = fetch(f"{settings.base_url.rstrip('/')}/{entry.relative_path}", settings)
-    validate_image(content)
-    if entry.sha256 and hashlib.sha256(content).hexdigest() != entry.sha256:
-        raise DownloadError("sha256 differs from the catalogue")
-    _write_atomically(out_dir / entry.relative_path, content)
+    os.replace(partial, path)  # only whole, validated files are ever in out_dir
 
 
 def download_dataset(
     entries: list[CatalogueEntry],
-    settings: DownloadSettings,
+    settings: DownloadParams,
     out_dir: Path,
     progress: Progress | None = None,
 ) -> dict:
@@ -226,14 +176,9 @@ def check_enough_images(report: dict, min_per_class: int) -> None:
 
 @summarised("download")
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("catalogue", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("report", type=Path)
-    args = parser.parse_args(argv)
-
-    params = load_params()["download"]
-    settings = DownloadSettings(**{**params, "base_url": data_url(params)})
+    args = arguments(argv, __doc__, catalogue=None, out_dir=None, report=None)
+    params = DownloadParams.load()
+    settings = dataclasses.replace(params, base_url=data_url(params))
     print(f"download: from {settings.base_url}")
     try:
         entries = read_catalogue(args.catalogue)
@@ -245,10 +190,10 @@ def main(argv: list[str] | None = None) -> str:
             print(f"download: {label}: {result['ok']} ok, {len(result['failed'])} failed")
         check_enough_images(report, settings.min_per_class)
     except ServerUnreachable as exc:
-        sys.exit(f"download failed: {exc}; {OFFLINE_HINT}")
+        raise ServerUnreachable(f"{exc}; {OFFLINE_HINT}") from None
     except DownloadError as exc:
         see = f"; see {args.report}" if args.report.exists() else ""
-        sys.exit(f"download failed: {exc}{see}")
+        raise DownloadError(f"{exc}{see}") from None
     ok = sum(result["ok"] for result in report["classes"].values())
     return f"{ok:,} of {len(entries):,} images -> {args.out_dir}"
 

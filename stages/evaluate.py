@@ -13,7 +13,6 @@ it. The metrics are also added to the MLflow run that trained the model.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -25,18 +24,13 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import binomtest
 from sklearn import metrics
 
-from serving.contract import (
-    MODEL_FILE,
-    NOVELTY,
-    PREDICTIONS_FILE,
-    PROBABILITY,
-    DecisionRule,
-    sha256_of,
-)
-from serving.engines import load_engine
-from stages.logs import summarised
-from stages.params import load_params
-from stages.tracking import training_run, use_project_store
+from pipeline.hashing import file_sha256
+from pipeline.logs import import_tensorflow_quietly
+from pipeline.params import EvaluateParams, classes
+from pipeline.stage import arguments, summarised
+from pipeline.tracking import training_run, use_project_store
+from serving.contract import MODEL_FILE, NOVELTY, PREDICTIONS_FILE, PROBABILITY, DecisionRule
+from serving.engines import engine_of, load_engine
 
 
 def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:
@@ -106,7 +100,7 @@ def prediction_rows(paths, labels, outputs, rule: DecisionRule) -> list[dict]:
 def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
     """Add the test metrics to the MLflow run that trained the model, if it is in the store."""
     use_project_store()
-    run = training_run(sha256_of(model_file))
+    run = training_run(file_sha256(model_file))
     if run is None:
         # The model may come from a DVC cache whose MLflow store is not on this machine.
         print(f"evaluate: no MLflow run trained {model_file}; metrics not logged", file=sys.stderr)
@@ -117,15 +111,17 @@ def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
 
 @summarised("evaluate")
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir", type=Path, help="train's output (the MLflow run's model)")
-    parser.add_argument("export_dir", type=Path, help="export's output: what is served")
-    parser.add_argument("test_npz", type=Path)
-    parser.add_argument("live_dir", type=Path, help="dvclive metrics and plots")
-    args = parser.parse_args(argv)
-
-    params = load_params()
-    rule = DecisionRule(tuple(params["classes"]), params["evaluate"]["threshold"])
+    args = arguments(
+        argv,
+        __doc__,
+        model_dir="train's output (the MLflow run's model)",
+        export_dir="export's output: what is served",
+        test_npz=None,
+        live_dir="dvclive metrics and plots",
+    )
+    rule = DecisionRule(tuple(classes()), EvaluateParams.load().threshold)
+    if engine_of(args.export_dir) == "keras":
+        import_tensorflow_quietly()
     test = np.load(args.test_npz)
     model_file = args.model_dir / MODEL_FILE
     score = load_engine(args.export_dir)

@@ -8,17 +8,17 @@ same bytes in every fresh process, so ``dvc.lock`` stays reproducible.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.logs import import_tensorflow_quietly
+from pipeline.params import ServeParams
+from pipeline.stage import arguments, summarised
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, check_engine
-from stages.logs import summarised
-from stages.params import load_params
 
 
 def work_around_openvino_on_python_3_13() -> None:
@@ -56,6 +56,7 @@ def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
     if engine == "keras":
         shutil.copyfile(keras_file, out_dir / MODEL_FILE)
         return
+    import_tensorflow_quietly()
     import keras
 
     model = keras.models.load_model(keras_file, compile=False)
@@ -68,12 +69,10 @@ def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
 
 @summarised("export")
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir", type=Path, help="train's output")
-    parser.add_argument("export_dir", type=Path)
-    args = parser.parse_args(argv)
-
-    engine = load_params()["serve"]["engine"]
+    args = arguments(
+        argv, __doc__, model_dir="train's output", export_dir="what evaluate scores and is served"
+    )
+    engine = ServeParams.load().engine
     export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
     return f"{args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})"
 

@@ -6,15 +6,12 @@ the prediction service uses too, so training and serving can never drift apart.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
+from pipeline.params import ParamsError, PreprocessParams, classes
+from pipeline.splits import SPLITS, read_split
+from pipeline.stage import arguments, summarised
 from serving.contract import load_image
-from stages.logs import summarised
-from stages.params import load_params
-from stages.split import SPLITS, read_split
 
 
 def preprocess_split(
@@ -22,7 +19,7 @@ def preprocess_split(
 ) -> dict[str, np.ndarray]:
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ValueError(f"labels {unknown} are not in params 'classes' {classes}")
+        raise ParamsError(f"labels {unknown} are not in params 'classes' {classes}")
     images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         images[i] = load_image(path, image_size)
@@ -35,23 +32,16 @@ def preprocess_split(
 
 @summarised("preprocess")
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("split_csv", type=Path)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-
-    params = load_params()
-    image_size = params["preprocess"]["image_size"]
+    args = arguments(argv, __doc__, split_csv=None, out_dir=None)
+    image_size = PreprocessParams.load().image_size
+    names = classes()
     rows = read_split(args.split_csv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     counts, total = [], 0
     for split in SPLITS:
         chosen = [row for row in rows if row.split == split]
         arrays = preprocess_split(
-            [row.path for row in chosen],
-            [row.label for row in chosen],
-            params["classes"],
-            image_size,
+            [row.path for row in chosen], [row.label for row in chosen], names, image_size
         )
         # Uncompressed: training loads it in a fraction of a second.
         np.savez(args.out_dir / f"{split}.npz", **arrays)

@@ -5,39 +5,24 @@ so the same picture can never be trained on and tested on. Groups whose copies c
 different labels are ambiguous and left out (listed on stderr).
 
 Photos a person reviewed and excluded (the catalogue's ``excluded`` column holds the reason,
-e.g. after the label-noise report of stages/crossval.py) are assigned first and then marked
+e.g. after the label-noise report of the crossval stage) are assigned first and then marked
 ``excluded``, so that excluding one photo never moves any other between splits.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
 import random
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from stages.logs import summarised
-from stages.params import load_params
+from pipeline.catalogue import exclusions, read_catalogue
+from pipeline.hashing import file_sha256
+from pipeline.params import ParamsError, SplitParams
+from pipeline.splits import EXCLUDED, SPLITS, SplitRow, write_split
+from pipeline.stage import arguments, summarised
 
-SPLITS = ("train", "val", "test")
-EXCLUDED = "excluded"  # the split of a reviewed exclusion: no stage reads it
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
-
-
-@dataclass(frozen=True)
-class SplitRow:
-    path: str
-    label: str
-    split: str
-    sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def list_images(raw_dir: Path) -> list[tuple[Path, str]]:
@@ -51,11 +36,12 @@ def list_images(raw_dir: Path) -> list[tuple[Path, str]]:
 
 
 def split_images(
-    images: list[tuple[Path, str]], val_ratio: float, test_ratio: float, seed: int
+    images: list[tuple[Path, str]], params: SplitParams
 ) -> tuple[list[SplitRow], list[str]]:
     """Assign every image to a split; return the rows and the ambiguous files left out."""
+    val_ratio, test_ratio = params.val_ratio, params.test_ratio
     if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
-        raise ValueError(
+        raise ParamsError(
             f"split ratios must be in [0, 1) and leave room for training "
             f"(val_ratio={val_ratio}, test_ratio={test_ratio})"
         )
@@ -73,7 +59,7 @@ def split_images(
         else:
             by_label[labels.pop()].append(digest)
 
-    rng = random.Random(seed)
+    rng = random.Random(params.seed)
     rows = []
     for label in sorted(by_label):
         digests = sorted(by_label[label])
@@ -93,19 +79,9 @@ def split_images(
     return rows, sorted(ambiguous)
 
 
-def read_exclusions(catalogue: Path) -> dict[str, str]:
-    """``<label>/<filename>`` -> reason, for the catalogue's rows with an ``excluded`` reason."""
-    with open(catalogue, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {
-        f"{row['label'].strip()}/{row['filename'].strip()}": (row.get("excluded") or "").strip()
-        for row in rows
-        if (row.get("excluded") or "").strip()
-    }
-
-
 def apply_exclusions(rows: list[SplitRow], exclusions: dict[str, str]) -> list[SplitRow]:
-    """``rows`` with every excluded photo's split set to ``excluded``, the others as they were."""
+    """``rows`` with every excluded photo's split set to ``excluded``, the others as they were;
+    ``exclusions`` maps ``<label>/<filename>`` to the reviewer's reason."""
 
     def key(row: SplitRow) -> str:
         return f"{Path(row.path).parent.name}/{Path(row.path).name}"
@@ -116,36 +92,17 @@ def apply_exclusions(rows: list[SplitRow], exclusions: dict[str, str]) -> list[S
     ]
 
 
-def write_split(rows: list[SplitRow], out_path: Path) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split", "sha256"])
-        writer.writerows((r.path, r.label, r.split, r.sha256) for r in rows)
-
-
-def read_split(path: Path) -> list[SplitRow]:
-    with open(path, newline="") as handle:
-        return [SplitRow(**row) for row in csv.DictReader(handle)]
-
-
 @summarised("split")
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("raw_dir", type=Path)
-    parser.add_argument("catalogue", type=Path, help="for its reviewed exclusions")
-    parser.add_argument("out_csv", type=Path)
-    args = parser.parse_args(argv)
-
-    params = load_params()["split"]
-    rows, ambiguous = split_images(
-        list_images(args.raw_dir), params["val_ratio"], params["test_ratio"], params["seed"]
+    args = arguments(
+        argv, __doc__, raw_dir=None, catalogue="for its reviewed exclusions", out_csv=None
     )
+    rows, ambiguous = split_images(list_images(args.raw_dir), SplitParams.load())
     for path in ambiguous:
         print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)
-    exclusions = read_exclusions(args.catalogue)
-    rows = apply_exclusions(rows, exclusions)
-    for name, reason in sorted(exclusions.items()):
+    excluded = exclusions(read_catalogue(args.catalogue))
+    rows = apply_exclusions(rows, excluded)
+    for name, reason in sorted(excluded.items()):
         print(f"split: excluded {name}: {reason}")
     write_split(rows, args.out_csv)
     counts = ", ".join(f"{sum(r.split == s for r in rows)} {s}" for s in (*SPLITS, EXCLUDED))

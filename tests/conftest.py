@@ -16,7 +16,7 @@ from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
 from tests.support.needs import require_shared
 from tests.support.paths import DATASET_MIRROR, WEIGHTS_DIR
-from tests.support.processes import python_module
+from tests.support.processes import dandelion
 from tests.support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
 from tests.support.service import RunningService, serving
 
@@ -135,8 +135,8 @@ def s3(request) -> S3Endpoint:
 
 @pytest.fixture(scope="session")
 def promoted(reproduced) -> subprocess.CompletedProcess:
-    """`python -m stages.promote` after the cold repro: the bento becomes champion and latest."""
-    result = python_module("stages.promote", reproduced.workspace, env=reproduced.env)
+    """`dandelion promote` after the cold repro: the bento becomes champion and latest."""
+    result = dandelion(reproduced.workspace, "promote", env=reproduced.env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

@@ -6,7 +6,7 @@
 Tables come from `dvc metrics diff` and `dvc params diff`; the plots are the named plots of
 dvc.yaml as `dvc plots diff` renders them (base and workspace side by side), turned into
 PNG files next to the report so CML can upload them (drawn as the plots stage draws the
-README's, stages/plots.py). On GitHub Actions the script also sets the step output
+README's, pipeline/plots.py). On GitHub Actions the script also sets the step output
 ``metrics_changed`` (true/false) for the retrain workflow.
 
 ``--data-source public`` (set by the cml workflow when .github/scripts/pull.sh found no MinIO
@@ -23,9 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.download import data_url
-from stages.params import load_params
-from stages.plots import PlotsError, file_name, plot_specs, png
+from pipeline.catalogue import data_url
+from pipeline.params import DownloadParams
+from pipeline.plots import PlotsError, file_name, plot_specs, png
 
 # Named plots of dvc.yaml shown in the report.
 PLOTS = ("Confusion matrix", "Learning curves (loss)", "Learning curves (accuracy)")
@@ -69,7 +69,7 @@ def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
 
 def public_rebuild_note(repo: Path) -> list[str]:
     """What a rebuild without the remote used: the data URL the download stage read."""
-    base_url = data_url(load_params(repo / "params.yaml")["download"])
+    base_url = data_url(DownloadParams.load(repo / "params.yaml"))
     return [
         "> **Rebuilt without the DVC remote.** This repository has no MinIO secrets (a fork or",
         "> a fresh copy), so nothing was pulled: `dvc repro` ran every stage, downloading the",

@@ -19,7 +19,7 @@ import yaml
 from tests.support.dvc import dvc, stages_run
 from tests.support.git import git
 from tests.support.paths import EVALUATE_METRICS
-from tests.support.processes import python_module
+from tests.support.processes import dandelion
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +148,6 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
     assert stages_run(packaged.stdout) == ["package", "plots"]
     # The store started empty, so promoting the applied experiment makes it the first champion.
-    promoted = python_module("stages.promote", workspace, env=env)
+    promoted = dandelion(workspace, "promote", env=env)
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert "promoted to champion; champion is version 1" in promoted.stdout, promoted.stdout

@@ -1,4 +1,4 @@
-"""`python -m stages.promote` on the reproduced pipeline: idempotent, gated, and deploying the
+"""`dandelion promote` on the reproduced pipeline: idempotent, gated, and deploying the
 champion's bento from MLflow to a fresh BentoML store."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.bento import bento_version_of
 from serving.contract import MODEL_NAME
-from stages.promote import bento_version_of
 from tests.support.dvc import dvc, set_param
 from tests.support.paths import PIPELINE_PATHS
-from tests.support.processes import python_module
+from tests.support.processes import dandelion
 
 
 @pytest.mark.slow
@@ -22,21 +22,21 @@ def test_promotion_of_the_reproduced_pipeline_is_idempotent_and_gated(
     a worse bento is not promoted, and a fresh BentoML store gets the champion from MLflow."""
     champion_bento = bento_version_of(reproduced.workspace / PIPELINE_PATHS["bento_archive"])
     assert "promoted to champion; champion is version 1" in promoted.stdout, promoted.stdout
-    again = python_module("stages.promote", reproduced.workspace, env=reproduced.env)
+    again = dandelion(reproduced.workspace, "promote", env=reproduced.env)
     assert again.returncode == 0, again.stderr
     assert "already champion; champion is version 1" in again.stdout, again.stdout
 
     workspace = pipeline_copy
     env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "fresh_bentoml_home"))
     set_param(workspace, "evaluate.threshold", 0.99)  # nearly everything becomes grass
-    stale = python_module("stages.promote", workspace, env=env)
+    stale = dandelion(workspace, "promote", env=env)
     assert stale.returncode != 0 and "not up to date" in stale.stderr, stale.stderr
     assert dvc(workspace, "repro", env=env).returncode == 0
     # The opt-in cross-validation may lag behind: it does not hold promotion up.
     set_param(workspace, "crossval.folds", 3)
     assert "crossval" in dvc(workspace, "status", env=env).stdout
 
-    worse = python_module("stages.promote", workspace, env=env)
+    worse = dandelion(workspace, "promote", env=env)
     assert worse.returncode == 0, worse.stderr
     assert "not promoted" in worse.stdout and "champion is version 1" in worse.stdout
     latest = tmp_path / "fresh_bentoml_home" / "bentos" / MODEL_NAME / "latest"

@@ -3,7 +3,7 @@
 A change to the catalogue reaches main; retraining (`dvc repro`) reruns everything from
 `download` on, and the report script tells the workflow to open a pull request. A scheduled
 run with nothing new must not. Once such a pull request is merged, the workflow's promote job
-runs `python -m stages.promote` on main. (`cml pr create` and GitHub itself cannot run here.)
+runs `dandelion promote` on main. (`cml pr create` and GitHub itself cannot run here.)
 """
 
 from __future__ import annotations

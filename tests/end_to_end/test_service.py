@@ -17,11 +17,12 @@ import pytest
 import requests
 from PIL import Image
 
-from serving.contract import MODEL_FILE, NOVELTY, PROBABILITY, DecisionRule, sha256_of
+from pipeline.bento import bento_version_of
+from pipeline.hashing import file_sha256
+from serving.contract import MODEL_FILE, NOVELTY, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
 from stages.evaluate import unlike_pictures
 from stages.export import export_model
-from stages.promote import bento_version_of
 from tests.support.dvc import dvc, set_param, stages_run
 from tests.support.http import free_port, multipart_body
 from tests.support.paths import EVALUATE_METRICS, PIPELINE_PATHS
@@ -258,7 +259,7 @@ def test_model_info_health_and_metrics(service):
     assert info["test_metrics"] == service.metrics
     assert info["threshold"] == 0.5 and info["image_size"] == 224
     assert info["train_params"]["seed"] == 42  # the params' own types, not strings
-    assert info["model_sha256"] == sha256_of(
+    assert info["model_sha256"] == file_sha256(
         service.workspace / PIPELINE_PATHS["model_dir"] / MODEL_FILE
     )
     assert info["model"] == f"dandelion-vs-grass:{info['version']}"

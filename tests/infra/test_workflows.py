@@ -149,7 +149,7 @@ def test_pipeline_workflows_pull_reproduce_report_and_comment(name, job_name):
     scripts = job_scripts(job)
     # The whole pipeline, bento included (it registers nothing), and no promotion before a merge.
     assert "dvc repro" in scripts
-    assert not [script for script in scripts if "stages.promote" in script]
+    assert not [script for script in scripts if "promote" in script]
     assert any("python .github/scripts/report.py" in script for script in scripts)
     assert any("cml comment update" in script for script in scripts)
     assert job["env"]["AWS_SECRET_ACCESS_KEY"] == "${{ secrets.MINIO_SECRET_KEY }}"
@@ -178,7 +178,7 @@ def test_retrain_promotes_only_after_the_merge_on_main():
     assert promote["if"] == "github.event_name == 'push'"
     assert promote["steps"][0]["with"]["ref"] == "main"
     assert "./.github/actions/pipeline-setup" in [s.get("uses", "") for s in promote["steps"]]
-    assert job_scripts(promote)[-1] == "python -m stages.promote"
+    assert job_scripts(promote)[-1] == "dandelion promote"
     # Both jobs talk to the team's MLflow: promote finds the run the retrain job logged.
     for job in (jobs["retrain"], promote):
         assert job["env"]["MLFLOW_TRACKING_URI"] == "${{ secrets.MLFLOW_TRACKING_URI }}"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.paths import MOBILENET_WEIGHTS, WEIGHTS_DIR
+from pipeline.weights import IMAGENET_WEIGHTS_FILE
+from tests.support.paths import WEIGHTS_FILE
 from tests.support.processes import python_module, with_interpreter_tools
 
 
@@ -19,7 +20,7 @@ def prepare_keras_home(keras_home: Path) -> Path:
     """A KERAS_HOME whose cache holds the offline ImageNet backbone (copied, as its README says)."""
     models = keras_home / "models"
     models.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(WEIGHTS_DIR / MOBILENET_WEIGHTS, models / MOBILENET_WEIGHTS)
+    shutil.copyfile(WEIGHTS_FILE, models / IMAGENET_WEIGHTS_FILE)
     return keras_home
 
 

@@ -6,15 +6,16 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.params import pipeline_paths
+from pipeline.weights import IMAGENET_WEIGHTS_FILE
 from serving.contract import PREDICTIONS_FILE
-from stages.params import pipeline_paths
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The dataset mirror and the backbone weights ship beside the checkout on build machines only.
 SHARED = REPO_ROOT.parent / "shared"
 DATASET_MIRROR = SHARED / "datasets" / "greenr-airflow"
 WEIGHTS_DIR = SHARED / "weights"
-MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+WEIGHTS_FILE = WEIGHTS_DIR / IMAGENET_WEIGHTS_FILE  # the file Keras' cache needs
 REPORT_SCRIPT = REPO_ROOT / ".github" / "scripts" / "report.py"
 # The pipeline's paths, declared once in dvc.yaml's `vars` (catalogue, model_dir, ...).
 PIPELINE_PATHS: dict[str, str] = pipeline_paths(REPO_ROOT / "dvc.yaml")

@@ -34,6 +34,12 @@ def python_module(
     )
 
 
+def dandelion(cwd: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The project's ``dandelion`` command (installed with it, beside this interpreter)."""
+    command = [str(Path(sys.executable).parent / "dandelion"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
 @contextlib.contextmanager
 def running_server(
     command: list[str],

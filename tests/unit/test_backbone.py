@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-from stages.backbone import IMAGENET_WEIGHTS_FILE
-from stages.split import SPLITS
+from pipeline.splits import SPLITS
+from pipeline.weights import IMAGENET_WEIGHTS_FILE
 from tests.support.paths import REPO_ROOT
 
 

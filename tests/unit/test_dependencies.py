@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.package import included_files
+from pipeline.bento import included_files
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 
-PACKAGES = ("stages", "serving")  # the project's own top-level packages
+PACKAGES = ("stages", "pipeline", "serving")  # the project's own top-level packages
 
 
 def module_file(module: str) -> Path | None:

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from pipeline.catalogue import BASE_URL_VARIABLE, CatalogueEntry, read_catalogue
+from pipeline.params import DownloadParams
 from stages import download
-from stages.download import CatalogueEntry, DownloadError, DownloadSettings
+from stages.download import DownloadError
 from tests.support.http import serve_http
 from tests.support.images import make_image
 
@@ -66,7 +68,7 @@ def faulty_server():
         yield url
 
 
-def settings(base_url: str, **overrides) -> DownloadSettings:
+def settings(base_url: str, **overrides) -> DownloadParams:
     values = dict(
         base_url=base_url,
         min_per_class=1,
@@ -75,7 +77,7 @@ def settings(base_url: str, **overrides) -> DownloadSettings:
         retries=2,
         backoff_seconds=0.05,
     )
-    return DownloadSettings(**{**values, **overrides})
+    return DownloadParams(**{**values, **overrides})
 
 
 def entry(filename: str, label: str = "dandelion", sha256: str = "") -> CatalogueEntry:
@@ -157,10 +159,10 @@ def test_catalogue_rejects_unsafe_or_incomplete_rows(tmp_path):
     catalogue = tmp_path / "catalogue.csv"
     catalogue.write_text("label,filename,sha256\ngrass,../../etc/passwd,\n")
     with pytest.raises(ValueError, match="invalid row"):
-        download.read_catalogue(catalogue)
+        read_catalogue(catalogue)
     catalogue.write_text("label,filename\ngrass,a.jpg\n")
     with pytest.raises(ValueError, match="missing column"):
-        download.read_catalogue(catalogue)
+        read_catalogue(catalogue)
 
 
 def test_main_writes_report_and_fails_in_one_line(faulty_server, tmp_path, monkeypatch):
@@ -213,7 +215,7 @@ def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
     assert "DOWNLOAD_BASE_URL=http://127.0.0.1:8000/data dvc repro" in message
     assert "\n" not in message and not (tmp_path / "report.json").exists()
 
-    monkeypatch.setenv(download.BASE_URL_VARIABLE, faulty_server)
+    monkeypatch.setenv(BASE_URL_VARIABLE, faulty_server)
     download.main(["catalogue.csv", "raw", "report.json"])
     assert (tmp_path / "raw" / "dandelion" / "good.jpg").read_bytes() == GOOD
     assert json.loads((tmp_path / "params.yaml").read_text())["download"] == params

@@ -13,9 +13,10 @@ import keras
 import pytest
 import yaml
 
-from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard, sha256_of
+from pipeline.bento import included_files
+from pipeline.hashing import file_sha256
+from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
 from stages.export import export_model
-from stages.package import included_files
 from tests.support.dvc import set_param
 from tests.support.git import copy_workspace
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
@@ -75,7 +76,7 @@ def test_same_inputs_in_two_directories_give_identical_archives(built, model_dir
 
     bento, card, sources = bento_contents(first)
     assert bento["name"] == MODEL_NAME and bento["version"] == card.version
-    assert card.model_sha256 == sha256_of(model_dir / MODEL_FILE)
+    assert card.model_sha256 == file_sha256(model_dir / MODEL_FILE)
     assert card.engine == "keras" and card.dvc_md5.endswith(".dir")
     # The Keras engine brings TensorFlow into the bento; the bentofile alone does not.
     with tarfile.open(first) as tar:

@@ -26,7 +26,7 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from stages.plots import SPECS_FILE, file_name, page_template, plot_specs, render
+from pipeline.plots import SPECS_FILE, file_name, page_template, plot_specs, render
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.git import git
 from tests.support.needs import require_tools
@@ -229,7 +229,9 @@ def test_a_missing_plot_file_stops_the_stage_with_its_name(project):
         "stages.plots", project, "out/plots", "out/template.html", env=dict(os.environ), timeout=300
     )
     assert result.returncode != 0
-    assert "plots: dvc could not load every plot" in result.stderr and missing in result.stderr
+    assert (
+        "plots failed: dvc could not load every plot" in result.stderr and missing in result.stderr
+    )
     assert not (project / "out").exists()
 
 
@@ -245,7 +247,7 @@ def test_committed_pngs_were_drawn_from_the_current_plots_and_data():
 # Hashes the PNG of each committed spec, drawn by the plots stage's own code.
 DRAW_COMMITTED = f"""
 import hashlib, json
-from stages.plots import png
+from pipeline.plots import png
 specs = json.load(open({str(REPO_ROOT / PLOTS_DIR / SPECS_FILE)!r}))
 print(json.dumps({{name: hashlib.sha256(png(spec)).hexdigest() for name, spec in specs.items()}}))
 """

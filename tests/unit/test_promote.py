@@ -1,14 +1,18 @@
-"""Promotion (`python -m stages.promote`): the champion gate on a real MLflow registry, and the
-command itself on the reproduced pipeline."""
+"""Promotion: the champion gate on a real MLflow registry, and the `dandelion` command's own
+answers (the command on the reproduced pipeline: tests/end_to_end/test_promotion.py)."""
 
 from __future__ import annotations
+
+import os
 
 import keras
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from stages import promote
+from pipeline import promote
+from pipeline.params import PromoteParams
+from tests.support.processes import dandelion
 
 NAME = "gate-test"
 
@@ -29,8 +33,7 @@ def gate(client, run_id, accuracy, min_improvement=0.0, bento=None):
         run_id,
         bento or f"bento-of-{run_id}",
         {"accuracy": accuracy, "f1": accuracy},
-        "accuracy",
-        min_improvement,
+        PromoteParams(metric="accuracy", min_improvement=min_improvement),
         {"git_revision": "abc123"},
     )
 
@@ -88,3 +91,12 @@ def test_a_new_bento_of_the_champions_run_is_judged_like_any_candidate(client):
     better, promoted = gate(client, run_id, 0.93, bento="threshold-c")
     assert promoted and better.version != first.version and better.run_id == run_id
     assert client.get_model_version_by_alias(NAME, "champion").tags["bento"] == "threshold-c"
+
+
+def test_the_command_says_what_it_does_and_where_to_run_it(tmp_path):
+    usage = dandelion(tmp_path, "--help", env=dict(os.environ))
+    assert usage.returncode == 0 and "promote" in usage.stdout
+    assert dandelion(tmp_path, env=dict(os.environ)).returncode == 2  # a command is required
+    elsewhere = dandelion(tmp_path, "promote", env=dict(os.environ))
+    assert elsewhere.returncode == 1
+    assert elsewhere.stderr == "promote: no dvc.yaml here: run it from the project's root\n"

@@ -7,6 +7,7 @@ building MobileNetV2 is most of each test's time.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -17,33 +18,39 @@ import pytest
 import yaml
 from dvclive import Live
 
-from serving.contract import MODEL_FILE, PREDICTIONS_FILE, sha256_of
-from stages import evaluate, features, train
-from stages.backbone import resolve_weights
+from pipeline import features, training
+from pipeline.hashing import file_sha256
+from pipeline.keras_io import save_reproducibly
+from pipeline.novelty import novelty_projection
+from pipeline.params import FeaturesParams, TrainParams
+from pipeline.tracking import training_run
+from pipeline.weights import resolve_weights
+from serving.contract import MODEL_FILE, PREDICTIONS_FILE
+from stages import evaluate, train
+from stages import features as features_stage
 from stages.export import export_model
-from stages.tracking import training_run
 
-BACKBONE = {
-    "seed": 3,
-    "weights": "none",
-    "batch_size": 8,
-    "augment_copies": 2,
-    "novelty_layers": ["block_6_expand_relu", "block_10_expand_relu"],
-}
+BACKBONE = FeaturesParams(
+    seed=3,
+    weights="none",
+    batch_size=8,
+    augment_copies=2,
+    novelty_layers=["block_6_expand_relu", "block_10_expand_relu"],
+)
 CLASSES = ["grass", "dandelion"]  # class index 1 is the positive class, as in params.yaml
-PARAMS = {
-    "seed": 1,
-    "batch_size": 8,
-    "epochs": 3,
-    "patience": 2,
-    "learning_rate": 0.001,
-    "dropout": 0.2,
-    "label_smoothing": 0.0,
-    "neither_quantile": 0.9,
-    "fine_tune_layers": 0,
-    "fine_tune_epochs": 1,
-    "fine_tune_learning_rate": 1e-5,
-}
+PARAMS = TrainParams(
+    seed=1,
+    batch_size=8,
+    epochs=3,
+    patience=2,
+    learning_rate=0.001,
+    dropout=0.2,
+    label_smoothing=0.0,
+    neither_quantile=0.9,
+    fine_tune_layers=0,
+    fine_tune_epochs=1,
+    fine_tune_learning_rate=1e-5,
+)
 
 
 def tiny_split(count: int, seed: int) -> dict[str, np.ndarray]:
@@ -67,8 +74,8 @@ def run_training(tmp_path, cached, backbone=BACKBONE, **overrides):
     """Train on ``cached`` (features of tiny_images()) as if ``backbone`` had computed them."""
     keras.backend.clear_session()  # layer names restart, as in each `dvc repro` process
     with Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False) as live:
-        return train.train_classifier(
-            tiny_images(), cached, {**PARAMS, **overrides}, backbone, live
+        return training.train_classifier(
+            tiny_images(), cached, dataclasses.replace(PARAMS, **overrides), backbone, live
         )
 
 
@@ -141,26 +148,30 @@ def test_features_are_reproducible(cached):
 
 def test_a_head_is_never_trained_on_another_backbones_features(tmp_path, cached):
     with pytest.raises(ValueError, match="rerun the features stage"):
-        run_training(tmp_path, cached, backbone={**BACKBONE, "seed": BACKBONE["seed"] + 1})
+        run_training(
+            tmp_path, cached, backbone=dataclasses.replace(BACKBONE, seed=BACKBONE.seed + 1)
+        )
 
 
 def test_without_augmented_views_the_head_trains_on_the_photos_alone(tmp_path, cached):
     unaugmented = {"train": tiny_split(16, 0)}
-    extracted = features.extract_features(unaugmented, {**BACKBONE, "augment_copies": 0})
+    extracted = features.extract_features(
+        unaugmented, dataclasses.replace(BACKBONE, augment_copies=0)
+    )
     assert extracted["train"]["augmented"].shape == (0, *extracted["train"]["plain"].shape)
     # The same features as the module's, but for the augmented views it has and this lacks.
     np.testing.assert_array_equal(extracted["train"]["plain"], cached["train"]["plain"])
     photos_alone = {**cached, "train": {**cached["train"], **extracted["train"]}}
-    training_features, labels = train.head_training_set(photos_alone["train"])
+    training_features, labels = training.head_training_set(photos_alone["train"])
     assert training_features.shape == cached["train"]["plain"].shape and len(labels) == 16
-    run_training(tmp_path, photos_alone, backbone={**BACKBONE, "augment_copies": 0})
+    run_training(tmp_path, photos_alone, backbone=dataclasses.replace(BACKBONE, augment_copies=0))
 
 
 def test_classifier_maps_pixels_to_a_probability_and_logs_curves(trained):
     model, summary, live = trained
     outputs = model.predict(tiny_split(4, 2)["images"], verbose=0)
     assert outputs.shape == (4, 2)  # probability and novelty (serving/contract.py)
-    assert 1 <= summary["best/epoch"] <= summary["epochs_run"] <= PARAMS["epochs"]
+    assert 1 <= summary["best/epoch"] <= summary["epochs_run"] <= PARAMS.epochs
     curve = (live / "plots" / "metrics" / "val" / "loss.tsv").read_text()
     rows = [line.split("\t") for line in curve.strip().splitlines()[1:]]  # step, loss
     assert len(rows) == summary["epochs_run"]
@@ -176,8 +187,8 @@ def test_fine_tuning_continues_the_epoch_count_in_a_nested_run(tmp_path, cached,
         _, summary = run_training(
             tmp_path, cached, fine_tune_layers=5, fine_tune_epochs=2, patience=5
         )
-    assert summary["epochs_run"] == PARAMS["epochs"] + 2
-    assert PARAMS["epochs"] < summary["best/epoch"] <= PARAMS["epochs"] + 2  # a fine-tuned one
+    assert summary["epochs_run"] == PARAMS.epochs + 2
+    assert PARAMS.epochs < summary["best/epoch"] <= PARAMS.epochs + 2  # a fine-tuned one
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert children["tags.mlflow.runName"].tolist() == ["fine-tune"]
 
@@ -194,7 +205,7 @@ def test_the_same_training_gives_the_same_predictions_and_model_bytes(trained, c
     )
     paths = [tmp_path / "first.keras", tmp_path / "second.keras"]
     for model, path in zip((first, second), paths, strict=True):
-        train.save_reproducibly(model, path)
+        save_reproducibly(model, path)
     assert paths[0].read_bytes() == paths[1].read_bytes()
     reloaded = keras.models.load_model(paths[0], compile=False)
     np.testing.assert_allclose(
@@ -213,15 +224,15 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
         yaml.safe_dump(
             {
                 "classes": CLASSES,
-                "features": BACKBONE,
-                "train": PARAMS,
+                "features": BACKBONE.to_dict(),
+                "train": PARAMS.to_dict(),
                 "evaluate": {"threshold": 0.5},
             }
         )
     )
     monkeypatch.chdir(tmp_path)
 
-    features.main([str(data_dir), "features"])
+    features_stage.main([str(data_dir), "features"])
     train.main([str(data_dir), "features", "model", "results/train"])
     export_model(tmp_path / "model" / MODEL_FILE, tmp_path / "export", "keras")
     evaluate.main(["model", "export", str(data_dir / "test.npz"), "results/evaluate"])
@@ -257,7 +268,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert test_metrics["accuracy"] == pytest.approx(np.mean(correct))
 
     # The run is found by the model's SHA-256, as evaluate and promote find it.
-    run = training_run(sha256_of(tmp_path / "model" / MODEL_FILE))
+    run = training_run(file_sha256(tmp_path / "model" / MODEL_FILE))
     run_id = run.info.run_id
     assert run.data.params["train.dropout"] == "0.2"
     assert run.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
@@ -275,13 +286,13 @@ def test_novelty_is_the_mahalanobis_distance_in_units_of_the_val_threshold():
         return (rng.normal(size=(count, 12)) + shift) @ mixing
 
     train_features, val_features = photos(400), photos(60)
-    weights, bias = train.novelty_projection(train_features, val_features, 0.95)
+    weights, bias = novelty_projection(train_features, val_features, 0.95)
     novelty = lambda f: np.square(f @ weights + bias).sum(axis=1)  # noqa: E731
     # Unseen photos of the same kind are mostly under the threshold, others far above it.
     assert np.mean(novelty(photos(1000)) <= 1) > 0.85
     assert novelty(photos(100, shift=3.0)).min() > 1
     with pytest.raises(ValueError, match="neither_quantile must be between 0 and 1"):
-        train.novelty_projection(train_features, val_features, 1.0)
+        novelty_projection(train_features, val_features, 1.0)
 
 
 def test_the_models_novelty_output_is_that_distance_of_its_probes(trained, cached):

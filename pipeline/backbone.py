@@ -1,21 +1,17 @@
-"""The frozen MobileNetV2 backbone, shared by the features and train stages.
+"""The frozen MobileNetV2 backbone, shared by features, training and cross-validation.
 
-Features (stages/features.py) and the served classifier (stages/train.py) are built from the
-same functions here, so the features a head is trained on are exactly what the assembled
+Features (pipeline/features.py) and the served classifier (pipeline/training.py) are built from
+the same functions here, so the features a head is trained on are exactly what the assembled
 classifier computes before its head.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from collections.abc import Callable
-from pathlib import Path
-
 import keras
 import numpy as np
 import tensorflow as tf
+
+from pipeline.weights import unavailable
 
 
 def make_deterministic(seed: int) -> None:
@@ -24,47 +20,8 @@ def make_deterministic(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-IMAGENET_WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-
-
-class BackboneUnavailable(RuntimeError):
-    """The ImageNet weights are neither in Keras' cache nor downloadable (offline)."""
-
-
-def keras_models_dir() -> Path:
-    """Where Keras looks for downloaded weights before fetching them."""
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
-
-
-def exits_in_one_line_without_weights(stage: str) -> Callable[[Callable], Callable]:
-    """For a stage's main(): end with one line, not a traceback, when the weights are missing
-    offline."""
-
-    def decorate(main: Callable) -> Callable:
-        @functools.wraps(main)
-        def wrapped(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except BackboneUnavailable as exc:
-                sys.exit(f"{stage} failed: {exc}")
-
-        return wrapped
-
-    return decorate
-
-
-def resolve_weights(setting: str) -> str | None:
-    """Map the ``weights`` parameter to Keras' ``weights=`` argument."""
-    if setting in ("imagenet", "none"):
-        return None if setting == "none" else "imagenet"
-    if not Path(setting).is_file():
-        raise ValueError(
-            f"features.weights={setting!r}: expected 'imagenet', 'none' or a weights file path"
-        )
-    return setting
-
-
 def build_backbone(image_size: int, weights: str | None) -> keras.Model:
+    """MobileNetV2 without its top, pooled; ``weights`` as Keras takes them (resolve_weights)."""
     try:
         return keras.applications.MobileNetV2(
             input_shape=(image_size, image_size, 3),
@@ -72,14 +29,17 @@ def build_backbone(image_size: int, weights: str | None) -> keras.Model:
             weights=weights,
             pooling="avg",
         )
-    except Exception as exc:  # offline: Keras' own error names a URL, not where to put the file
+    except Exception as exc:
         if weights != "imagenet":
             raise
-        raise BackboneUnavailable(
-            f"the ImageNet MobileNetV2 weights are not in {keras_models_dir()}/ and cannot "
-            f"be downloaded ({type(exc).__name__}); put {IMAGENET_WEIGHTS_FILE} there "
-            "(README: Running offline or from a local mirror)"
-        ) from exc
+        raise unavailable(exc) from exc
+
+
+def unfreeze_top(backbone: keras.Model, layers: int) -> None:
+    """Make the top ``layers`` layers of the backbone trainable, and freeze all the others."""
+    backbone.trainable = True
+    for layer in backbone.layers[:-layers]:
+        layer.trainable = False
 
 
 def build_augmentation(seed: int) -> keras.Sequential:
@@ -119,10 +79,10 @@ def features_of(pixels, backbone: keras.Model):
 
 def features_and_probes(pixels, backbone: keras.Model, layers: list[str]):
     """Keras tensors, from one pass of the backbone: its pooled features, and the pooled
-    activations of its inner ``layers``, concatenated (novelty's input; stages/train.py).
+    activations of its inner ``layers``, concatenated (novelty's input; pipeline/novelty.py).
 
     Inner layers, because the last one's features hardly tell a photo of noise or a flat
-    colour from a photo of a field (measured: docs/pipeline.md, "Neither"); mid-level ones do.
+    colour from a photo of a field (docs/pipeline.md, "Neither"); mid-level ones do.
     """
     probe = keras.Model(
         backbone.input,

@@ -16,9 +16,10 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from serving.contract import MODEL_SHA256_TAG
+from serving.contract import MODEL_NAME
 
-EXPERIMENT = "dandelion-vs-grass"
+EXPERIMENT = MODEL_NAME  # the MLflow experiment of the pipeline's runs
+MODEL_SHA256_TAG = "model_sha256"  # links a run (and its registered version) to its model file
 STORE_FILE = "mlflow.db"  # git-ignored, like ARTIFACT_DIR
 ARTIFACT_DIR = "mlruns"
 

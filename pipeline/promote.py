@@ -1,9 +1,7 @@
-"""Promote: register the evaluated bento's model in MLflow if it beats the champion, and deploy
-the champion's bento to BentoML's store. Run it after ``dvc repro``:
+"""Promotion: register the evaluated bento's model in MLflow if it beats the champion, and deploy
+the champion's bento to BentoML's store. Run it after ``dvc repro``: ``dandelion promote``.
 
-    python -m stages.promote
-
-This is deliberately not a DVC stage: the MLflow Model Registry and BentoML's store are state
+It is deliberately not a DVC stage: the MLflow Model Registry and BentoML's store are state
 outside Git and DVC, and what ``dvc repro`` produces must not depend on them.
 
 1. Refuses to run unless the pipeline is up to date (``dvc status`` is clean), so the model,
@@ -22,42 +20,56 @@ Running it again changes nothing.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import subprocess
-import sys
-import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from serving.contract import MODEL_FILE, MODEL_NAME, MODEL_SHA256_TAG
-from stages.package import included_files, model_card
-from stages.params import load_params, pipeline_paths
-from stages.tracking import training_run, use_project_store
+from pipeline import bentoml_store
+from pipeline.bento import bento_version_of, included_files, model_card
+from pipeline.params import PromoteParams
+from pipeline.stage import StageError
+from pipeline.tracking import MODEL_SHA256_TAG, training_run, use_project_store
+from serving.contract import MODEL_FILE, MODEL_NAME
 
 CHAMPION = "champion"
 BENTO_TAG = "bento"  # registered version tag: the version of the bento that ships it
 BENTO_ARTIFACTS = "bento"  # run artifact folder holding the bento archive
 
 
-# MLflow 3 keeps a model logged with log_model(name="model") apart from its run's artifacts, so
-# registering runs:/<run id>/model finds no artifacts there and registers that logged model
-# (models:/m-...) instead: exactly the model meant, but announced as a WARNING that reads like a
-# failure. Only that message is dropped; MLflow's other warnings still show.
-logging.getLogger("mlflow.tracking._model_registry.fluent").addFilter(
-    lambda record: "has no artifacts at artifact path 'model'" not in record.getMessage()
-)
-
-
-class PromotionError(Exception):
+class PromotionError(StageError):
     """Promotion cannot go ahead; the message says what to do."""
+
+
+def is_registration_notice(record: logging.LogRecord) -> bool:
+    """MLflow 3 keeps a model logged with log_model(name="model") apart from its run's
+    artifacts, so registering runs:/<run id>/model finds no artifacts there and registers that
+    logged model (models:/m-...) instead: exactly the model meant, but announced as a WARNING
+    that reads like a failure."""
+    return "has no artifacts at artifact path 'model'" in record.getMessage()
+
+
+@contextlib.contextmanager
+def registration_notice_dropped() -> Iterator[None]:
+    """Only that message is dropped, while registering; MLflow's other warnings still show."""
+    logger = logging.getLogger("mlflow.tracking._model_registry.fluent")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not is_registration_notice(record)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -73,8 +85,7 @@ def promote_if_better(
     run_id: str,
     bento_version: str,
     test_metrics: dict,
-    metric: str,
-    min_improvement: float,
+    gate: PromoteParams,
     tags: dict[str, str],
 ) -> tuple[ModelVersion, bool]:
     """The champion after the gate, and whether ``run_id``'s model just became it.
@@ -82,22 +93,23 @@ def promote_if_better(
     A candidate is identified by its bento version (model, decision threshold and service
     code together); promoting the champion's own bento again changes nothing.
     """
-    candidate = float(test_metrics[metric])
+    candidate = float(test_metrics[gate.metric])
     champion = current_champion(client, name)
     if champion is not None:
         if champion.tags.get(BENTO_TAG) == bento_version:
             return champion, False
-        if candidate <= float(champion.tags[f"test_{metric}"]) + min_improvement:
+        if candidate <= float(champion.tags[f"test_{gate.metric}"]) + gate.min_improvement:
             return champion, False
-    version = mlflow.register_model(
-        f"runs:/{run_id}/model",
-        name,
-        tags={
-            **tags,
-            BENTO_TAG: bento_version,
-            **{f"test_{key}": str(value) for key, value in test_metrics.items()},
-        },
-    )
+    with registration_notice_dropped():
+        version = mlflow.register_model(
+            f"runs:/{run_id}/model",
+            name,
+            tags={
+                **tags,
+                BENTO_TAG: bento_version,
+                **{f"test_{key}": str(value) for key, value in test_metrics.items()},
+            },
+        )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return client.get_model_version(name, version.version), True
 
@@ -129,7 +141,6 @@ def git_revision() -> str:
 def deploy(champion: ModelVersion, local_archive: Path) -> str:
     """Make the champion's bento what ``bentoml serve dandelion-vs-grass:latest`` serves."""
     import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
 
     tag = f"{MODEL_NAME}:{champion.tags[BENTO_TAG]}"
     try:
@@ -147,28 +158,18 @@ def deploy(champion: ModelVersion, local_archive: Path) -> str:
                     )
                 )
             bentoml.bentos.import_bento(str(archive.resolve()))  # relative: fs root
-    # `latest` is the version named in the store's pointer file (BentoML otherwise moves it
-    # to whichever bento was stored last).
-    latest = Path(BentoMLContainer.bento_store_dir.get()) / MODEL_NAME / "latest"
-    latest.write_text(champion.tags[BENTO_TAG])
+    bentoml_store.set_latest(MODEL_NAME, champion.tags[BENTO_TAG])
     return tag
 
 
-def bento_version_of(archive: Path) -> str:
-    """``name:version`` of a bento archive, from its ``bento.yaml``."""
-    with tarfile.open(archive) as tar:
-        bento = yaml.safe_load(tar.extractfile("bento.yaml"))
-    return f"{bento['name']}:{bento['version']}"
-
-
-def promote(paths: dict[str, str], params: dict) -> str:
+def promote(paths: dict[str, str]) -> str:
     """Gate, register and deploy; return a one-line summary."""
     check_up_to_date()
     model_dir = Path(paths["model_dir"])
     model_file = model_dir / MODEL_FILE
     archive = Path(paths["bento_archive"])
     test_metrics = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())["test"]
-    card = model_card(model_dir, Path(paths["export_dir"]), params, test_metrics, included_files())
+    card = model_card(model_dir, Path(paths["export_dir"]), test_metrics, included_files())
     if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
 
@@ -181,15 +182,14 @@ def promote(paths: dict[str, str], params: dict) -> str:
             "set MLFLOW_TRACKING_URI to the store that trained it"
         )
     client = MlflowClient()
-    settings = params["promote"]
+    gate = PromoteParams.load()
     champion, promoted = promote_if_better(
         client,
         MODEL_NAME,
         run.info.run_id,
         card.version,
         test_metrics,
-        settings["metric"],
-        settings["min_improvement"],
+        gate,
         {
             MODEL_SHA256_TAG: card.model_sha256,
             "dvc_md5": card.dvc_md5,  # of the served export, as on the service's /metrics
@@ -199,31 +199,15 @@ def promote(paths: dict[str, str], params: dict) -> str:
     if promoted:
         client.log_artifact(run.info.run_id, str(archive), BENTO_ARTIFACTS)
     deployed = deploy(champion, archive)
-    metric = settings["metric"]
     verdict = (
         "promoted to champion"
         if promoted
         else "already champion"
         if champion.tags[BENTO_TAG] == card.version
-        else f"not promoted (test {metric} {test_metrics[metric]:.4f} does not beat "
-        f"{float(champion.tags['test_' + metric]):.4f} + {settings['min_improvement']})"
+        else f"not promoted (test {gate.metric} {test_metrics[gate.metric]:.4f} does not beat "
+        f"{float(champion.tags['test_' + gate.metric]):.4f} + {gate.min_improvement})"
     )
     return (
         f"promote: bento {MODEL_NAME}:{card.version} {verdict}; champion is version "
         f"{champion.version}, serving {deployed} as {MODEL_NAME}:latest"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.parse_args(argv)
-    try:
-        print(promote(pipeline_paths(), load_params()))
-    except PromotionError as error:
-        sys.exit(f"promote: {error}")
-
-
-if __name__ == "__main__":
-    main()

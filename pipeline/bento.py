@@ -1,0 +1,161 @@
+"""The bento: what it ships, the model card it carries, and its archive, the same bytes for the
+same inputs.
+
+The bento holds the export, its ``ModelCard`` (the metadata the service reads: classes,
+decision threshold, input size, upload limits, train params and the test metrics of exactly
+this model) and the service code that ``bentofile.yaml`` includes. Its version is a hash of all
+of these. BentoML stamps build times into ``bento.yaml`` and ``model.yaml`` and its export keeps
+file times; those become fixed values (``BUILD_TIME``) and the archive is written with sorted
+entries and neutral file attributes, so ``dvc.lock`` is identical from any clean run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from pipeline import bentoml_store
+from pipeline.hashing import file_sha256
+from pipeline.params import (
+    EvaluateParams,
+    FeaturesParams,
+    PreprocessParams,
+    ServeParams,
+    TrainParams,
+    classes,
+)
+from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
+from serving.engines import ENGINE_PACKAGES, engine_of
+
+BENTOFILE = "bentofile.yaml"
+CONSTRAINTS = "constraints.txt"  # the one list of pinned versions; the bento's come from it
+# The Unix epoch stands in for BentoML's build times; any fixed value would do.
+BUILD_TIME = "1970-01-01T00:00:00+00:00"
+CREATION_TIME_LINE = re.compile(r"^(\s*)creation_time: .*$", re.MULTILINE)
+
+
+def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
+    """The project files the bento ships: ``bentofile.yaml`` and what its ``include`` matches."""
+    bentofile = Path(bentofile)
+    patterns = yaml.safe_load(bentofile.read_text())["include"]
+    matched = {path for pattern in patterns for path in bentofile.parent.glob(pattern)}
+    return sorted({bentofile, *(path for path in matched if path.is_file())})
+
+
+def pinned(
+    names: list[str], python_version: str, constraints: Path | str = CONSTRAINTS
+) -> list[str]:
+    """``name==version`` for each of ``names``, as ``constraints`` pins it for that Python."""
+    pins: dict[str, str] = {}
+    for line in Path(constraints).read_text().splitlines():
+        line = line.partition(" #")[0].strip()
+        if line and not line.startswith("#"):
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(
+                {"python_version": python_version}
+            ):
+                pins[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    unpinned = [
+        name for name in names if not pins.get(canonicalize_name(name), "").startswith("==")
+    ]
+    if unpinned:
+        raise ValueError(f"{constraints} pins no version of {unpinned} for Python {python_version}")
+    return [f"{name}{pins[canonicalize_name(name)]}" for name in names]
+
+
+def dvc_md5(path: Path) -> str:
+    """DVC's hash of a file or directory (``<md5>.dir``), the value ``dvc.lock`` records."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="dvc-hash-") as scratch:
+        *_, obj = build(HashFileDB(fs, scratch), str(path), fs, "md5")
+    return obj.hash_info.value
+
+
+def model_card(
+    model_dir: Path, export_dir: Path, test_metrics: dict, code: list[Path]
+) -> ModelCard:
+    """The card for the model exported to ``export_dir``, from params.yaml; its version hashes
+    it and ``code``."""
+    content = {
+        "model_sha256": file_sha256(model_dir / MODEL_FILE),
+        "engine": engine_of(export_dir),
+        "dvc_md5": dvc_md5(export_dir),
+        "classes": classes(),
+        "threshold": float(EvaluateParams.load().threshold),
+        "image_size": PreprocessParams.load().image_size,
+        "serve": ServeParams.load().to_dict(),
+        "train_params": dict(
+            TrainParams.load().to_dict(), features=FeaturesParams.load().to_dict()
+        ),
+        "test_metrics": dict(test_metrics),
+    }
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+    for path in code:
+        digest.update(f"\0{path.as_posix()}\0".encode() + path.read_bytes())
+    return ModelCard(version=digest.hexdigest()[:16], **content)
+
+
+def build_bento(export_dir: Path, card: ModelCard, archive: Path, bento_home: Path) -> str:
+    """Build the bento in the BentoML home ``bento_home`` and export it to ``archive``."""
+    bentoml_store.use_home(bento_home)  # before anything else uses BentoML in this process
+    import bentoml
+
+    with bentoml.models.create(
+        f"{MODEL_NAME}:{card.version}", metadata=card.to_metadata()
+    ) as model:
+        for path in sorted(export_dir.iterdir()):
+            shutil.copyfile(path, model.path_of(path.name))
+    config = yaml.safe_load(Path(BENTOFILE).read_text())
+    config["name"] = MODEL_NAME
+    config["labels"] = {**config.get("labels", {}), "project": MODEL_NAME}
+    # Pinned from constraints.txt for the image's Python, with the packages of the engine this
+    # model is served with (only the Keras engine brings TensorFlow into the image).
+    names = config["python"]["packages"] + ENGINE_PACKAGES[card.engine]
+    config["python"]["packages"] = pinned(names, str(config["docker"]["python_version"]))
+    bento = bentoml.bentos.build(**config, version=card.version, build_ctx=".")
+    folder = bento_home / "export"
+    bentoml.bentos.export_bento(bento.tag, str(folder), output_format="folder")
+    write_reproducible_archive(folder, archive)
+    return str(bento.tag)
+
+
+def write_reproducible_archive(folder: Path, archive: Path) -> None:
+    """``folder`` as the xz-compressed tar BentoML imports, the same bytes for the same files."""
+    for metadata in [folder / "bento.yaml", *folder.glob("models/*/*/model.yaml")]:
+        text = metadata.read_text()
+        metadata.write_text(CREATION_TIME_LINE.sub(rf"\1creation_time: '{BUILD_TIME}'", text))
+
+    def neutral(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
+        return info
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".part")
+    with tarfile.open(partial, "w:xz", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(
+                path, arcname=path.relative_to(folder).as_posix(), recursive=False, filter=neutral
+            )
+    os.replace(partial, archive)
+
+
+def bento_version_of(archive: Path) -> str:
+    """``name:version`` of a bento archive, from its ``bento.yaml``."""
+    with tarfile.open(archive) as tar:
+        bento = yaml.safe_load(tar.extractfile("bento.yaml"))
+    return f"{bento['name']}:{bento['version']}"

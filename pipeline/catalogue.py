@@ -1,0 +1,67 @@
+"""The catalogue (``data/catalogue.csv``): what the dataset is, one photo a row.
+
+Columns: ``label``, ``filename``, ``sha256`` (empty: not pinned), and optionally ``excluded``,
+the reason a person gave for leaving the photo out of every split (e.g. after the label-noise
+report of the crossval stage). Where the photos are fetched from is not in it: any mirror
+serving the same bytes is the same dataset (``data_url``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.params import DownloadParams
+
+REQUIRED_COLUMNS = ("label", "filename", "sha256")
+# Fetch from here instead of download.base_url, without editing params.yaml: a mirror of the
+# same bytes (the sha256 column pins them), for machines without internet. Not a dependency of
+# the download stage, like base_url itself, so dvc.lock does not change.
+BASE_URL_VARIABLE = "DOWNLOAD_BASE_URL"
+
+
+def data_url(params: DownloadParams) -> str:
+    """Where the photos are fetched from: ``download.base_url``, unless BASE_URL_VARIABLE is
+    set (the download stage, and the pull request report's note on where the data came from)."""
+    return os.environ.get(BASE_URL_VARIABLE) or params.base_url
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    label: str
+    filename: str
+    sha256: str  # empty: not pinned
+    excluded: str = ""  # a reviewer's reason to leave the photo out; empty: included
+
+    @property
+    def relative_path(self) -> str:
+        """``<label>/<filename>``: where the photo is, under the data's base URL or raw_dir."""
+        return f"{self.label}/{self.filename}"
+
+
+def read_catalogue(path: Path) -> list[CatalogueEntry]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        entries = [
+            CatalogueEntry(
+                row["label"].strip(),
+                row["filename"].strip(),
+                row["sha256"].strip(),
+                (row.get("excluded") or "").strip(),
+            )
+            for row in reader
+        ]
+    for entry in entries:
+        if not entry.label or not entry.filename or "/" in entry.filename or ".." in entry.filename:
+            raise ValueError(f"{path}: invalid row {entry}")
+    return entries
+
+
+def exclusions(entries: list[CatalogueEntry]) -> dict[str, str]:
+    """``<label>/<filename>`` -> the reviewer's reason, for every excluded photo."""
+    return {entry.relative_path: entry.excluded for entry in entries if entry.excluded}

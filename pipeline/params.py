@@ -1,0 +1,181 @@
+"""``params.yaml``, the single home of every tunable, read one typed section at a time.
+
+Each section is a frozen dataclass whose fields are that section's keys: ``TrainParams.load()``
+reads ``train``. A missing, unknown (misspelt) or mistyped key is a ``ParamsError`` that names
+it, before any work starts. dvc.yaml's declared paths are read here too (``pipeline_paths``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import ClassVar, Self
+
+import yaml
+
+from pipeline.stage import StageError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(StageError, ValueError):
+    """params.yaml does not hold what a stage reads; the message names the key."""
+
+
+def read_params_file(path: Path | str = PARAMS_FILE) -> dict:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def classes(path: Path | str = PARAMS_FILE) -> list[str]:
+    """The class names; index 1 is the positive class."""
+    names = read_params_file(path).get("classes")
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        raise ParamsError(f"{path}: classes must be a list of two names, not {names!r}")
+    return names
+
+
+def _accepts(annotation, value) -> bool:
+    """Whether ``value`` (as YAML loaded it) has the field's declared type."""
+    if isinstance(annotation, types.GenericAlias):  # list[str]
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A section of params.yaml; subclasses declare ``name`` and one field per key."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = PARAMS_FILE) -> Self:
+        if not isinstance(values, dict):
+            raise ParamsError(f"{where}: {cls.name} must be a mapping of parameters")
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ParamsError(f"{where}: {cls.name}.{key} is not a parameter{hint}")
+        for key, field in fields.items():
+            if key not in values:
+                if field.default is dataclasses.MISSING:
+                    raise ParamsError(f"{where}: {cls.name}.{key} is missing")
+            elif not _accepts(hints[key], values[key]):
+                expected = getattr(hints[key], "__name__", str(hints[key]))
+                raise ParamsError(
+                    f"{where}: {cls.name}.{key} must be {expected}, not {values[key]!r}"
+                )
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path | str = PARAMS_FILE) -> Self:
+        return cls.from_dict(read_params_file(path).get(cls.name), str(path))
+
+    def to_dict(self) -> dict:
+        """The section as params.yaml holds it (lists stay lists)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadParams(Section):
+    name: ClassVar[str] = "download"
+    base_url: str
+    min_per_class: int
+    workers: int = 8
+    timeout_seconds: float = 10.0
+    retries: int = 3
+    backoff_seconds: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitParams(Section):
+    name: ClassVar[str] = "split"
+    seed: int
+    val_ratio: float
+    test_ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams(Section):
+    name: ClassVar[str] = "preprocess"
+    image_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesParams(Section):
+    name: ClassVar[str] = "features"
+    seed: int
+    weights: str
+    batch_size: int
+    augment_copies: int
+    novelty_layers: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams(Section):
+    name: ClassVar[str] = "train"
+    seed: int
+    batch_size: int
+    epochs: int
+    patience: int
+    learning_rate: float
+    dropout: float
+    label_smoothing: float
+    neither_quantile: float
+    fine_tune_layers: int
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossvalParams(Section):
+    name: ClassVar[str] = "crossval"
+    folds: int
+    seed: int
+    recipes: list[str]
+    label_smoothing: float
+    fine_tune_layers: int
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+    noise_recipe: str
+    noise_confidence: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams(Section):
+    name: ClassVar[str] = "evaluate"
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeParams(Section):
+    name: ClassVar[str] = "serve"
+    engine: str
+    max_upload_bytes: int
+    min_side: int
+    max_pixels: int
+    max_batch_files: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PromoteParams(Section):
+    name: ClassVar[str] = "promote"
+    metric: str
+    min_improvement: float
+
+
+def pipeline_paths(dvc_yaml: Path | str = "dvc.yaml") -> dict[str, str]:
+    """The pipeline's paths (catalogue, model_dir, ...), declared once in dvc.yaml's ``vars``."""
+    with open(dvc_yaml) as handle:
+        return yaml.safe_load(handle)["vars"][0]
