@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -37,6 +36,7 @@ from pipeline.backbone import (
     make_deterministic,
     unfreeze_top,
 )
+from pipeline.logs import dropped
 from pipeline.params import CrossvalParams, FeaturesParams, ParamsError, TrainParams
 from pipeline.training import (
     accuracy_at_even_odds,
@@ -185,25 +185,11 @@ def check_recipes(params: CrossvalParams) -> None:
         )
 
 
-def is_retracing_warning(record: logging.LogRecord) -> bool:
-    return "triggered tf.function retracing" in record.getMessage()
-
-
-@contextlib.contextmanager
-def retracing_expected() -> Iterator[None]:
+def retracing_expected() -> contextlib.AbstractContextManager:
     """Drop TensorFlow's "excessive retracing" warning, and only that one. Each fold's
     fine-tuned model has its own predict function, traced on its first call; TensorFlow counts
     those traces together and warns by the third fold: one trace per fold is expected here."""
-    logger = logging.getLogger("tensorflow")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not is_retracing_warning(record)
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
+    return dropped("tensorflow", lambda r: "triggered tf.function retracing" in r.getMessage())
 
 
 def cross_validate(

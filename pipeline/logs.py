@@ -10,12 +10,14 @@ TensorFlow; TensorFlow's Python warnings and any traceback still show.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # A long step prints a progress line at most this often (dvc's output is often a log file,
 # so lines, not a redrawn bar).
@@ -48,6 +50,21 @@ def import_tensorflow_quietly() -> None:
             for line in held:
                 if not START_UP_NOISE.match(line):
                     os.write(2, line)
+
+
+@contextlib.contextmanager
+def dropped(logger: str, expected: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """While the block runs, drop the records of ``logger`` that ``expected`` matches: a
+    library's message known to be harmless there. Its other records still show."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not expected(record)
+
+    logging.getLogger(logger).addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(keep)
 
 
 class Progress:

@@ -50,11 +50,16 @@ def _accepts(annotation, value) -> bool:
     return isinstance(value, annotation)
 
 
-@dataclasses.dataclass(frozen=True)
 class Section:
-    """A section of params.yaml; subclasses declare ``name`` and one field per key."""
+    """A section of params.yaml. Each subclass is a frozen dataclass whose fields are the
+    section's keys; its ``name`` is the class name without ``Params``, in lower case."""
 
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.__name__.removesuffix("Params").lower()
+        dataclasses.dataclass(frozen=True)(cls)
 
     @classmethod
     def from_dict(cls, values: dict, where: str = PARAMS_FILE) -> Self:
@@ -87,9 +92,9 @@ class Section:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
 class DownloadParams(Section):
-    name: ClassVar[str] = "download"
+    """Where the photos come from, and how hard to try (stages/download.py)."""
+
     base_url: str
     min_per_class: int
     workers: int = 8
@@ -98,23 +103,23 @@ class DownloadParams(Section):
     backoff_seconds: float = 0.5
 
 
-@dataclasses.dataclass(frozen=True)
 class SplitParams(Section):
-    name: ClassVar[str] = "split"
+    """The stratified split of the photos (stages/split.py)."""
+
     seed: int
     val_ratio: float
     test_ratio: float
 
 
-@dataclasses.dataclass(frozen=True)
 class PreprocessParams(Section):
-    name: ClassVar[str] = "preprocess"
+    """The model's input size, in pixels a side."""
+
     image_size: int
 
 
-@dataclasses.dataclass(frozen=True)
 class FeaturesParams(Section):
-    name: ClassVar[str] = "features"
+    """The frozen backbone and the views of each photo it computes features of."""
+
     seed: int
     weights: str
     batch_size: int
@@ -122,9 +127,9 @@ class FeaturesParams(Section):
     novelty_layers: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
 class TrainParams(Section):
-    name: ClassVar[str] = "train"
+    """The head, its early stopping, optional fine-tuning and the "neither" threshold."""
+
     seed: int
     batch_size: int
     epochs: int
@@ -138,9 +143,9 @@ class TrainParams(Section):
     fine_tune_learning_rate: float
 
 
-@dataclasses.dataclass(frozen=True)
 class CrossvalParams(Section):
-    name: ClassVar[str] = "crossval"
+    """The opt-in cross-validation of training recipes, and the label-noise report."""
+
     folds: int
     seed: int
     recipes: list[str]
@@ -152,15 +157,15 @@ class CrossvalParams(Section):
     noise_confidence: float
 
 
-@dataclasses.dataclass(frozen=True)
 class EvaluateParams(Section):
-    name: ClassVar[str] = "evaluate"
+    """The decision threshold the bento carries."""
+
     threshold: float
 
 
-@dataclasses.dataclass(frozen=True)
 class ServeParams(Section):
-    name: ClassVar[str] = "serve"
+    """The serving engine and upload limits, carried by the bento's model card."""
+
     engine: str
     max_upload_bytes: int
     min_side: int
@@ -168,9 +173,9 @@ class ServeParams(Section):
     max_batch_files: int
 
 
-@dataclasses.dataclass(frozen=True)
 class PromoteParams(Section):
-    name: ClassVar[str] = "promote"
+    """The champion gate of `dandelion promote`."""
+
     metric: str
     min_improvement: float
 

@@ -20,12 +20,10 @@ Running it again changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -35,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import bentoml_store
 from pipeline.bento import bento_version_of, included_files, model_card
+from pipeline.logs import dropped
 from pipeline.params import PromoteParams
 from pipeline.stage import StageError
 from pipeline.tracking import MODEL_SHA256_TAG, training_run, use_project_store
@@ -53,23 +52,8 @@ def is_registration_notice(record: logging.LogRecord) -> bool:
     """MLflow 3 keeps a model logged with log_model(name="model") apart from its run's
     artifacts, so registering runs:/<run id>/model finds no artifacts there and registers that
     logged model (models:/m-...) instead: exactly the model meant, but announced as a WARNING
-    that reads like a failure."""
+    that reads like a failure. Only that message is dropped; MLflow's other warnings show."""
     return "has no artifacts at artifact path 'model'" in record.getMessage()
-
-
-@contextlib.contextmanager
-def registration_notice_dropped() -> Iterator[None]:
-    """Only that message is dropped, while registering; MLflow's other warnings still show."""
-    logger = logging.getLogger("mlflow.tracking._model_registry.fluent")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not is_registration_notice(record)
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
 
 
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -100,7 +84,7 @@ def promote_if_better(
             return champion, False
         if candidate <= float(champion.tags[f"test_{gate.metric}"]) + gate.min_improvement:
             return champion, False
-    with registration_notice_dropped():
+    with dropped("mlflow.tracking._model_registry.fluent", is_registration_notice):
         version = mlflow.register_model(
             f"runs:/{run_id}/model",
             name,

@@ -19,11 +19,11 @@ class StageError(Exception):
     one line that says what to do, not a traceback."""
 
 
-def arguments(argv: list[str] | None, description: str | None, **paths: str | None):
-    """The stage's command line: one positional path per keyword, in order, with its help."""
+def arguments(argv: list[str] | None, description: str | None, *paths: str) -> argparse.Namespace:
+    """The stage's command line: the paths dvc.yaml gives it, named in order."""
     parser = argparse.ArgumentParser(description=description)
-    for name, help_text in paths.items():
-        parser.add_argument(name, type=Path, help=help_text)
+    for name in paths:
+        parser.add_argument(name, type=Path)
     return parser.parse_args(argv)
 
 

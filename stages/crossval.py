@@ -26,14 +26,7 @@ from pipeline.stage import arguments, summarised
 
 @summarised("crossval")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv,
-        __doc__,
-        split_csv="split stage output (file hashes)",
-        arrays_dir="preprocess stage output (thumbnails)",
-        features_dir="features stage output",
-        out_dir=None,
-    )
+    args = arguments(argv, __doc__, "split_csv", "arrays_dir", "features_dir", "out_dir")
     import_tensorflow_quietly()
     from pipeline import crossval  # TensorFlow: after its logging is set
 

@@ -176,7 +176,7 @@ def check_enough_images(report: dict, min_per_class: int) -> None:
 
 @summarised("download")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(argv, __doc__, catalogue=None, out_dir=None, report=None)
+    args = arguments(argv, __doc__, "catalogue", "out_dir", "report")
     params = DownloadParams.load()
     settings = dataclasses.replace(params, base_url=data_url(params))
     print(f"download: from {settings.base_url}")

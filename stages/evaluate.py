@@ -111,14 +111,7 @@ def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
 
 @summarised("evaluate")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv,
-        __doc__,
-        model_dir="train's output (the MLflow run's model)",
-        export_dir="export's output: what is served",
-        test_npz=None,
-        live_dir="dvclive metrics and plots",
-    )
+    args = arguments(argv, __doc__, "model_dir", "export_dir", "test_npz", "live_dir")
     rule = DecisionRule(tuple(classes()), EvaluateParams.load().threshold)
     if engine_of(args.export_dir) == "keras":
         import_tensorflow_quietly()

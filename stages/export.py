@@ -69,9 +69,7 @@ def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
 
 @summarised("export")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv, __doc__, model_dir="train's output", export_dir="what evaluate scores and is served"
-    )
+    args = arguments(argv, __doc__, "model_dir", "export_dir")
     engine = ServeParams.load().engine
     export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
     return f"{args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})"

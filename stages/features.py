@@ -18,9 +18,7 @@ from pipeline.stage import arguments, summarised
 
 @summarised("features")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv, __doc__, arrays_dir="preprocess stage output", features_dir="this stage's output"
-    )
+    args = arguments(argv, __doc__, "arrays_dir", "features_dir")
     params = FeaturesParams.load()
     import_tensorflow_quietly()
     from pipeline.features import extract_features  # TensorFlow: after its logging is set

@@ -18,14 +18,7 @@ from pipeline.stage import arguments, summarised
 
 @summarised("package")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv,
-        __doc__,
-        model_dir="train's output (the MLflow run's model)",
-        export_dir="export's output: what the bento serves",
-        metrics_json="evaluate's metrics",
-        bento_archive=None,
-    )
+    args = arguments(argv, __doc__, "model_dir", "export_dir", "metrics_json", "bento_archive")
     test_metrics = json.loads(args.metrics_json.read_text())["test"]
     card = model_card(args.model_dir, args.export_dir, test_metrics, included_files())
     with tempfile.TemporaryDirectory(prefix="bentoml-home-") as home:

@@ -11,12 +11,7 @@ from pipeline.stage import arguments, summarised
 
 @summarised("plots")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv,
-        __doc__,
-        out_dir="directory for one PNG per named plot",
-        template="HTML template file to write",
-    )
+    args = arguments(argv, __doc__, "out_dir", "template")
     specs = plot_specs(dvc_plots_json("show"))
     images = render(specs)
     template = page_template()

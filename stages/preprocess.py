@@ -32,7 +32,7 @@ def preprocess_split(
 
 @summarised("preprocess")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(argv, __doc__, split_csv=None, out_dir=None)
+    args = arguments(argv, __doc__, "split_csv", "out_dir")
     image_size = PreprocessParams.load().image_size
     names = classes()
     rows = read_split(args.split_csv)

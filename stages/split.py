@@ -94,9 +94,7 @@ def apply_exclusions(rows: list[SplitRow], exclusions: dict[str, str]) -> list[S
 
 @summarised("split")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv, __doc__, raw_dir=None, catalogue="for its reviewed exclusions", out_csv=None
-    )
+    args = arguments(argv, __doc__, "raw_dir", "catalogue", "out_csv")
     rows, ambiguous = split_images(list_images(args.raw_dir), SplitParams.load())
     for path in ambiguous:
         print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)

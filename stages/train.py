@@ -20,14 +20,7 @@ from serving.contract import MODEL_FILE
 
 @summarised("train")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(
-        argv,
-        __doc__,
-        arrays_dir="preprocess stage output",
-        features_dir="features stage output",
-        model_dir=None,
-        live_dir="dvclive metrics and plots",
-    )
+    args = arguments(argv, __doc__, "arrays_dir", "features_dir", "model_dir", "live_dir")
     params, backbone_params = TrainParams.load(), FeaturesParams.load()
     import_tensorflow_quietly()
     # TensorFlow, MLflow's Keras flavour and dvclive: after TensorFlow's logging is set.

@@ -11,6 +11,7 @@ from pipeline.weights import IMAGENET_WEIGHTS_FILE
 from serving.contract import PREDICTIONS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_FILE = REPO_ROOT / "params.yaml"
 # The dataset mirror and the backbone weights ship beside the checkout on build machines only.
 SHARED = REPO_ROOT.parent / "shared"
 DATASET_MIRROR = SHARED / "datasets" / "greenr-airflow"

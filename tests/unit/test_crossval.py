@@ -15,21 +15,14 @@ from PIL import Image
 from pipeline import crossval, label_noise
 from pipeline.params import CrossvalParams, FeaturesParams, TrainParams
 from stages import crossval as crossval_stage
+from tests.support.paths import PARAMS_FILE
 
 FEATURES = 16
-TRAIN_PARAMS = TrainParams(
-    seed=1,
-    batch_size=16,
-    epochs=40,
-    patience=5,
-    learning_rate=0.01,
-    dropout=0.1,
-    label_smoothing=0.0,
-    neither_quantile=0.99,
-    fine_tune_layers=0,
-    fine_tune_epochs=1,
-    fine_tune_learning_rate=1e-5,
+# The train stage's recipe, small and quick for generated features.
+TRAIN_PARAMS = replace(
+    TrainParams.load(PARAMS_FILE), seed=1, batch_size=16, epochs=40, patience=5, dropout=0.1
 )
+TRAIN_PARAMS = replace(TRAIN_PARAMS, learning_rate=0.01, label_smoothing=0.0)
 PARAMS = CrossvalParams(
     folds=4,
     seed=0,

@@ -29,6 +29,7 @@ from serving.contract import MODEL_FILE, PREDICTIONS_FILE
 from stages import evaluate, train
 from stages import features as features_stage
 from stages.export import export_model
+from tests.support.paths import PARAMS_FILE
 
 BACKBONE = FeaturesParams(
     seed=3,
@@ -38,18 +39,12 @@ BACKBONE = FeaturesParams(
     novelty_layers=["block_6_expand_relu", "block_10_expand_relu"],
 )
 CLASSES = ["grass", "dandelion"]  # class index 1 is the positive class, as in params.yaml
-PARAMS = TrainParams(
-    seed=1,
-    batch_size=8,
-    epochs=3,
-    patience=2,
-    learning_rate=0.001,
-    dropout=0.2,
-    label_smoothing=0.0,
-    neither_quantile=0.9,
-    fine_tune_layers=0,
-    fine_tune_epochs=1,
-    fine_tune_learning_rate=1e-5,
+# The train stage's recipe, for 3 epochs on tiny photos.
+PARAMS = dataclasses.replace(
+    TrainParams.load(PARAMS_FILE), seed=1, batch_size=8, epochs=3, patience=2, dropout=0.2
+)
+PARAMS = dataclasses.replace(
+    PARAMS, learning_rate=0.001, label_smoothing=0.0, neither_quantile=0.9, fine_tune_layers=0
 )
 
 
