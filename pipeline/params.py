@@ -81,7 +81,10 @@ class Section:
                 raise ParamsError(
                     f"{where}: {cls.name}.{key} must be {expected}, not {values[key]!r}"
                 )
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ParamsError as error:  # a value out of its range (__post_init__)
+            raise ParamsError(f"{where}: {error}") from None
 
     @classmethod
     def load(cls, path: Path | str = PARAMS_FILE) -> Self:
@@ -109,6 +112,14 @@ class SplitParams(Section):
     seed: int
     val_ratio: float
     test_ratio: float
+
+    def __post_init__(self) -> None:
+        val, test = self.val_ratio, self.test_ratio
+        if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+            raise ParamsError(
+                f"split ratios must be in [0, 1) and leave room for training "
+                f"(val_ratio={val}, test_ratio={test})"
+            )
 
 
 class PreprocessParams(Section):
@@ -161,6 +172,10 @@ class EvaluateParams(Section):
     """The decision threshold the bento carries."""
 
     threshold: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ParamsError(f"evaluate.threshold must be between 0 and 1, not {self.threshold}")
 
 
 class ServeParams(Section):

@@ -1,7 +1,7 @@
 """What every stage's ``main()`` shares: its command line, its one-line failures, its last line.
 
 A stage's ``main()`` returns what it did, and ``summarised`` prints it as the stage's last line
-with how long it took, e.g. ``features: 3 splits, 398 photos -> data/features in 26.2 s``.
+with how long it took: ``<stage>: <what it did> in <seconds> s``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.logs import import_tensorflow_quietly
-from pipeline.params import ServeParams
+from pipeline.params import ParamsError, ServeParams
 from pipeline.stage import arguments, summarised
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, check_engine
@@ -71,6 +71,10 @@ def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
 def main(argv: list[str] | None = None) -> str:
     args = arguments(argv, __doc__, "model_dir", "export_dir")
     engine = ServeParams.load().engine
+    try:
+        check_engine(engine)
+    except ValueError as error:
+        raise ParamsError(f"params.yaml: {error}") from None
     export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
     return f"{args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})"
 

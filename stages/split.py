@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.catalogue import exclusions, read_catalogue
 from pipeline.hashing import file_sha256
-from pipeline.params import ParamsError, SplitParams
+from pipeline.params import SplitParams
 from pipeline.splits import EXCLUDED, SPLITS, SplitRow, write_split
 from pipeline.stage import arguments, summarised
 
@@ -40,12 +40,6 @@ def split_images(
 ) -> tuple[list[SplitRow], list[str]]:
     """Assign every image to a split; return the rows and the ambiguous files left out."""
     val_ratio, test_ratio = params.val_ratio, params.test_ratio
-    if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
-        raise ParamsError(
-            f"split ratios must be in [0, 1) and leave room for training "
-            f"(val_ratio={val_ratio}, test_ratio={test_ratio})"
-        )
-
     groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for path, label in images:
         groups[file_sha256(path)].append((path, label))

@@ -1,0 +1,82 @@
+"""params.yaml, read one typed section at a time: every section of the committed file reads,
+and a missing, misspelt, mistyped or out-of-range key stops a stage with one line naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import params
+from pipeline.params import ParamsError, Section, SplitParams, TrainParams
+from tests.support.paths import PARAMS_FILE, REPO_ROOT
+
+SECTIONS = Section.__subclasses__()
+
+
+def test_every_section_of_params_yaml_is_read_whole_by_its_object():
+    committed = yaml.safe_load(PARAMS_FILE.read_text())
+    assert {section.name for section in SECTIONS} == set(committed) - {"classes"}
+    for section in SECTIONS:
+        assert section.load(PARAMS_FILE).to_dict() == committed[section.name]
+    assert params.classes(PARAMS_FILE) == committed["classes"]
+
+
+def test_a_section_is_frozen():
+    train = TrainParams.load(PARAMS_FILE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.seed = 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sed": 42}, "split.sed is not a parameter (did you mean seed?)"),
+        ({"shuffle": True}, "split.shuffle is not a parameter"),
+        ({"seed": None}, "split.seed must be int, not None"),
+        ({"seed": "42"}, "split.seed must be int, not '42'"),
+        ({"val_ratio": True}, "split.val_ratio must be float, not True"),
+        ({"val_ratio": 0.6, "test_ratio": 0.5}, "split ratios must be in [0, 1)"),
+    ],
+)
+def test_a_wrong_key_or_value_is_named(change, message):
+    values = {**yaml.safe_load(PARAMS_FILE.read_text())["split"], **change}
+    with pytest.raises(ParamsError) as raised:
+        SplitParams.from_dict(values)
+    assert str(raised.value).startswith("params.yaml: ")
+    assert message in str(raised.value)
+
+
+def test_a_missing_key_or_section_is_named():
+    values = yaml.safe_load(PARAMS_FILE.read_text())["split"]
+    del values["seed"]
+    with pytest.raises(ParamsError, match=r"params.yaml: split.seed is missing"):
+        SplitParams.from_dict(values)
+    with pytest.raises(ParamsError, match="split must be a mapping"):
+        SplitParams.from_dict(None)
+    assert SplitParams.from_dict({"seed": 1, "val_ratio": 0, "test_ratio": 0}).val_ratio == 0
+
+
+def test_a_stage_reading_a_misspelt_key_ends_in_one_line(tmp_path):
+    committed = yaml.safe_load(PARAMS_FILE.read_text())
+    committed["split"]["val_ration"] = committed["split"].pop("val_ratio")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "catalogue.csv").write_text("label,filename,sha256\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.split", "raw", "catalogue.csv", "split.csv"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "split failed: params.yaml: split.val_ration is not a parameter (did you mean val_ratio?)\n"
+    )
+    assert not (tmp_path / "split.csv").exists()
