@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from serving.metrics import LOW_CONFIDENCE
+from serving.settings import LOW_CONFIDENCE
 from tests.support.monitoring import (
     DASHBOARDS,
     PROMETHEUS_CONFIG,

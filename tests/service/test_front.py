@@ -11,10 +11,18 @@ import time
 
 import pytest
 
-from serving import uploads
+from serving.settings import MAX_PREDICTIONS_IN_FLIGHT
+from serving.uploads import Pace
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.needs import require_tools
-from tests.support.stub_service import CARD, photo, stub_client, stub_served, stub_service
+from tests.support.stub_service import (
+    CARD,
+    photo,
+    raw_request,
+    stub_client,
+    stub_served,
+    stub_service,
+)
 
 GREEN, GRASSY, RED = (20, 230, 20), (120, 60, 40), (230, 20, 20)
 
@@ -32,11 +40,13 @@ def client():
 
 @pytest.fixture
 def front(client, stub):
-    """The running service instance; what a test changes on it is put back."""
+    """The running service instance; what a test changes on it (or its admission) is put
+    back."""
     instance = stub.instance()
-    saved = dict(vars(instance))
+    saved, admission = dict(vars(instance)), dict(vars(instance.admission))
     yield instance
     vars(instance).update(saved)
+    vars(instance.admission).update(admission)
 
 
 def predict(client, *files, field="image", route="/predict"):
@@ -164,61 +174,25 @@ def test_other_answers_pass_the_error_middleware_untouched(client):
     assert len(css.content) == int(css.headers["content-length"]) > 10_000
 
 
-def test_at_capacity_and_while_draining_predictions_get_503_with_retry_after(client, front, stub):
-    front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+def test_at_capacity_and_while_draining_predictions_get_503_with_retry_after(client, front):
+    front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
     busy = predict(client, ("a.png", photo()))
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert "at capacity (64 predictions in progress)" in busy.json()["error"]
-    front.in_flight = 0
+    front.admission.in_flight = 0
     assert predict(client, ("a.png", photo())).status_code == 200
 
-    front.draining = True
+    front.admission.draining = True
     refused = predict(client, ("a.png", photo()))
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json() == {"error": "the service is shutting down: retry shortly"}
     assert client.get("/readyz").status_code == 503
-    front.draining = False
+    front.admission.draining = False
     assert client.get("/readyz").status_code == 200
 
 
-def raw_request(client, path: str, headers: dict, pieces: list[tuple[float, bytes]]) -> tuple:
-    """Send ``pieces`` (seconds to wait, bytes) as a request body straight to the app, in
-    its event loop (TestClient would read a body whole before the app sees it); the answer's
-    status, headers and body."""
-    import anyio
-
-    async def call() -> tuple:
-        remaining = list(pieces)
-        answer: dict = {"body": b""}
-
-        async def receive() -> dict:
-            if not remaining:  # the client goes quiet, its body unfinished
-                await anyio.sleep(3600)
-            delay, chunk = remaining.pop(0)
-            await anyio.sleep(delay)
-            return {"type": "http.request", "body": chunk, "more_body": True}
-
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                answer["status"] = message["status"]
-                answer["headers"] = {k.decode(): v.decode() for k, v in message["headers"]}
-            elif message["type"] == "http.response.body":
-                answer["body"] += message.get("body", b"")
-
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
-            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        }  # fmt: skip
-        await client.app(scope, receive, send)
-        return answer["status"], answer["headers"], answer["body"]
-
-    return client.portal.call(call)
-
-
-def test_a_stalled_upload_gets_408_and_the_connection_closed(client, monkeypatch):
-    monkeypatch.setattr(uploads, "STALL_SECONDS", 0.3)
+def test_a_stalled_upload_gets_408_and_the_connection_closed(client, front):
+    front.pace = Pace(stall_seconds=0.3)
     start = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     headers = {"content-type": "multipart/form-data; boundary=b", "content-length": "2000"}
     started = time.monotonic()
@@ -296,18 +270,18 @@ def test_the_page_retries_a_busy_service_after_retry_after_and_gives_up_after_th
         sent_requests(browser)  # drop the page load's own requests
 
         # Busy at first: the page says it will try again, and does once the service has room.
-        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
         browser.find_element(By.ID, "file").send_keys(str(green))
         wait.until(lambda _: "busy: trying again in 1 s" in state()["status"])
-        front.in_flight = 0
+        front.admission.in_flight = 0
         wait.until(lambda _: [card["verdict"] for card in state()["cards"]] == ["dandelion"])
         assert predict_posts() == 2  # the 503, then the answer
 
         # Busy throughout: three retries a second apart, then the service's own reason.
-        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
         browser.find_element(By.ID, "file").send_keys(str(green))
         failed = wait.until(lambda _: state()["cards"][0]["failed"])
-        front.in_flight = 0
+        front.admission.in_flight = 0
         assert failed.startswith("The service is busy or restarting: the service is at capacity")
         assert failed.endswith("Try again in a moment.")
         assert predict_posts() == 4
