@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
-from serving.settings import TRAFFIC_TIMEOUT_SECONDS
+from serving.settings import READY_PROBE_SECONDS, TRAFFIC_TIMEOUT_SECONDS
 from tests.support.paths import REPO_ROOT
 
 KUSTOMIZE_DIRS = {
@@ -95,6 +95,9 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert ports == {"http": 3000}  # BentoML's port
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # /readyz answers within READY_PROBE_SECONDS, ready or not: no probe times out on it.
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["timeoutSeconds"] > READY_PROBE_SECONDS, probe
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/readyz"
     # Ready in 2 s here (Keras engine: 7 s); the startup window allows far more than that.
