@@ -1,7 +1,7 @@
 """The API's description: its answers, its errors, its uploads, and its two OpenAPI documents.
 
 /openapi.json is FastAPI's document of the service's routes, which Swagger UI at /docs
-shows; /docs.json is BentoML's, which adds health and metrics. Both carry
+shows; /docs.json is BentoML's, which adds the typed endpoints, health and metrics. Both carry
 this project's title, description and contact, and the served model's version and upload
 limits: ``ApiDocuments`` makes them for the card a front serves, when it starts.
 """

@@ -6,9 +6,10 @@ engine requires (serving/engines.py SERVICES; the package stage picks one per be
 speed up; ``BatchingDandelionService`` calls ``Classifier``, a model service that batches
 concurrent requests for the engine (Keras), since BentoML batches only between services.
 
-The prediction endpoints are FastAPI routes that read the multipart body themselves (POST
-/predict, /predict_batch). Everything model-specific comes from the packaged model's card
-(serving/contract.py), read when the service starts: it decides exactly as the pipeline's
+Each prediction endpoint exists twice, with the same answers and errors: a FastAPI route that
+reads the multipart body itself (POST /predict, /predict_batch), and a typed BentoML endpoint
+for BentoML's clients (/api/...). Everything model-specific comes from the packaged model's
+card (serving/contract.py), read when the service starts: it decides exactly as the pipeline's
 evaluate stage did. Importing this module reads no store and starts nothing.
 """
 
@@ -39,7 +40,8 @@ from serving.api import (
 )
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
-from serving.errors import REJECTIONS, JsonErrors, Rejection
+from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
+from serving.gate import TypedUploads, sent_files
 from serving.metrics import model_metrics, sample_process
 from serving.model import ServedModel, check_service, served_info, serving_scorer
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
@@ -50,6 +52,8 @@ from serving.settings import (
     READY_PROBE_SECONDS,
     SERVICE_NAME,
     TRAFFIC,
+    TYPED_PREDICT_BATCH_ROUTE,
+    TYPED_PREDICT_ROUTE,
 )
 from serving.uploads import Pace, Upload, card_uploads
 
@@ -84,10 +88,11 @@ ERRORS = error_responses()
 
 def front_service(inner: type) -> bentoml.Service:
     """``inner`` as an HTTP front, named SERVICE_NAME: ``app``'s routes (defined by the first
-    front class), every error as JSON."""
+    front class), every error as JSON, the typed routes gated as the FastAPI ones."""
     service = bentoml.service(name=SERVICE_NAME, workers=1, traffic=TRAFFIC)(inner)
     service = bentoml.asgi_app(app, path="/")(service)
     service.add_asgi_middleware(JsonErrors)
+    service.add_asgi_middleware(TypedUploads)
     return service
 
 
@@ -102,6 +107,10 @@ class DandelionService:
         check_service(model.card, self.batching)
         self.model, card = model, model.card
         self.single, self.batch = card_uploads(card)
+        self.typed_uploads = {
+            TYPED_PREDICT_ROUTE: self.single,
+            TYPED_PREDICT_BATCH_ROUTE: self.batch,
+        }
         self.documents = ApiDocuments(card, {"/predict": self.single, "/predict_batch": self.batch})
         self.info = served_info(model)
         self.page_html = PAGE.read_text()
@@ -139,7 +148,7 @@ class DandelionService:
 
     @app.get("/docs.json", include_in_schema=False)
     def bentoml_openapi(self) -> JSONResponse:
-        """BentoML's OpenAPI document (this API, its health and metrics),
+        """BentoML's OpenAPI document (this API, its typed endpoints, health and metrics),
         with this service's description and contact instead of BentoML's."""
         return JSONResponse(self.documents.bentoml(self.bento_service))
 
@@ -160,6 +169,24 @@ class DandelionService:
         """Classify several photos, each in a multipart field `images`: one answer per file,
         in the order sent, or (if any file is bad) a 4xx naming it and no answers."""
         return batch_answer(*await self.read_and_classify(request, self.batch))
+
+    @bentoml.api(route=TYPED_PREDICT_ROUTE)
+    async def predict(self, image: Path) -> Prediction:
+        """Classify one photo: `POST /predict`, for BentoML's clients."""
+        try:
+            (answer,) = await self.classify(sent_files([image]))
+        except Rejection as rejection:  # as is: BentoML would reshape a raised error
+            return rejection_response(rejection)
+        return Prediction(**answer)
+
+    @bentoml.api(route=TYPED_PREDICT_BATCH_ROUTE)
+    async def predict_batch(self, images: list[Path]) -> BatchPredictions:
+        """Classify several photos: `POST /predict_batch`, for BentoML's clients."""
+        files = sent_files(images)
+        try:
+            return BatchPredictions(**batch_answer(files, await self.classify(files)))
+        except Rejection as rejection:
+            return rejection_response(rejection)
 
     async def read_and_classify(self, request: Request, upload: Upload) -> tuple[list, list]:
         """The files ``upload`` reads from ``request`` and their answers, or Rejection."""

@@ -38,7 +38,12 @@ MAX_PREDICTIONS_IN_FLIGHT = 64
 # Seconds a client should wait before sending again after a 503 (the Retry-After header).
 RETRY_AFTER_SECONDS = 1
 
-# The multipart fields the prediction endpoints read: the handlers and /openapi.json use these.
+# The typed BentoML endpoints (`bentoml.SyncHTTPClient(url).predict(image=...)`). BentoML's
+# own routes are matched before the mounted FastAPI app, so they cannot share its paths.
+TYPED_PREDICT_ROUTE = "/api/predict"
+TYPED_PREDICT_BATCH_ROUTE = "/api/predict_batch"
+# The multipart fields the prediction endpoints read, and the typed endpoints' parameters: the
+# handlers, /openapi.json and the clients all use these names.
 IMAGE_FIELD = "image"
 IMAGES_FIELD = "images"
 

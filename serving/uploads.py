@@ -1,9 +1,15 @@
 """Reading an upload: the rules a prediction request's headers and multipart body must follow.
 
 An ``Upload`` says what a route takes: at most ``most`` files in one multipart ``field``.
-Every rule broken is a ``Rejection`` (serving/errors.py). The routes read the body themselves
-(``Upload.read``): at a minimum pace (``paced``, 408), whole or not at all (a body cut before
-its closing boundary is a 400), with at most ``most`` files.
+Every rule broken is a ``Rejection`` (serving/errors.py) with the same reason and message
+on both kinds of route:
+
+- the FastAPI routes read the body themselves (``Upload.read``): at a minimum pace
+  (``paced``, 408), whole or not at all (a body cut before its closing boundary is a 400),
+  with at most ``most`` files;
+- on the typed BentoML routes, BentoML reads and parses the body; ``PartWatch`` checks the
+  same rules on the bytes as BentoML receives them, keeping none of them
+  (serving/gate.py).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import FormData, Headers
 from starlette.formparsers import MultiPartException
 from starlette.formparsers import MultiPartParser as FormParser
@@ -151,6 +157,9 @@ class Upload:
         finally:
             await form.close()
 
+    def watch(self, headers: Headers) -> PartWatch:
+        return PartWatch(self, self.boundary(headers))
+
 
 def card_uploads(card: ModelCard) -> tuple[Upload, Upload]:
     """What /predict and /predict_batch take, by the card's limits (params.yaml `serve`)."""
@@ -195,3 +204,75 @@ async def read_form(request: Request, upload: Upload, pace: Pace) -> FormData:
 
 def malformed(why: str) -> Rejection:
     return Rejection("malformed_multipart", f"unreadable multipart body: {why}")
+
+
+class PartWatch:
+    """The rules ``Upload.read`` applies, checked on a multipart body as it streams past
+    (``feed`` each chunk, then ``finish``), keeping only the names of its parts."""
+
+    def __init__(self, upload: Upload, boundary: bytes) -> None:
+        self.upload = upload
+        self.closing = ClosingBoundary(boundary)
+        self.fields_sent: list[str] = []
+        self.filenames: list[str] = []  # the field's files, in the order sent
+        self.files = 0  # in any field: the limit counts them all, as Starlette's max_files
+        self.header = [b"", b""]  # the part header being read: name, value
+        self.disposition = b""
+        callbacks = {
+            "on_part_begin": self.part_begins,
+            "on_header_field": lambda data, start, end: self.extend(0, data[start:end]),
+            "on_header_value": lambda data, start, end: self.extend(1, data[start:end]),
+            "on_header_end": self.header_ends,
+            "on_headers_finished": self.headers_finished,
+        }
+        self.parser = MultipartParser(boundary, callbacks)
+
+    def feed(self, chunk: bytes) -> None:
+        self.closing.feed(chunk)
+        try:
+            self.parser.write(chunk)
+        except Rejection:
+            raise
+        except Exception as exc:  # python-multipart's parse errors
+            raise malformed(str(exc)) from None
+
+    def finish(self) -> None:
+        self.closing.check()
+        if self.upload.field not in self.fields_sent:
+            raise self.upload.missing_file(self.fields_sent)
+
+    def part_begins(self) -> None:
+        self.disposition = b""
+
+    def extend(self, which: int, data: bytes) -> None:
+        self.header[which] += data
+
+    def header_ends(self) -> None:
+        name, value = self.header
+        if name.lower() == b"content-disposition":
+            self.disposition = value
+        self.header = [b"", b""]
+
+    def headers_finished(self) -> None:
+        options = parse_options_header(self.disposition)[1]
+        if b"name" not in options:
+            raise malformed("a part's Content-Disposition names no field")
+        name = text(options[b"name"])
+        self.fields_sent.append(name)
+        if b"filename" not in options:
+            if name == self.upload.field:
+                raise self.upload.not_a_file()
+            return
+        self.files += 1
+        if self.files > self.upload.most:
+            raise self.upload.too_many_files()
+        if name == self.upload.field:
+            self.filenames.append(text(options[b"filename"]))
+
+
+def text(value: bytes) -> str:
+    """A header parameter as Starlette decodes it: UTF-8, else Latin-1."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")

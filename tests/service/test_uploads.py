@@ -1,4 +1,5 @@
-"""Upload reading and decoding, without a model: a Starlette app on read_form and decode_upload."""
+"""Upload reading and decoding, without a model: a Starlette app on read_form, the same rules
+checked on a streamed body (PartWatch, the typed routes' way), and decode_upload."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -231,3 +233,61 @@ def test_the_formats_the_api_documents_are_decoded(fmt):
     array = decode_upload(buffer.getvalue(), 32, LIMITS)
     assert array.shape == (32, 32, 3)
     assert abs(int(array[..., 1].mean()) - 200) < 12 and int(array[..., 0].mean()) < 40
+
+
+def watched_and_read(body: bytes, content_type: str) -> tuple[tuple, tuple]:
+    """What each route makes of ``body``: the FastAPI routes' ``Upload.read``, and PartWatch
+    fed it in 1 kB pieces as BentoML would receive it; each ("ok", filenames) or (reason,
+    message)."""
+
+    async def read() -> tuple:
+        async with UPLOAD.read(arriving([(0, body)], content_type), Pace()) as files:
+            return "ok", [file.filename for file in files]
+
+    def watch() -> tuple:
+        watcher = UPLOAD.watch(Headers({"content-type": content_type}))
+        for start in range(0, len(body), 1000):
+            watcher.feed(body[start : start + 1000])
+        watcher.finish()
+        return "ok", watcher.filenames
+
+    outcomes = []
+    for outcome in (lambda: asyncio.run(read()), watch):
+        try:
+            outcomes.append(outcome())
+        except Rejection as rejection:
+            outcomes.append((rejection.reason, rejection.message))
+    return outcomes[0], outcomes[1]
+
+
+PHOTO = jpeg()
+BODIES = {
+    "three files": [("images", (f"{i}.jpg", PHOTO)) for i in range(3)],
+    "four files": [("images", (f"{i}.jpg", PHOTO)) for i in range(4)],
+    "a file in another field too": [("other", ("x.jpg", PHOTO))]
+    + [("images", (f"{i}.jpg", PHOTO)) for i in range(3)],
+    "a text field beside the files": [("note", (None, "hi")), ("images", ("a.jpg", PHOTO))],
+    "text in the field": [("images", ("a.jpg", PHOTO)), ("images", (None, "http://x/y.jpg"))],
+    "the wrong field": [("photo", ("a.jpg", PHOTO)), ("photo", ("b.jpg", PHOTO))],
+}
+
+
+@pytest.mark.parametrize("kind", BODIES)
+@pytest.mark.parametrize("keep", [1.0, 0.3, 0.9])
+def test_a_streamed_body_breaks_the_same_rules_as_a_read_one(kind, keep):
+    """The typed routes (PartWatch on the stream) and the FastAPI routes (read_form, then
+    the field's files) refuse the same bodies with the same reason and message."""
+    body, content_type = requests_multipart(BODIES[kind])
+    cut = body[: int(len(body) * keep)]
+    read, watched = watched_and_read(cut, content_type)
+    assert read == watched
+    if keep == 1.0 and kind in ("three files", "a text field beside the files"):
+        assert read[0] == "ok"
+    elif keep < 1.0 and read[0] != "too_many_files":
+        assert read[0] in ("truncated_multipart", "not_a_file"), read
+
+
+def test_an_epilogue_is_no_truncation_for_the_streamed_body_either():
+    body, content_type = multipart(2)
+    read, watched = watched_and_read(body + b"\r\nan epilogue" * 10, content_type)
+    assert read == watched == ("ok", ["0.jpg", "1.jpg"])
