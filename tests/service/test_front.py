@@ -7,16 +7,23 @@ tests/end_to_end/test_page.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from serving.settings import MAX_PREDICTIONS_IN_FLIGHT
+from serving.engines import BATCHING, SERVICES
+from serving.model import ServedModel
+from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME
 from serving.uploads import Pace
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.needs import require_tools
 from tests.support.stub_service import (
     CARD,
+    STUB_MODEL,
     photo,
     raw_request,
     stub_client,
@@ -47,6 +54,45 @@ def front(client, stub):
     yield instance
     vars(instance).update(saved)
     vars(instance.admission).update(admission)
+
+
+# Imports the service in a fresh interpreter with an empty BentoML home; what it started.
+IMPORT_CHECK = """
+import json, logging, signal, threading
+import serving.service
+print(json.dumps({
+    "threads": threading.active_count(),
+    "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+    "filters": [name for name, logger in logging.root.manager.loggerDict.items()
+                if getattr(logger, "filters", None)],
+}))
+"""
+
+
+def test_importing_the_service_reads_no_store_and_starts_nothing(tmp_path):
+    home = tmp_path / "bentoml"
+    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    started = json.loads(done.stdout.splitlines()[-1])
+    assert started == {"threads": 1, "sigterm_default": True, "filters": []}
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
+
+
+def test_each_engine_s_service_is_a_front_named_alike_and_refuses_the_other_engine():
+    import serving.service
+
+    for engine, name in SERVICES.items():
+        module, _, attribute = name.partition(":")
+        assert module == "serving.service"
+        service = getattr(serving.service, attribute)
+        assert service.name == SERVICE_NAME and service.inner.batching == BATCHING[engine]
+        other = next(e for e in SERVICES if e != engine)
+        card = dataclasses.replace(CARD, engine=other, serve={**CARD.serve, "engine": other})
+        with pytest.raises(RuntimeError, match=f"engine is {other}: serve {SERVICES[other]} "):
+            service.inner(ServedModel(STUB_MODEL.tag, card, STUB_MODEL.score))
 
 
 def predict(client, *files, field="image", route="/predict"):
