@@ -21,15 +21,7 @@ from serving.settings import (
     TYPED_PREDICT_ROUTE,
 )
 from serving.uploads import Pace
-from tests.support.stub_service import (
-    CARD,
-    STUB_MODEL,
-    photo,
-    raw_request,
-    stub_client,
-    stub_served,
-    stub_service,
-)
+from tests.support import stub_service as stubs
 
 # BentoML's own server code (its typed endpoints) on pydantic 2.11+.
 pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
@@ -39,31 +31,27 @@ ROUTES = {"/predict": TYPED_PREDICT_ROUTE, "/predict_batch": TYPED_PREDICT_BATCH
 
 @pytest.fixture(scope="module")
 def served() -> str:
-    with stub_served() as url:
+    with stubs.stub_served() as url:
         yield url
 
 
 @pytest.fixture
 def front(served):
-    """The served front instance; what a test changes on it (or its admission) is put back."""
-    instance = stub_service().instance()
-    saved, admission = dict(vars(instance)), dict(vars(instance.admission))
-    yield instance
-    vars(instance).update(saved)
-    vars(instance.admission).update(admission)
+    with stubs.front_restored() as instance:  # the served one
+        yield instance
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("photos")
     made = {
-        "green.png": photo(GREEN),
-        "grassy.jpg": photo(GRASSY, fmt="JPEG"),
-        "red.png": photo(RED),
+        "green.png": stubs.photo(GREEN),
+        "grassy.jpg": stubs.photo(GRASSY, fmt="JPEG"),
+        "red.png": stubs.photo(RED),
         "empty.png": b"",
         "notes.jpg": b"<html>not a photo</html>",
-        "small.png": photo(size=(8, 40)),
-        "corrupt.jpg": photo(fmt="JPEG", size=(400, 300))[:700],
+        "small.png": stubs.photo(size=(8, 40)),
+        "corrupt.jpg": stubs.photo(fmt="JPEG", size=(400, 300))[:700],
         "large.png": b"\x89PNG" + b"\0" * 200_000,
     }
     for name, content in made.items():
@@ -96,7 +84,7 @@ def test_the_sync_client_answers_as_the_multipart_routes(served, photos):
     assert batch == expected
     assert [p["filename"] for p in batch["predictions"]] == names
     assert [p["label"] for p in batch["predictions"]] == ["dandelion", "grass", "grass"]
-    assert {p["model_version"] for p in batch["predictions"]} == {CARD.version}
+    assert {p["model_version"] for p in batch["predictions"]} == {stubs.CARD.version}
 
 
 def test_the_async_client_answers_as_the_multipart_routes(served, photos):
@@ -191,7 +179,7 @@ def test_at_capacity_shutting_down_and_model_unavailable_answer_alike(served, ph
 
         raise Rejection("model_unavailable", "the model is unavailable, retry shortly (test)")
 
-    front.model = type(STUB_MODEL)(STUB_MODEL.tag, CARD, unavailable)
+    front.model = type(stubs.STUB_MODEL)(stubs.STUB_MODEL.tag, stubs.CARD, unavailable)
     gone = same_answers(served, "image", green)
     assert gone["status"] == 503 and gone["retry-after"] == "1"
 
@@ -242,10 +230,12 @@ def test_a_stalled_upload_on_a_typed_route_gets_408_too(route):
     field = "image" if route == TYPED_PREDICT_ROUTE else "images"
     start = f'--b\r\nContent-Disposition: form-data; name="{field}"; filename="a.png"\r\n\r\n'
     headers = {"content-type": "multipart/form-data; boundary=b", "content-length": "2000"}
-    with stub_client() as client:
-        stub_service().instance().pace = Pace(stall_seconds=0.3)
+    with stubs.stub_client() as client, stubs.front_restored() as front:
+        front.pace = Pace(stall_seconds=0.3)
         started = time.monotonic()
-        status, answer_headers, body = raw_request(client, route, headers, [(0, start.encode())])
+        status, answer_headers, body = stubs.raw_request(
+            client, route, headers, [(0, start.encode())]
+        )
     assert status == 408, body
     assert answer_headers["connection"] == "close" and b"arrived too slowly" in body
     assert time.monotonic() - started < 3

@@ -24,6 +24,7 @@ from tests.support.needs import require_tools
 from tests.support.stub_service import (
     CARD,
     STUB_MODEL,
+    front_restored,
     photo,
     raw_request,
     stub_client,
@@ -46,14 +47,9 @@ def client():
 
 
 @pytest.fixture
-def front(client, stub):
-    """The running service instance; what a test changes on it (or its admission) is put
-    back."""
-    instance = stub.instance()
-    saved, admission = dict(vars(instance)), dict(vars(instance.admission))
-    yield instance
-    vars(instance).update(saved)
-    vars(instance.admission).update(admission)
+def front(client):
+    with front_restored() as instance:
+        yield instance
 
 
 # Imports the service in a fresh interpreter with an empty BentoML home; what it started.

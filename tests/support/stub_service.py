@@ -93,6 +93,19 @@ def stub_service() -> StubService:
     return StubService(service, service.to_asgi())
 
 
+@contextlib.contextmanager
+def front_restored() -> Iterator[object]:
+    """The front instance started last; what a test changes on it (or on its admission) is
+    put back on leaving."""
+    instance = StubService.instance()
+    saved, admission = dict(vars(instance)), dict(vars(instance.admission))
+    try:
+        yield instance
+    finally:
+        vars(instance).update(saved)
+        vars(instance.admission).update(admission)
+
+
 def stub_client():
     """A Starlette TestClient on the stub service's app (entering it runs the app's lifespan,
     which makes a new service instance)."""
