@@ -23,6 +23,16 @@ from tests.support.paths import (
 from tests.support.processes import running_server
 
 
+def own_metrics_home(store_home: Path, home: Path) -> Path:
+    """A BentoML home at ``home`` that serves ``store_home``'s bentos and models but keeps its
+    own metrics: every `bentoml serve` empties its home's prometheus_multiproc_dir when it
+    starts, which freezes the /metrics of a server already running on the same home."""
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("bentos", "models"):
+        (home / store).symlink_to(store_home / store, target_is_directory=True)
+    return home
+
+
 def split_photos(workspace: Path) -> list[tuple[str, str]]:
     """(label, path in the shared mirror) of every photo in the pipeline's test split."""
     with open(workspace / PIPELINE_PATHS["split_csv"], newline="") as handle:
