@@ -6,8 +6,9 @@ then `dandelion promote`). Everything runs on 127.0.0.1, in one go, on the test 
 - openvino service: `bentoml serve dandelion-vs-grass:latest` (the champion, as users serve it:
                     one process, the engine in the front);
 - keras service:    the same service code and model, exported for the Keras engine, from a
-                    temporary BentoML store: the front and a model service with adaptive
-                    batching;
+                    temporary BentoML store, served as the package stage would serve it
+                    (serving/engines.py SERVICES): the front and a model service with
+                    adaptive batching;
 - naive:            one Keras `model.predict` per request behind a minimal FastAPI app;
 - limits:           each engine scoring preprocessed photos in batches of 32, no HTTP.
 
@@ -42,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.engine_benchmark import images_per_second
 from serving.contract import MODEL_FILE
+from serving.engines import SERVICES
 
 # `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 from tests.support.http import free_port
@@ -194,7 +196,7 @@ def main() -> None:
         ("openvino service", [*serve, MODEL_TAG, *address], env),
         (
             "keras service",
-            [*serve, "serving.service:DandelionService", *address],
+            [*serve, SERVICES["keras"], *address],
             dict(env, BENTOML_HOME=str(scratch / "bentoml")),
         ),
         (

@@ -138,9 +138,9 @@ def load_image(source: str | Path | BinaryIO | Image.Image, image_size: int) -> 
     """
     image = source if isinstance(source, Image.Image) else Image.open(source)
     # A JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still has twice the input
-    # size: a 9 MB phone photo decodes 16x faster, and the resize below is what shrinks it
-    # further, as for any photo. No photo in the dataset (500 px at most) is large enough to
-    # be scaled, so training data is decoded exactly as before.
+    # size: a phone photo decodes many times faster (docs/serving.md, *Faults and overload*),
+    # and the resize below is what shrinks it further, as for any photo. No photo in the
+    # dataset is large enough to be scaled, so training data is decoded exactly as before.
     image.draft(None, (2 * image_size, 2 * image_size))
     first_frame = next(ImageSequence.Iterator(image))
     rgb = to_rgb(first_frame).resize((image_size, image_size), Image.Resampling.BILINEAR)

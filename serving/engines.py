@@ -4,8 +4,8 @@ The export stage writes the trained Keras model into the export directory in the
 ``serve.engine``; evaluate and the service both load that directory with ``load_engine``, so
 the scores evaluate reports are the scores the service returns, bit for bit.
 
-- ``openvino`` (default): the model converted to OpenVINO IR. About 3 ms per image on 2 cores
-  against 16 ms for Keras (docs/serving.md, engine table), and no TensorFlow in the serving
+- ``openvino`` (default): the model converted to OpenVINO IR: several times faster than Keras
+  for one image (docs/benchmarks.md, *Inference engines*), and no TensorFlow in the serving
   image.
 - ``keras``: the Keras file itself, served by TensorFlow; kept so parity stays testable.
 
@@ -28,12 +28,19 @@ OPENVINO_FILE = "classifier.xml"  # with its weights in classifier.bin
 # stage pins each from constraints.txt (bento builds run offline).
 ENGINE_PACKAGES = {"openvino": ["openvino"], "keras": ["keras", "tensorflow-cpu"]}
 
-# Whether the service batches concurrent requests for the engine. Measured on 2 cores
-# (docs/serving.md): Keras takes 16 ms for one image and 8 ms per image in batches of 32, so
-# batching doubles its throughput. OpenVINO takes about 3 ms per image at any batch size, and the
-# batcher's waiting window only added latency (p50 at concurrency 1: 22 ms batched, 9 ms
-# not; 181 ms right after a concurrency-32 burst).
+# Whether the service batches concurrent requests for the engine (docs/benchmarks.md,
+# *Inference engines*; docs/serving.md): Keras scores an image in a batch much faster than
+# alone, so batching raises its throughput. OpenVINO is as fast per image alone as in a batch,
+# and the batcher's waiting window only added latency.
 BATCHING = {"openvino": False, "keras": True}
+# The BentoML service (bentofile.yaml `service`) a bento serving each engine runs, which the
+# package stage sets from the model's engine. Without batching the engine runs in the HTTP
+# front's own process; with it, the front calls a batching model service, since BentoML
+# batches only between services (serving/service.py). Both fronts are named DandelionService.
+SERVICES = {
+    engine: f"serving.service:{'BatchingDandelionService' if batching else 'DandelionService'}"
+    for engine, batching in BATCHING.items()
+}
 
 # (N, size, size, 3) uint8 -> (N, 2) float32: the PROBABILITY and NOVELTY columns (contract)
 Scorer = Callable[[np.ndarray], np.ndarray]
@@ -67,16 +74,16 @@ def _openvino_scorer(path: Path) -> Scorer:
     import openvino as ov
 
     # f32, not the CPU plugin's default: on CPUs with bfloat16 support OpenVINO would
-    # otherwise compute in bf16 and move scores by up to 0.17 (measured on the build machine).
+    # otherwise compute in bf16 and move scores visibly (docs/serving.md, *Inference engine*).
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     output = compiled.output(0)
     lock = threading.Lock()  # one infer request: calls take turns
 
     def score(images: np.ndarray) -> np.ndarray:
-        # One image per inference: on CPU that is as fast per image as a batch (engine table
-        # in docs/serving.md), and the engine's buffers stay those of one image. A batch of
-        # 32 made it keep about 330 MB for later calls.
+        # One image per inference: on CPU that is as fast per image as a batch, and the
+        # engine's buffers stay those of one image; a batch made it keep the buffers of the
+        # whole batch for later calls (docs/serving.md, *Inference engine*).
         with lock:
             rows = [
                 request.infer([image[np.newaxis].astype(np.float32)])[output] for image in images

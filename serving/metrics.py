@@ -15,17 +15,11 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from serving.contract import ModelCard
-from serving.uploads import REJECTIONS
-
-# Confidence = the probability of the label returned. Answers at or below LOW_CONFIDENCE are
-# "low confidence"; the dashboards and the alert rules read that bucket (le="0.7").
-LOW_CONFIDENCE = 0.7
-CONFIDENCE_BUCKETS = (0.5, 0.6, LOW_CONFIDENCE, 0.8, 0.9, 0.95, 0.99, 1.0)
-IMAGES_PER_CALL_BUCKETS = (1, 2, 4, 8, 16, 32)  # up to the largest batch the service sends
-PROCESS_SAMPLE_SECONDS = 5.0
+from serving.settings import CONFIDENCE_BUCKETS, IMAGES_PER_CALL_BUCKETS, PROCESS_SAMPLE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -38,15 +32,16 @@ class ModelMetrics:
     retries: object  # Counter: calls to the model service made again after a failure
     images_per_call: object  # Histogram: images the engine scored in one call
 
-    def describe(self, card: ModelCard, git_revision: str) -> None:
-        """Publish what is served, and start every series the dashboards read at 0."""
+    def describe(self, card: ModelCard, git_revision: str, rejections: Mapping[str, int]) -> None:
+        """Publish what is served, and start every series the dashboards read at 0: each
+        label, and each rejection reason with its status (serving/errors.py REJECTIONS)."""
         self.info.labels(card.version, git_revision, card.dvc_md5).set(1)
         positive = card.rule.positive
         self.expected_share.labels(positive, "lower").set(card.test_metrics["positive_share_low"])
         self.expected_share.labels(positive, "upper").set(card.test_metrics["positive_share_high"])
         for label in card.classes:
             self.predictions.labels(label)
-        for reason, status in REJECTIONS.items():
+        for reason, status in rejections.items():
             self.rejected.labels(reason, str(status))
 
     def count_answer(self, verdict: dict) -> None:

@@ -18,7 +18,7 @@ from tests.support.needs import require_shared
 from tests.support.paths import DATASET_MIRROR, WEIGHTS_DIR
 from tests.support.processes import dandelion
 from tests.support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
-from tests.support.service import RunningService, serving
+from tests.support.service import RunningService, own_metrics_home, serving
 
 # Fixtures that need ../shared, the reproduced pipeline or a served bento.
 NEEDS_PIPELINE = {
@@ -147,6 +147,9 @@ def service(reproduced, promoted, tmp_path_factory) -> RunningService:
     log_dir = tmp_path_factory.mktemp("serve")
     # As compose and the Kubernetes overlay do: the deployer names the Git revision.
     revision = git(reproduced.workspace, "rev-parse", "--short", "HEAD").stdout.strip()
-    env = dict(reproduced.env, GIT_REVISION=revision)
+    # Its metrics must outlive the other tests' `bentoml serve` of the same store
+    # (tests/end_to_end/test_scrape.py reads them after test_reliability.py starts its own).
+    home = own_metrics_home(Path(reproduced.env["BENTOML_HOME"]), log_dir / "bentoml_home")
+    env = dict(reproduced.env, GIT_REVISION=revision, BENTOML_HOME=str(home))
     with serving("dandelion-vs-grass:latest", reproduced.workspace, env, log_dir) as s:
         yield s

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from serving.uploads import RETRY_AFTER_SECONDS, STALL_SECONDS
+from serving.settings import RETRY_AFTER_SECONDS, STALL_SECONDS
 from tests.support.http import free_port, multipart_body
 from tests.support.load import Outcome, send_photos
 from tests.support.processes import running_server

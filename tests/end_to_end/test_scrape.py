@@ -14,8 +14,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.metrics import LOW_CONFIDENCE
-from serving.uploads import REJECTIONS
+from serving.errors import REJECTIONS
+from serving.settings import LOW_CONFIDENCE
 from tests.support.git import git
 from tests.support.http import free_port
 from tests.support.images import make_image

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 import requests
@@ -118,6 +120,28 @@ def test_a_new_threshold_reaches_the_served_decisions(pipeline_copy, reproduced,
         info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
     assert info["threshold"] == threshold
     assert {a["model_version"] for a in answers} == {info["version"]}
+
+
+def curl(url: str, *forms: str) -> dict:
+    """The JSON answer of the real `curl -sS -F form... url` (bounded: 60 s)."""
+    command = ["curl", "-sS", "--fail-with-body", "--max-time", "60"]
+    command += [part for form in forms for part in ("-F", form)]
+    done = subprocess.run([*command, url], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
+def test_bentoml_s_client_answers_every_test_photo_as_curl_does(service):
+    """The typed endpoints, through BentoML's own client, against the multipart routes."""
+    photos = [prediction.photo for prediction in evaluated_predictions(service.workspace)]
+    with bentoml.SyncHTTPClient(service.url, timeout=TIMEOUT) as client:
+        for photo in photos:
+            expected = curl(f"{service.url}/predict", f"image=@{photo}")
+            assert client.predict(image=Path(photo)) == expected, photo
+        for first, second in [photos[:2], photos[29:31], photos[-2:]]:
+            expected = curl(f"{service.url}/predict_batch", f"images=@{first}", f"images=@{second}")
+            assert client.predict_batch(images=[Path(first), Path(second)]) == expected
 
 
 def sixteen_bit_png(photo: Image.Image) -> bytes:

@@ -18,10 +18,10 @@ from urllib.parse import urlparse
 import yaml
 from dvc.repo import Repo
 
+from serving.settings import TRAFFIC_TIMEOUT_SECONDS
 from tests.support.git import copy_workspace
 from tests.support.needs import require_tools
 from tests.support.paths import REPO_ROOT
-from tests.support.service import service_constant
 
 
 def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) -> dict:
@@ -173,7 +173,7 @@ def test_the_prediction_service_runs_the_containerized_bento_and_drains_on_stop(
     assert classifier["init"] is True
     assert "/readyz" in " ".join(classifier["healthcheck"]["test"])
     grace = classifier["stop_grace_period"]
-    assert grace.endswith("s") and int(grace[:-1]) > service_constant("TRAFFIC_TIMEOUT_SECONDS")
+    assert grace.endswith("s") and int(grace[:-1]) > TRAFFIC_TIMEOUT_SECONDS
     assert [container for _, _, container in published_ports(classifier)] == ["3000"]
 
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
+from serving.settings import READY_PROBE_SECONDS, TRAFFIC_TIMEOUT_SECONDS
 from tests.support.paths import REPO_ROOT
-from tests.support.service import service_constant
 
 KUSTOMIZE_DIRS = {
     "base": REPO_ROOT / "deploy/kubernetes/base",
@@ -95,6 +95,9 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert ports == {"http": 3000}  # BentoML's port
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # /readyz answers within READY_PROBE_SECONDS, ready or not: no probe times out on it.
+    for probe in ("readinessProbe", "startupProbe"):
+        assert container[probe]["timeoutSeconds"] > READY_PROBE_SECONDS, probe
     startup = container["startupProbe"]
     assert startup["httpGet"]["path"] == "/readyz"
     # Ready in 2 s here (Keras engine: 7 s); the startup window allows far more than that.
@@ -107,8 +110,7 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert limit.endswith(("Mi", "Gi"))
     assert int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1) > 370
 
-    traffic_timeout = service_constant("TRAFFIC_TIMEOUT_SECONDS")
-    assert pod["terminationGracePeriodSeconds"] > traffic_timeout
+    assert pod["terminationGracePeriodSeconds"] > TRAFFIC_TIMEOUT_SECONDS
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False

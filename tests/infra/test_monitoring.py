@@ -9,12 +9,13 @@ served bento in tests/end_to_end/test_scrape.py.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 import yaml
 
-from serving.metrics import LOW_CONFIDENCE
+from serving.settings import LOW_CONFIDENCE, TYPED_PREDICT_BATCH_ROUTE, TYPED_PREDICT_ROUTE
 from tests.support.monitoring import (
     DASHBOARDS,
     PROMETHEUS_CONFIG,
@@ -145,3 +146,9 @@ def test_the_dashboards_show_what_operators_need():
         assert metric in queries, metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in queries
+    # The latency panels show every prediction route: the multipart ones and their typed twins.
+    routes = {"/predict", "/predict_batch", TYPED_PREDICT_ROUTE, TYPED_PREDICT_BATCH_ROUTE}
+    latencies = [expr for _, expr in dashboard_queries() if "histogram_quantile" in expr]
+    for expr in latencies:
+        (selected,) = re.findall(r'endpoint=~"([^"]*)"', expr)
+        assert set(selected.split("|")) == routes, expr

@@ -7,14 +7,30 @@ tests/end_to_end/test_page.py)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 
-from serving import uploads
+from serving.engines import BATCHING, SERVICES
+from serving.model import ServedModel
+from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME
+from serving.uploads import Pace
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.needs import require_tools
-from tests.support.stub_service import CARD, photo, stub_client, stub_served, stub_service
+from tests.support.stub_service import (
+    CARD,
+    STUB_MODEL,
+    front_restored,
+    photo,
+    raw_request,
+    stub_client,
+    stub_served,
+    stub_service,
+)
 
 GREEN, GRASSY, RED = (20, 230, 20), (120, 60, 40), (230, 20, 20)
 
@@ -31,12 +47,48 @@ def client():
 
 
 @pytest.fixture
-def front(client, stub):
-    """The running service instance; what a test changes on it is put back."""
-    instance = stub.instance()
-    saved = dict(vars(instance))
-    yield instance
-    vars(instance).update(saved)
+def front(client):
+    with front_restored() as instance:
+        yield instance
+
+
+# Imports the service in a fresh interpreter with an empty BentoML home; what it started.
+IMPORT_CHECK = """
+import json, logging, signal, threading
+import serving.service
+print(json.dumps({
+    "threads": threading.active_count(),
+    "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+    "filters": [name for name, logger in logging.root.manager.loggerDict.items()
+                if getattr(logger, "filters", None)],
+}))
+"""
+
+
+def test_importing_the_service_reads_no_store_and_starts_nothing(tmp_path):
+    home = tmp_path / "bentoml"
+    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    started = json.loads(done.stdout.splitlines()[-1])
+    assert started == {"threads": 1, "sigterm_default": True, "filters": []}
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
+
+
+def test_each_engine_s_service_is_a_front_named_alike_and_refuses_the_other_engine():
+    import serving.service
+
+    for engine, name in SERVICES.items():
+        module, _, attribute = name.partition(":")
+        assert module == "serving.service"
+        service = getattr(serving.service, attribute)
+        assert service.name == SERVICE_NAME and service.inner.batching == BATCHING[engine]
+        other = next(e for e in SERVICES if e != engine)
+        card = dataclasses.replace(CARD, engine=other, serve={**CARD.serve, "engine": other})
+        with pytest.raises(RuntimeError, match=f"engine is {other}: serve {SERVICES[other]} "):
+            service.inner(ServedModel(STUB_MODEL.tag, card, STUB_MODEL.score))
 
 
 def predict(client, *files, field="image", route="/predict"):
@@ -164,61 +216,25 @@ def test_other_answers_pass_the_error_middleware_untouched(client):
     assert len(css.content) == int(css.headers["content-length"]) > 10_000
 
 
-def test_at_capacity_and_while_draining_predictions_get_503_with_retry_after(client, front, stub):
-    front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+def test_at_capacity_and_while_draining_predictions_get_503_with_retry_after(client, front):
+    front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
     busy = predict(client, ("a.png", photo()))
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert "at capacity (64 predictions in progress)" in busy.json()["error"]
-    front.in_flight = 0
+    front.admission.in_flight = 0
     assert predict(client, ("a.png", photo())).status_code == 200
 
-    front.draining = True
+    front.admission.draining = True
     refused = predict(client, ("a.png", photo()))
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json() == {"error": "the service is shutting down: retry shortly"}
     assert client.get("/readyz").status_code == 503
-    front.draining = False
+    front.admission.draining = False
     assert client.get("/readyz").status_code == 200
 
 
-def raw_request(client, path: str, headers: dict, pieces: list[tuple[float, bytes]]) -> tuple:
-    """Send ``pieces`` (seconds to wait, bytes) as a request body straight to the app, in
-    its event loop (TestClient would read a body whole before the app sees it); the answer's
-    status, headers and body."""
-    import anyio
-
-    async def call() -> tuple:
-        remaining = list(pieces)
-        answer: dict = {"body": b""}
-
-        async def receive() -> dict:
-            if not remaining:  # the client goes quiet, its body unfinished
-                await anyio.sleep(3600)
-            delay, chunk = remaining.pop(0)
-            await anyio.sleep(delay)
-            return {"type": "http.request", "body": chunk, "more_body": True}
-
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                answer["status"] = message["status"]
-                answer["headers"] = {k.decode(): v.decode() for k, v in message["headers"]}
-            elif message["type"] == "http.response.body":
-                answer["body"] += message.get("body", b"")
-
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
-            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
-        }  # fmt: skip
-        await client.app(scope, receive, send)
-        return answer["status"], answer["headers"], answer["body"]
-
-    return client.portal.call(call)
-
-
-def test_a_stalled_upload_gets_408_and_the_connection_closed(client, monkeypatch):
-    monkeypatch.setattr(uploads, "STALL_SECONDS", 0.3)
+def test_a_stalled_upload_gets_408_and_the_connection_closed(client, front):
+    front.pace = Pace(stall_seconds=0.3)
     start = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
     headers = {"content-type": "multipart/form-data; boundary=b", "content-length": "2000"}
     started = time.monotonic()
@@ -296,18 +312,18 @@ def test_the_page_retries_a_busy_service_after_retry_after_and_gives_up_after_th
         sent_requests(browser)  # drop the page load's own requests
 
         # Busy at first: the page says it will try again, and does once the service has room.
-        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
         browser.find_element(By.ID, "file").send_keys(str(green))
         wait.until(lambda _: "busy: trying again in 1 s" in state()["status"])
-        front.in_flight = 0
+        front.admission.in_flight = 0
         wait.until(lambda _: [card["verdict"] for card in state()["cards"]] == ["dandelion"])
         assert predict_posts() == 2  # the 503, then the answer
 
         # Busy throughout: three retries a second apart, then the service's own reason.
-        front.in_flight = stub.module.MAX_PREDICTIONS_IN_FLIGHT
+        front.admission.in_flight = MAX_PREDICTIONS_IN_FLIGHT
         browser.find_element(By.ID, "file").send_keys(str(green))
         failed = wait.until(lambda _: state()["cards"][0]["failed"])
-        front.in_flight = 0
+        front.admission.in_flight = 0
         assert failed.startswith("The service is busy or restarting: the service is at capacity")
         assert failed.endswith("Try again in a moment.")
         assert predict_posts() == 4

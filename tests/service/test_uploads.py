@@ -1,4 +1,5 @@
-"""Upload reading and decoding, without a model: a Starlette app on read_form and decode_upload."""
+"""Upload reading and decoding, without a model: a Starlette app on read_form, the same rules
+checked on a streamed body (PartWatch, the typed routes' way), and decode_upload."""
 
 from __future__ import annotations
 
@@ -12,23 +13,22 @@ import numpy as np
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serving import uploads
-from serving.uploads import (
-    REJECTIONS,
-    UploadError,
-    UploadLimits,
-    decode_upload,
-    paced_body,
-    read_form,
-)
+from serving.decoding import UploadLimits, decode_upload
+from serving.errors import REJECTIONS, Rejection
+from serving.settings import EXTRA_FORM_FIELDS
+from serving.uploads import Pace, Upload, paced, read_form
 from tests.support.http import multipart_body
 
 LIMITS = UploadLimits(max_upload_bytes=1_000_000, min_side=8, max_pixels=10_000_000)
+UPLOAD = Upload("images", 3, LIMITS)
+# Pauses of at most 0.3 s and at least 100 kB/s after that, so the pace tests take a second.
+QUICK = Pace(stall_seconds=0.3, min_bytes_per_second=100_000)
 
 
 def jpeg(colour=(200, 180, 40), size=(64, 48)) -> bytes:
@@ -46,8 +46,8 @@ def noisy_jpeg() -> bytes:
 
 async def files_endpoint(request: Request) -> JSONResponse:
     try:
-        form = await read_form(request, most=3)
-    except UploadError as error:
+        form = await read_form(request, UPLOAD, Pace())
+    except Rejection as error:
         return JSONResponse({"reason": error.reason, "error": error.message}, error.status)
     try:
         uploads = form.getlist("images")
@@ -88,7 +88,7 @@ def test_too_many_files_and_no_boundary_are_clear_400s(client):
     assert answer.status_code == 400
     assert answer.json() == {
         "reason": "too_many_files",
-        "error": "too many files: at most 3 per request",
+        "error": "too many files: at most 3 per request in the field 'images'",
     }
     answer = client.post("/", content=body, headers={"content-type": "multipart/form-data"})
     assert answer.json() == {
@@ -97,7 +97,7 @@ def test_too_many_files_and_no_boundary_are_clear_400s(client):
     }
 
 
-def arriving(pieces: list[tuple[float, bytes]]) -> Request:
+def arriving(pieces: list[tuple[float, bytes]], content_type: str = "") -> Request:
     """A request whose body arrives as ``pieces``: (seconds to wait, bytes)."""
     remaining = list(pieces)
 
@@ -106,55 +106,49 @@ def arriving(pieces: list[tuple[float, bytes]]) -> Request:
         await asyncio.sleep(delay)
         return {"type": "http.request", "body": chunk, "more_body": bool(remaining)}
 
-    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+    headers = [(b"content-type", content_type.encode())]
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
 
 
-def read_paced(pieces: list[tuple[float, bytes]]) -> tuple[bytes | UploadError, float]:
-    """What paced_body makes of the body (its bytes, or the error), and how long it took."""
+def read_paced(pieces: list[tuple[float, bytes]]) -> tuple[bytes | Rejection, float]:
+    """What ``paced`` makes of the body (its bytes, or the error), and how long it took."""
 
     async def read() -> bytes:
-        return b"".join([chunk async for chunk in paced_body(arriving(pieces))])
+        return b"".join([chunk async for chunk in paced(arriving(pieces).stream(), QUICK)])
 
     started = time.monotonic()
     try:
         outcome = asyncio.run(read())
-    except UploadError as error:
+    except Rejection as error:
         outcome = error
     return outcome, time.monotonic() - started
 
 
-@pytest.fixture
-def quick_pace(monkeypatch):
-    """Pauses of at most 0.3 s and at least 100 kB/s after that, so tests take a second."""
-    monkeypatch.setattr(uploads, "STALL_SECONDS", 0.3)
-    monkeypatch.setattr(uploads, "MIN_BYTES_PER_SECOND", 100_000)
-
-
-def test_a_body_in_short_pauses_is_read_whole(quick_pace):
+def test_a_body_in_short_pauses_is_read_whole():
     pieces = [(0.1, bytes([i]) * 30_000) for i in range(6)]  # 300 kB/s, pauses of 0.1 s
     body, _ = read_paced(pieces)
     assert body == b"".join(chunk for _, chunk in pieces)
 
 
-def test_a_stalled_body_is_cut_off_with_408(quick_pace):
+def test_a_stalled_body_is_cut_off_with_408():
     error, seconds = read_paced([(0, b"x" * 1000), (30, b"never read")])
-    assert isinstance(error, UploadError) and error.reason == "slow_upload"
+    assert isinstance(error, Rejection) and error.reason == "slow_upload"
     assert error.status == 408 and error.headers == {"Connection": "close"}
     assert "1000 bytes in" in error.message
     assert seconds < 1  # at the pause limit, not when the rest would have come
 
 
-def test_a_trickling_body_is_cut_off_once_it_falls_behind_the_minimum_rate(quick_pace):
+def test_a_trickling_body_is_cut_off_once_it_falls_behind_the_minimum_rate():
     # 1 kB every 0.2 s: never a long pause, but 5 kB/s against the 100 kB/s asked for.
     error, seconds = read_paced([(0.2, b"y" * 1000)] * 50)
-    assert isinstance(error, UploadError) and error.reason == "slow_upload"
+    assert isinstance(error, Rejection) and error.reason == "slow_upload"
     assert 0.3 <= seconds < 1.5  # after the 0.3 s grace, long before the 10 s it would take
 
 
 def test_503s_say_when_to_retry():
-    error = UploadError("overloaded", "busy")
+    error = Rejection("overloaded", "busy")
     assert error.status == 503 and error.headers == {"Retry-After": "1"}
-    assert UploadError("missing_file", "x").headers == {}
+    assert Rejection("missing_file", "x").headers == {}
 
 
 def test_every_rejection_has_a_4xx_or_503_status():
@@ -172,7 +166,7 @@ def test_every_rejection_has_a_4xx_or_503_status():
     ],
 )
 def test_bad_files_are_rejected_with_their_reason(data, reason):
-    with pytest.raises(UploadError) as raised:
+    with pytest.raises(Rejection) as raised:
         decode_upload(data, 32, LIMITS)
     assert raised.value.reason == reason and raised.value.status == REJECTIONS[reason]
 
@@ -191,7 +185,7 @@ def test_an_epilogue_after_the_closing_boundary_is_no_truncation(client):
 
 
 def test_too_many_text_fields_are_a_clear_400(client):
-    fields = [(f"note{i}", (None, "x")) for i in range(3 + 16 + 1)]  # more than most + 16
+    fields = [(f"note{i}", (None, "x")) for i in range(3 + EXTRA_FORM_FIELDS + 1)]
     body, content_type = requests_multipart(fields)
     answer = client.post("/", content=body, headers={"content-type": content_type})
     assert answer.status_code == 400 and answer.json()["reason"] == "malformed_multipart"
@@ -225,7 +219,7 @@ def png_claiming_size(width: int, height: int) -> bytes:
 )
 def test_images_claiming_too_many_pixels_are_refused_before_decoding(side, words):
     started = time.monotonic()
-    with pytest.raises(UploadError) as raised:
+    with pytest.raises(Rejection) as raised:
         decode_upload(png_claiming_size(side, side), 32, LIMITS)
     assert raised.value.reason == "too_many_pixels" and raised.value.status == 413
     assert raised.value.message == words
@@ -239,3 +233,61 @@ def test_the_formats_the_api_documents_are_decoded(fmt):
     array = decode_upload(buffer.getvalue(), 32, LIMITS)
     assert array.shape == (32, 32, 3)
     assert abs(int(array[..., 1].mean()) - 200) < 12 and int(array[..., 0].mean()) < 40
+
+
+def watched_and_read(body: bytes, content_type: str) -> tuple[tuple, tuple]:
+    """What each route makes of ``body``: the FastAPI routes' ``Upload.read``, and PartWatch
+    fed it in 1 kB pieces as BentoML would receive it; each ("ok", filenames) or (reason,
+    message)."""
+
+    async def read() -> tuple:
+        async with UPLOAD.read(arriving([(0, body)], content_type), Pace()) as files:
+            return "ok", [file.filename for file in files]
+
+    def watch() -> tuple:
+        watcher = UPLOAD.watch(Headers({"content-type": content_type}))
+        for start in range(0, len(body), 1000):
+            watcher.feed(body[start : start + 1000])
+        watcher.finish()
+        return "ok", watcher.filenames
+
+    outcomes = []
+    for outcome in (lambda: asyncio.run(read()), watch):
+        try:
+            outcomes.append(outcome())
+        except Rejection as rejection:
+            outcomes.append((rejection.reason, rejection.message))
+    return outcomes[0], outcomes[1]
+
+
+PHOTO = jpeg()
+BODIES = {
+    "three files": [("images", (f"{i}.jpg", PHOTO)) for i in range(3)],
+    "four files": [("images", (f"{i}.jpg", PHOTO)) for i in range(4)],
+    "a file in another field too": [("other", ("x.jpg", PHOTO))]
+    + [("images", (f"{i}.jpg", PHOTO)) for i in range(3)],
+    "a text field beside the files": [("note", (None, "hi")), ("images", ("a.jpg", PHOTO))],
+    "text in the field": [("images", ("a.jpg", PHOTO)), ("images", (None, "http://x/y.jpg"))],
+    "the wrong field": [("photo", ("a.jpg", PHOTO)), ("photo", ("b.jpg", PHOTO))],
+}
+
+
+@pytest.mark.parametrize("kind", BODIES)
+@pytest.mark.parametrize("keep", [1.0, 0.3, 0.9])
+def test_a_streamed_body_breaks_the_same_rules_as_a_read_one(kind, keep):
+    """The typed routes (PartWatch on the stream) and the FastAPI routes (read_form, then
+    the field's files) refuse the same bodies with the same reason and message."""
+    body, content_type = requests_multipart(BODIES[kind])
+    cut = body[: int(len(body) * keep)]
+    read, watched = watched_and_read(cut, content_type)
+    assert read == watched
+    if keep == 1.0 and kind in ("three files", "a text field beside the files"):
+        assert read[0] == "ok"
+    elif keep < 1.0 and read[0] != "too_many_files":
+        assert read[0] in ("truncated_multipart", "not_a_file"), read
+
+
+def test_an_epilogue_is_no_truncation_for_the_streamed_body_either():
+    body, content_type = multipart(2)
+    read, watched = watched_and_read(body + b"\r\nan epilogue" * 10, content_type)
+    assert read == watched == ("ok", ["0.jpg", "1.jpg"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import csv
 import json
@@ -20,18 +19,18 @@ from tests.support.paths import (
     EVALUATE_METRICS,
     EVALUATE_PREDICTIONS,
     PIPELINE_PATHS,
-    REPO_ROOT,
 )
 from tests.support.processes import running_server
 
 
-def service_constant(name: str):
-    """A module-level constant of serving/service.py, read without importing BentoML."""
-    tree = ast.parse((REPO_ROOT / "serving" / "service.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == [name]:
-            return ast.literal_eval(node.value)
-    raise LookupError(name)
+def own_metrics_home(store_home: Path, home: Path) -> Path:
+    """A BentoML home at ``home`` that serves ``store_home``'s bentos and models but keeps its
+    own metrics: every `bentoml serve` empties its home's prometheus_multiproc_dir when it
+    starts, which freezes the /metrics of a server already running on the same home."""
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("bentos", "models"):
+        (home / store).symlink_to(store_home / store, target_is_directory=True)
+    return home
 
 
 def split_photos(workspace: Path) -> list[tuple[str, str]]:

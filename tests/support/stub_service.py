@@ -1,32 +1,27 @@
 """The service's real HTTP front (BentoML's ASGI app, in this process) on a stub model.
 
-No pipeline, no bento: a model with a made-up card is created in a throwaway BentoML home,
-and the engine is replaced by a stub scorer whose P(dandelion) is the photo's mean green
-(and whose novelty is its mean red), so tests can choose answers with generated images.
-Everything else, from routing and middleware to upload checks and JSON answers, is the code
-`bentoml serve` runs.
+No pipeline, no bento, no BentoML store: the front is constructed with a ``ServedModel`` of a
+made-up card and a stub scorer whose P(dandelion) is the photo's mean green (and whose novelty
+is twice its mean red), so tests can choose answers with generated images. Everything else,
+from routing and middleware to upload checks and JSON answers, is the code `bentoml serve`
+runs.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
-import importlib
 import io
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from serving.contract import MODEL_NAME, ModelCard
+from serving.model import ServedModel
 from tests.support.http import free_port
 
 CARD = ModelCard(
@@ -54,14 +49,13 @@ CARD = ModelCard(
 )
 
 
-def stub_scorer(export_dir: str, image_size: int):
-    """Stands in for serving_scorer: P(dandelion) = mean green, novelty = 2 * mean red."""
+def stub_scorer(images: np.ndarray) -> np.ndarray:
+    """Stands in for the engine: P(dandelion) = mean green, novelty = 2 * mean red."""
+    mean = images.reshape(len(images), -1, 3).mean(axis=1) / 255.0
+    return np.stack([mean[:, 1], 2 * mean[:, 0]], axis=1).astype(np.float32)
 
-    def score(images: np.ndarray) -> np.ndarray:
-        mean = images.reshape(len(images), -1, 3).mean(axis=1) / 255.0
-        return np.stack([mean[:, 1], 2 * mean[:, 0]], axis=1).astype(np.float32)
 
-    return score
+STUB_MODEL = ServedModel(f"{MODEL_NAME}:{CARD.version}", CARD, stub_scorer)
 
 
 def photo(colour=(20, 200, 20), size=(40, 30), fmt="PNG") -> bytes:
@@ -72,15 +66,14 @@ def photo(colour=(20, 200, 20), size=(40, 30), fmt="PNG") -> bytes:
 
 @dataclass(frozen=True)
 class StubService:
-    module: object  # serving.service, imported against the stub model
-    home: Path  # the throwaway BentoML home
-    # The service's ASGI app as `bentoml serve` builds it (once per process: its metrics are
-    # process-wide). Each start of its lifespan makes a new service instance.
+    service: object  # the front's BentoML service, whose instances serve STUB_MODEL
+    # Its ASGI app as `bentoml serve` builds it (once per process: BentoML's request metrics
+    # are process-wide). Each start of its lifespan makes a new service instance.
     app: object
 
     @staticmethod
     def instance():
-        """The DandelionService instance of the app started last (its lifespan ran)."""
+        """The front instance of the app started last (its lifespan ran)."""
         import bentoml
 
         return bentoml.get_current_service()
@@ -88,30 +81,29 @@ class StubService:
 
 @functools.cache
 def stub_service() -> StubService:
-    """serving.service imported with a stub model in a throwaway BentoML home, once per
-    process (BentoML resolves its home once, and the module reads its model on import)."""
-    home = Path(tempfile.mkdtemp(prefix="stub-bentoml-"))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
-    os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-    saved = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(home)  # read once, on BentoML's first use
-    try:
-        import bentoml
-        from bentoml._internal.configuration.containers import BentoMLContainer
+    """The OpenVINO front (serving/service.py DandelionService) constructed with the stub
+    model, as a BentoML service of its own, and its app."""
+    from serving.service import DandelionService, front_service
 
-        if Path(BentoMLContainer.bentoml_home.get()) != home:
-            raise RuntimeError("BentoML was used in this process before: its home is not ours")
-        with bentoml.models.create(f"{MODEL_NAME}:{CARD.version}", metadata=CARD.to_metadata()):
-            pass  # the stub scorer reads no file
-        module = importlib.import_module("serving.service")
-        module.serving_scorer = stub_scorer
-        app = module.DandelionService.to_asgi()
-    finally:  # later tests' subprocesses get the user's BentoML home, as before
-        if saved is None:
-            del os.environ["BENTOML_HOME"]
-        else:
-            os.environ["BENTOML_HOME"] = saved
-    return StubService(module, home, app)
+    class StubFront(DandelionService.inner):
+        def __init__(self) -> None:
+            super().__init__(STUB_MODEL)
+
+    service = front_service(StubFront)
+    return StubService(service, service.to_asgi())
+
+
+@contextlib.contextmanager
+def front_restored() -> Iterator[object]:
+    """The front instance started last; what a test changes on it (or on its admission) is
+    put back on leaving."""
+    instance = StubService.instance()
+    saved, admission = dict(vars(instance)), dict(vars(instance.admission))
+    try:
+        yield instance
+    finally:
+        vars(instance).update(saved)
+        vars(instance.admission).update(admission)
 
 
 def stub_client():
@@ -143,3 +135,39 @@ def stub_served() -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def raw_request(client, path: str, headers: dict, pieces: list[tuple[float, bytes]]) -> tuple:
+    """Send ``pieces`` (seconds to wait, bytes) as a request body straight to the app, in
+    its event loop (TestClient would read a body whole before the app sees it); the answer's
+    status, headers and body."""
+    import anyio
+
+    async def call() -> tuple:
+        remaining = list(pieces)
+        answer: dict = {"body": b""}
+
+        async def receive() -> dict:
+            if not remaining:  # the client goes quiet, its body unfinished
+                await anyio.sleep(3600)
+            delay, chunk = remaining.pop(0)
+            await anyio.sleep(delay)
+            return {"type": "http.request", "body": chunk, "more_body": True}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["headers"] = {k.decode(): v.decode() for k, v in message["headers"]}
+            elif message["type"] == "http.response.body":
+                answer["body"] += message.get("body", b"")
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80),
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        }  # fmt: skip
+        await client.app(scope, receive, send)
+        return answer["status"], answer["headers"], answer["body"]
+
+    return client.portal.call(call)

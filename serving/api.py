@@ -1,0 +1,175 @@
+"""The API's description: its answers, its errors, its uploads, and its two OpenAPI documents.
+
+/openapi.json is FastAPI's document of the service's routes, which Swagger UI at /docs
+shows; /docs.json is BentoML's, which adds the typed endpoints, health and metrics. Both carry
+this project's title, description and contact, and the served model's version and upload
+limits: ``ApiDocuments`` makes them for the card a front serves, when it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, Field
+
+from serving.contract import ModelCard
+from serving.decoding import SentFile
+from serving.errors import REJECTIONS, handle_errors
+from serving.uploads import Upload
+
+# /openapi.json's and /docs.json's info: a few lines, not the README; the project's contact.
+API_TITLE = "Dandelion vs grass"
+API_DESCRIPTION = (
+    "Classifies a photo as dandelion or grass, and says when it is probably neither. "
+    "The model and its decision threshold are exactly those whose test metrics "
+    "/model-info reports, built by the project's DVC pipeline. "
+    'Errors are JSON: `{"error": "..."}`.'
+)
+API_CONTACT = {"name": "Dandelion vs grass maintainers"}
+# The Swagger UI assets BentoML ships (and serves at /static_content), so /docs needs no CDN.
+SWAGGER_ASSETS = "./static_content"
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the class whose probability reaches the model's threshold")
+    confidence: float = Field(description="the probability of `label`")
+    probabilities: dict[str, float] = Field(description="the probability of each class")
+    neither: bool = Field(description="the photo is probably neither class (`novelty` > 1)")
+    novelty: float = Field(description="how unlike the training photos the photo is (1: limit)")
+    model_version: str = Field(description="the served model's version (/model-info)")
+
+
+class FilePrediction(Prediction):
+    filename: str = Field(description="the file's name, as sent")
+
+
+class BatchPredictions(BaseModel):
+    predictions: list[FilePrediction] = Field(description="one per file, in the order sent")
+
+
+class ModelInfo(BaseModel):
+    model: str = Field(description="the model's BentoML tag")
+    git_revision: str = Field(description="the commit deployed (GIT_REVISION), or 'unknown'")
+    git_dirty: bool | None = Field(
+        description="tracked files differed from that commit when it was deployed "
+        "(GIT_REVISION ends in '-dirty', as `git describe --dirty` prints it); null if unknown"
+    )
+    version: str
+    model_sha256: str
+    engine: str
+    dvc_md5: str
+    classes: list[str]
+    threshold: float
+    image_size: int
+    train_params: dict[str, Any] = Field(description="params.yaml `train`, with `features`")
+    test_metrics: dict[str, float]
+    max_batch_files: int = Field(description="the most files /predict_batch takes at once")
+
+
+class ErrorAnswer(BaseModel):
+    error: str
+
+
+def batch_answer(files: list[SentFile], answers: list[dict]) -> dict:
+    """A BatchPredictions: each file's answer, with its name as sent."""
+    return {
+        "predictions": [
+            {"filename": file.filename, **answer}
+            for file, answer in zip(files, answers, strict=True)
+        ]
+    }
+
+
+def front_app() -> FastAPI:
+    """The FastAPI app of the front's routes, every error answered as JSON. Its OpenAPI
+    document and Swagger UI are the front's own routes, made for the card it serves."""
+    app = FastAPI(
+        title=API_TITLE,
+        description=API_DESCRIPTION,
+        contact=API_CONTACT,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    handle_errors(app)
+    return app
+
+
+def error_responses() -> dict[int, dict]:
+    """OpenAPI's error answers of the prediction endpoints: each status with its reasons."""
+    reasons: dict[int, list[str]] = {}
+    for reason, status in REJECTIONS.items():
+        reasons.setdefault(status, []).append(reason)
+    return {
+        status: {"model": ErrorAnswer, "description": ", ".join(names)}
+        for status, names in sorted(reasons.items())
+    }
+
+
+def multipart_upload(upload: Upload, description: str) -> dict:
+    """The OpenAPI request body of ``upload``: up to ``most`` files in its multipart field.
+
+    Declared by hand rather than with FastAPI's typed `UploadFile` parameters: those make
+    FastAPI read and parse the whole body before the handler runs, which would lose the checks
+    made while the body arrives (pace 408, size 413, admission and drain 503; docs/serving.md).
+    """
+    file = {"type": "string", "format": "binary"}
+    most = upload.most
+    schema = (
+        file if most == 1 else {"type": "array", "items": file, "minItems": 1, "maxItems": most}
+    )
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [upload.field],
+                    "properties": {upload.field: {**schema, "description": description}},
+                }
+            }
+        },
+    }
+
+
+class ApiDocuments:
+    """The OpenAPI documents of a front serving ``card``, whose FastAPI routes take
+    ``uploads`` (path -> Upload), made when asked."""
+
+    def __init__(self, card: ModelCard, uploads: dict[str, Upload]) -> None:
+        self.card = card
+        self.uploads = uploads
+        self.limits = (
+            "a photo in any format Pillow reads (JPEG, PNG, GIF, WebP, ...); "
+            f"at most {card.serve['max_upload_bytes']} bytes, each side at least "
+            f"{card.serve['min_side']} px"
+        )
+
+    def info(self) -> dict:
+        return {
+            "title": API_TITLE,
+            "description": API_DESCRIPTION,
+            "contact": API_CONTACT,
+            "version": self.card.version,
+        }
+
+    def with_uploads(self, document: dict) -> dict:
+        for path, upload in self.uploads.items():
+            body = multipart_upload(upload, self.limits)
+            document["paths"][path]["post"]["requestBody"] = body
+        return document
+
+    def openapi(self, app: FastAPI) -> dict:
+        """FastAPI's document of ``app``'s routes (/openapi.json)."""
+        document = get_openapi(
+            openapi_version=app.openapi_version, routes=app.routes, **self.info()
+        )
+        return self.with_uploads(document)
+
+    def bentoml(self, service) -> dict:
+        """BentoML's document of ``service`` (/docs.json), with this project's info."""
+        document = service.openapi_spec.asdict()
+        document["info"].update(self.info())
+        return self.with_uploads(document)

@@ -1,0 +1,115 @@
+"""Every tunable of the prediction service, and why each is what it is.
+
+Standard library only, and nothing happens on import: the deployment checks, the tests and the
+package stage read these without BentoML, a model or a store. The measurements behind the
+choices are in docs/benchmarks.md and docs/serving.md (*Faults and overload*), never here.
+The model's own limits (upload size, pixels, files per batch, the decision threshold) are not
+here either: they come from params.yaml in the packaged model's card (serving/contract.py).
+"""
+
+from __future__ import annotations
+
+# --- the front -----------------------------------------------------------------------------
+
+# Both front services (serving/service.py) take this BentoML name: the dashboards and alert
+# rules select runner_name="DandelionService", whichever engine the bento serves.
+SERVICE_NAME = "DandelionService"
+
+# A request gets its answer or an error within this (BentoML's traffic timeout). Deployments
+# give a stopping pod longer than this (compose stop_grace_period, Kubernetes
+# terminationGracePeriodSeconds; tests/infra checks both against it).
+TRAFFIC_TIMEOUT_SECONDS = 60
+TRAFFIC = {"timeout": TRAFFIC_TIMEOUT_SECONDS}  # BentoML's traffic settings of each service
+# After SIGTERM the requests already accepted get this long to finish: no request outlives the
+# traffic timeout anyway, so waiting longer would wait for nothing.
+DRAIN_SECONDS = TRAFFIC_TIMEOUT_SECONDS
+# /readyz asks the model service (Keras engine) with this timeout: a probe is answered well
+# within the probes' own timeouts (deploy/kubernetes/base/deployment.yaml), ready or not.
+READY_PROBE_SECONDS = 2
+
+# Prediction requests admitted at once (a batch counts as one); past this a request gets 503
+# with Retry-After at once, since waiting behind more would only delay every answer past the
+# 1 s p95 objective of /predict (the arithmetic with the measured throughput: docs/serving.md,
+# *Faults and overload*). Admission is decided once the body is read, so slow clients hold no
+# place. BentoML's own `traffic.max_concurrency` is not used: its MaxConcurrencyMiddleware
+# (bentoml/_internal/server/http/traffic.py) answers 429 with no Retry-After, and counts every
+# request from its first byte, the page and static files included, before any body is read.
+MAX_PREDICTIONS_IN_FLIGHT = 64
+# Seconds a client should wait before sending again after a 503 (the Retry-After header).
+RETRY_AFTER_SECONDS = 1
+
+# The typed BentoML endpoints (`bentoml.SyncHTTPClient(url).predict(image=...)`). BentoML's
+# own routes are matched before the mounted FastAPI app, so they cannot share its paths.
+TYPED_PREDICT_ROUTE = "/api/predict"
+TYPED_PREDICT_BATCH_ROUTE = "/api/predict_batch"
+# The multipart fields the prediction endpoints read, and the typed endpoints' parameters: the
+# handlers, /openapi.json and the clients all use these names.
+IMAGE_FIELD = "image"
+IMAGES_FIELD = "images"
+
+# --- the model service (Keras engine only) -------------------------------------------------
+
+# Adaptive batching: at most this many images per model call, and at most this long for a
+# request between arriving and its batch's answer.
+MAX_BATCH_SIZE = 32
+MAX_LATENCY_MS = 5000
+# The front's client for the model service replaces its HTTP session every 100 requests or
+# 300 s by default, and closes the old one with requests still in flight, which then fail with
+# "Server disconnected": keep one session for the process's life.
+MODEL_SERVICE_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 1e9}
+
+# --- reading uploads -----------------------------------------------------------------------
+
+# A body must keep arriving: no pause longer than STALL_SECONDS, and after the first
+# STALL_SECONDS at least MIN_BYTES_PER_SECOND on average. Slower clients get 408 within
+# seconds instead of holding a connection until the traffic timeout. The rate is a slow mobile
+# uplink; a photo at the upload limit sent slower than that would outlive the traffic timeout.
+STALL_SECONDS = 5.0
+MIN_BYTES_PER_SECOND = 32 * 1024
+# A request may declare at most (files it may hold) x (the card's max_upload_bytes) plus this
+# much: room for the multipart boundaries and part headers, never for another photo.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# Text fields a form may carry beside its files (clients add a few); more is not an upload.
+EXTRA_FORM_FIELDS = 16
+# How much of a multipart body's end is kept to find its closing boundary (room for an
+# epilogue, which multipart allows after it).
+CLOSING_BOUNDARY_WINDOW = 1024
+# Requests declaring more than this (a batch of big photos) are read and decoded one at a
+# time, the others waiting before their body is read: small requests share the cores with
+# one big request at most, and big requests hold the memory of one.
+LARGE_REQUEST_BYTES = 32_000_000
+
+# --- decoding and scoring ------------------------------------------------------------------
+
+# Uploads are decoded in worker threads, in two lanes, so that small photos never queue behind
+# large ones: files up to LARGE_UPLOAD_BYTES (any phone JPEG of a few megapixels is larger) in
+# up to SMALL_DECODE_THREADS threads, one per core of the machines the service is sized for
+# (deploy/kubernetes); larger ones one at a time, in a thread of lower CPU priority (nice
+# +LARGE_DECODE_NICENESS), so that they use what small requests leave.
+SMALL_DECODE_THREADS = 2
+LARGE_UPLOAD_BYTES = 1_000_000
+LARGE_DECODE_NICENESS = 10
+# Engine calls at once in the front's process: the engine already uses every core for one.
+INFERENCE_CALLS = 1
+# glibc malloc (serving/resources.py): blocks of at least MMAP_THRESHOLD_BYTES (an uploaded
+# photo's bytes, its decoded pixels) are mapped and unmapped on their own, so they are given
+# back when freed; and MALLOC_ARENAS arenas bound what the decoding threads keep.
+MMAP_THRESHOLD_BYTES = 1 << 20
+MALLOC_ARENAS = 2
+
+# --- metrics -------------------------------------------------------------------------------
+
+# Confidence = the probability of the label returned. Answers at or below LOW_CONFIDENCE are
+# "low confidence"; the dashboards and the alert rules read that bucket (le="0.7"). The lowest
+# edge is chance for two classes: an answer below it is less likely than the other class,
+# which happens only when the card's threshold is not the middle.
+LOW_CONFIDENCE = 0.7
+CONFIDENCE_BUCKETS = (0.5, 0.6, LOW_CONFIDENCE, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Images per engine call: powers of 2 up to the largest batch the model service makes. (In the
+# front, a /predict_batch is one call of up to the card's max_batch_files, the same order.)
+IMAGES_PER_CALL_BUCKETS = tuple(
+    sorted({2**power for power in range(MAX_BATCH_SIZE.bit_length())} | {MAX_BATCH_SIZE})
+)
+# Each service process publishes its RSS and CPU time this often: a few samples per scrape
+# interval of deploy/monitoring/prometheus.yml, not a busy loop.
+PROCESS_SAMPLE_SECONDS = 5.0
