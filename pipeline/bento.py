@@ -29,13 +29,15 @@ from pipeline.hashing import file_sha256
 from pipeline.params import (
     EvaluateParams,
     FeaturesParams,
+    ParamsError,
     PreprocessParams,
     ServeParams,
     TrainParams,
     classes,
 )
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
-from serving.engines import ENGINE_PACKAGES, engine_of
+from serving.engines import ENGINE_PACKAGES, SERVICES, engine_of
+from serving.settings import MAX_BATCH_SIZE
 
 BENTOFILE = "bentofile.yaml"
 CONSTRAINTS = "constraints.txt"  # the one list of pinned versions; the bento's come from it
@@ -90,6 +92,13 @@ def model_card(
 ) -> ModelCard:
     """The card for the model exported to ``export_dir``, from params.yaml; its version hashes
     it and ``code``."""
+    serve = ServeParams.load()
+    if serve.max_batch_files > MAX_BATCH_SIZE:
+        raise ParamsError(
+            f"params.yaml: serve.max_batch_files must be at most {MAX_BATCH_SIZE} "
+            "(serving/settings.py MAX_BATCH_SIZE: the most images one engine call scores), "
+            f"not {serve.max_batch_files}"
+        )
     content = {
         "model_sha256": file_sha256(model_dir / MODEL_FILE),
         "engine": engine_of(export_dir),
@@ -97,7 +106,7 @@ def model_card(
         "classes": classes(),
         "threshold": float(EvaluateParams.load().threshold),
         "image_size": PreprocessParams.load().image_size,
-        "serve": ServeParams.load().to_dict(),
+        "serve": serve.to_dict(),
         "train_params": dict(
             TrainParams.load().to_dict(), features=FeaturesParams.load().to_dict()
         ),
@@ -120,6 +129,7 @@ def build_bento(export_dir: Path, card: ModelCard, archive: Path, bento_home: Pa
         for path in sorted(export_dir.iterdir()):
             shutil.copyfile(path, model.path_of(path.name))
     config = yaml.safe_load(Path(BENTOFILE).read_text())
+    config["service"] = SERVICES[card.engine]  # the front that runs this engine
     config["name"] = MODEL_NAME
     config["labels"] = {**config.get("labels", {}), "project": MODEL_NAME}
     # Pinned from constraints.txt for the image's Python, with the packages of the engine this

@@ -100,10 +100,10 @@ class DownloadParams(Section):
 
     base_url: str
     min_per_class: int
-    workers: int = 8
-    timeout_seconds: float = 10.0
-    retries: int = 3
-    backoff_seconds: float = 0.5
+    workers: int
+    timeout_seconds: float
+    retries: int
+    backoff_seconds: float
 
 
 class SplitParams(Section):

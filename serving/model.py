@@ -30,7 +30,7 @@ class ServedModel:
         stored = reference.stored
         if stored is None:
             raise RuntimeError(
-                f"no model '{MODEL_NAME}' in BentoML's store: run `python -m stages.promote` "
+                f"no model '{MODEL_NAME}' in BentoML's store: run `dandelion promote` "
                 "(or serve a built bento)"
             )
         card = ModelCard.from_metadata(stored.info.metadata)

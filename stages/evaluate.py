@@ -31,6 +31,7 @@ from pipeline.stage import arguments, summarised
 from pipeline.tracking import training_run, use_project_store
 from serving.contract import MODEL_FILE, NOVELTY, PREDICTIONS_FILE, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
+from serving.settings import MAX_BATCH_SIZE
 
 
 def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:
@@ -75,8 +76,9 @@ def unlike_pictures(size: int, seed: int = 0) -> np.ndarray:
 
 
 def score_in_chunks(score, images: np.ndarray) -> np.ndarray:
-    """The engine's outputs, in batches of 32 as the service's batcher at most sends them."""
-    return np.concatenate([score(images[i : i + 32]) for i in range(0, len(images), 32)])
+    """The engine's outputs, in batches as large as the service's engine calls at most get."""
+    size = MAX_BATCH_SIZE
+    return np.concatenate([score(images[i : i + size]) for i in range(0, len(images), size)])
 
 
 def prediction_rows(paths, labels, outputs, rule: DecisionRule) -> list[dict]:

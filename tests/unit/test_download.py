@@ -204,7 +204,8 @@ def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
     with serve_http(FaultyHandler) as gone:
         pass  # its port now refuses connections: the "internet" of this test
     (tmp_path / "catalogue.csv").write_text("label,filename,sha256\ndandelion,good.jpg,\n")
-    params = {"base_url": gone, "min_per_class": 1, "retries": 0, "backoff_seconds": 0}
+    params = {"base_url": gone, "min_per_class": 1, "workers": 1, "timeout_seconds": TIMEOUT}
+    params.update(retries=0, backoff_seconds=0)
     (tmp_path / "params.yaml").write_text(json.dumps({"download": params}))
     monkeypatch.chdir(tmp_path)
 

@@ -156,7 +156,14 @@ def test_download_reports_progress_with_counts(tmp_path):
     (mirror / entries[5].relative_path).write_bytes(b"not an image")
     lines: list[str] = []
     with serve_directory(mirror) as url:
-        settings = DownloadParams(base_url=url, min_per_class=1, workers=3, retries=0)
+        settings = DownloadParams(
+            base_url=url,
+            min_per_class=1,
+            workers=3,
+            timeout_seconds=10,
+            retries=0,
+            backoff_seconds=0,
+        )
         progress = Progress("download", len(entries), "files", every=0, log=lines.append)
         report = download_dataset(entries, settings, tmp_path / "raw", progress)
     assert report["classes"]["dandelion"]["ok"] == 11
