@@ -12,18 +12,7 @@ import pytest
 
 from tests.support.browser import headless_chromium, requested_urls
 from tests.support.needs import require_tools
-from tests.support.stub_service import CARD, photo, stub_client, stub_served, stub_service
-
-
-@pytest.fixture(scope="module")
-def stub():
-    return stub_service()
-
-
-@pytest.fixture(scope="module")
-def client():
-    with stub_client() as client:
-        yield client
+from tests.support.stub_service import CARD, photo, stub_served
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -29,52 +26,15 @@ from tests.support.stub_service import (
     raw_request,
     stub_client,
     stub_served,
-    stub_service,
 )
 
 GREEN, GRASSY, RED = (20, 230, 20), (120, 60, 40), (230, 20, 20)
-
-
-@pytest.fixture(scope="module")
-def stub():
-    return stub_service()
-
-
-@pytest.fixture(scope="module")
-def client():
-    with stub_client() as client:
-        yield client
 
 
 @pytest.fixture
 def front(client):
     with front_restored() as instance:
         yield instance
-
-
-# Imports the service in a fresh interpreter with an empty BentoML home; what it started.
-IMPORT_CHECK = """
-import json, logging, signal, threading
-import serving.service
-print(json.dumps({
-    "threads": threading.active_count(),
-    "sigterm_default": signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
-    "filters": [name for name, logger in logging.root.manager.loggerDict.items()
-                if getattr(logger, "filters", None)],
-}))
-"""
-
-
-def test_importing_the_service_reads_no_store_and_starts_nothing(tmp_path):
-    home = tmp_path / "bentoml"
-    env = {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHECK], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    started = json.loads(done.stdout.splitlines()[-1])
-    assert started == {"threads": 1, "sigterm_default": True, "filters": []}
-    assert not (home / "models").exists() or not any((home / "models").iterdir())
 
 
 def test_each_engine_s_service_is_a_front_named_alike_and_refuses_the_other_engine():

@@ -24,13 +24,22 @@ def python_module(
     module: str, cwd: Path, *args: str, env: dict[str, str], timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """``python -m module args`` with this interpreter, its output captured."""
+    return python("-m", module, *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def python_code(
+    code: str, cwd: Path, *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -c code args`` with this interpreter (a fresh one), its output captured."""
+    return python("-c", code, *args, cwd=cwd, env=env, timeout=timeout)
+
+
+def python(
+    *args: str, cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, *args]
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -4,11 +4,10 @@ package stage and promotion rely on (a BentoML upgrade that moves them fails her
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 from tests.support.paths import REPO_ROOT
+from tests.support.processes import python_code
 
 SERVICE = textwrap.dedent("""
     import bentoml
@@ -47,14 +46,7 @@ def test_the_home_is_chosen_and_latest_pinned_on_a_real_store(tmp_path):
     (tmp_path / "src" / "service.py").write_text(SERVICE)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), BENTOML_DO_NOT_TRACK="true")
     env.pop("BENTOML_HOME", None)
-    result = subprocess.run(
-        [sys.executable, "-c", CHECK, str(tmp_path / "home"), str(tmp_path / "src")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = python_code(CHECK, tmp_path, str(tmp_path / "home"), str(tmp_path / "src"), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == "ok"
     assert (tmp_path / "home" / "bentos" / "echo" / "first").is_dir()
@@ -72,12 +64,6 @@ def test_a_home_cannot_change_once_bentoml_has_chosen_one(tmp_path):
             print(error)
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), BENTOML_DO_NOT_TRACK="true")
-    result = subprocess.run(
-        [sys.executable, "-c", switch, str(tmp_path / "a"), str(tmp_path / "b")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python_code(switch, tmp_path, str(tmp_path / "a"), str(tmp_path / "b"), env=env)
     assert result.returncode == 0, result.stderr
     assert "BentoML was used in this process before" in result.stdout
