@@ -31,6 +31,30 @@ NEEDS_PIPELINE = {
 }
 
 
+# The fast tier's test files run two at a time, one per core of the build machines: each test
+# is self-contained (its own temp dirs, ports, stores). The full tier runs in one process: its
+# end-to-end tests share one pipeline run and one served bento, and measure the service's
+# speed, which a second worker would disturb.
+FAST_TIER = "not slow"
+FAST_TIER_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`pytest -m "not slow"` on FAST_TIER_WORKERS workers (pytest-xdist), a test file per
+    worker at a time, unless -n says otherwise (-n 0: one process) or --pdb is given."""
+    if (
+        config.option.markexpr == FAST_TIER
+        and config.option.numprocesses is None
+        and not config.option.usepdb
+        and not hasattr(config, "workerinput")  # a worker runs its tests itself
+    ):
+        # As `-n 2 --dist loadfile` sets them (xdist's own hook may have run already).
+        config.option.numprocesses = FAST_TIER_WORKERS
+        config.option.dist = "loadfile"
+        config.option.tx = ["popen"] * FAST_TIER_WORKERS
+
+
 def pytest_collection_modifyitems(items):
     """The fast tier (-m "not slow") runs without ../shared: a test using those fixtures would
     only be skipped there, so it must be marked slow."""

@@ -208,6 +208,9 @@ def test_the_same_training_gives_the_same_predictions_and_model_bytes(trained, c
     )
 
 
+# Full tier: the features, train and evaluate mains run again, at full size, in the pipeline run
+# (which checks their outputs and MLflow runs too); here they cost seconds of TensorFlow.
+@pytest.mark.slow
 def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     tmp_path, mlflow_store, monkeypatch
 ):
