@@ -16,6 +16,7 @@ import yaml
 from pipeline.bento import included_files
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
+from serving.engines import SERVICES
 from stages.export import export_model
 from tests.support.dvc import set_param
 from tests.support.git import copy_workspace
@@ -76,6 +77,7 @@ def test_same_inputs_in_two_directories_give_identical_archives(built, model_dir
 
     bento, card, sources = bento_contents(first)
     assert bento["name"] == MODEL_NAME and bento["version"] == card.version
+    assert bento["service"] == SERVICES["keras"]  # the front that runs this model's engine
     assert card.model_sha256 == file_sha256(model_dir / MODEL_FILE)
     assert card.engine == "keras" and card.dvc_md5.endswith(".dir")
     # The Keras engine brings TensorFlow into the bento; the bentofile alone does not.
