@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 from tests.support.dvc import (
     delete_cache_and_outputs,
     dvc,

@@ -20,8 +20,6 @@ import numpy as np
 from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine
 from stages.export import export_model
-
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 
 

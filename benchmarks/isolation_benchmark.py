@@ -33,8 +33,6 @@ import requests
 from PIL import Image
 
 from benchmarks.load_benchmark import MODEL_TAG, load, tree_rss_mib
-
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server

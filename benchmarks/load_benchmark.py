@@ -42,17 +42,15 @@ from fastapi import FastAPI, UploadFile  # module level: FastAPI resolves the an
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.engine_benchmark import images_per_second
-from serving.contract import MODEL_FILE
+from serving.contract import MODEL_FILE, MODEL_NAME
 from serving.engines import SERVICES
-
-# `python benchmarks/<name>.py` finds the helpers it shares with the tests (in tests/).
 from tests.support.http import free_port
 from tests.support.load import send_photos
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
 from tests.support.service import split_photos
 
-MODEL_TAG = "dandelion-vs-grass:latest"
+MODEL_TAG = f"{MODEL_NAME}:latest"
 
 
 async def load(

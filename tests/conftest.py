@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from serving.contract import MODEL_NAME
 from tests.support.dvc import dvc, pipeline_env, prepare_keras_home
 from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
@@ -175,5 +176,5 @@ def service(reproduced, promoted, tmp_path_factory) -> RunningService:
     # (tests/end_to_end/test_scrape.py reads them after test_reliability.py starts its own).
     home = own_metrics_home(Path(reproduced.env["BENTOML_HOME"]), log_dir / "bentoml_home")
     env = dict(reproduced.env, GIT_REVISION=revision, BENTOML_HOME=str(home))
-    with serving("dandelion-vs-grass:latest", reproduced.workspace, env, log_dir) as s:
+    with serving(f"{MODEL_NAME}:latest", reproduced.workspace, env, log_dir) as s:
         yield s

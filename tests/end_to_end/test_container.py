@@ -14,6 +14,7 @@ import uuid
 import pytest
 import requests
 
+from serving.contract import MODEL_NAME
 from tests.support.http import free_port
 from tests.support.needs import require_tools
 from tests.support.paths import REPO_ROOT
@@ -35,14 +36,14 @@ def container_env(reproduced, promoted):
 
 @pytest.fixture(scope="session")
 def image(container_env):
-    tag = f"dandelion-vs-grass:test-{uuid.uuid4().hex[:8]}"
+    tag = f"{MODEL_NAME}:test-{uuid.uuid4().hex[:8]}"
     built = subprocess.run(
         [
             sys.executable,
             "-m",
             "bentoml",
             "containerize",
-            "dandelion-vs-grass:latest",
+            f"{MODEL_NAME}:latest",
             "--backend",
             "podman",
             "-t",

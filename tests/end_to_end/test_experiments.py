@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.tracking import EXPERIMENT
 from tests.support.dvc import dvc, stages_run
 from tests.support.git import git
 from tests.support.paths import EVALUATE_METRICS
@@ -105,7 +106,7 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     try:
         runs = mlflow.search_runs(
-            experiment_names=["dandelion-vs-grass"],
+            experiment_names=[EXPERIMENT],
             filter_string="attributes.status = 'FINISHED'",
             output_format="list",
         )

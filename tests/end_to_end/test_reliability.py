@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 
+from serving.contract import MODEL_NAME
 from serving.settings import RETRY_AFTER_SECONDS, STALL_SECONDS
 from tests.support.http import free_port, multipart_body
 from tests.support.load import Outcome, send_photos
@@ -139,7 +140,7 @@ def test_sigterm_finishes_the_accepted_requests_then_exits(promoted, reproduced,
     photos = photos_of(reproduced.workspace)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bentoml", "serve", "dandelion-vs-grass:latest"]
+    command = [sys.executable, "-m", "bentoml", "serve", f"{MODEL_NAME}:latest"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     outcomes: list[Outcome] = []
     with running_server(command, url, tmp_path / "serve.log", env=reproduced.env) as server:

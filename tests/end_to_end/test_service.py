@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.bento import bento_version_of
 from pipeline.hashing import file_sha256
-from serving.contract import MODEL_FILE, NOVELTY, PROBABILITY, DecisionRule
+from serving.contract import MODEL_FILE, MODEL_NAME, NOVELTY, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
 from stages.evaluate import unlike_pictures
 from stages.export import export_model
@@ -286,7 +286,7 @@ def test_model_info_health_and_metrics(service):
     assert info["model_sha256"] == file_sha256(
         service.workspace / PIPELINE_PATHS["model_dir"] / MODEL_FILE
     )
-    assert info["model"] == f"dandelion-vs-grass:{info['version']}"
+    assert info["model"] == f"{MODEL_NAME}:{info['version']}"
     for probe in ("livez", "readyz"):
         assert requests.get(f"{service.url}/{probe}", timeout=TIMEOUT).status_code == 200
     metrics = requests.get(f"{service.url}/metrics", timeout=TIMEOUT)
@@ -326,7 +326,7 @@ def test_the_served_engine_agrees_with_keras_on_every_test_photo(reproduced, tmp
 def test_readyz_answers_within_seconds_from_the_start(reproduced, tmp_path):
     """Polled from the moment `bentoml serve` starts: 503 until ready, then 200, never a hang."""
     port = free_port()
-    command = [sys.executable, "-m", "bentoml", "serve", "dandelion-vs-grass:latest"]
+    command = [sys.executable, "-m", "bentoml", "serve", f"{MODEL_NAME}:latest"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "serve.log"
     answers: list[tuple[float, int, float]] = []  # (since start, status, seconds taken)

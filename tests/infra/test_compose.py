@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import yaml
 from dvc.repo import Repo
 
+from serving.contract import MODEL_NAME
 from serving.settings import TRAFFIC_TIMEOUT_SECONDS
 from tests.support.git import copy_workspace
 from tests.support.needs import require_tools
@@ -168,7 +169,7 @@ def test_every_pulled_image_is_pinned_by_tag_and_digest():
 
 def test_the_prediction_service_runs_the_containerized_bento_and_drains_on_stop():
     classifier = compose_config(extra_env={"GIT_REVISION": "abc1234"})["services"]["classifier"]
-    assert classifier["image"] == "dandelion-vs-grass:latest"
+    assert classifier["image"] == f"{MODEL_NAME}:latest"  # the promoted bento, containerized
     assert classifier["environment"]["GIT_REVISION"] == "abc1234"
     assert classifier["init"] is True
     assert "/readyz" in " ".join(classifier["healthcheck"]["test"])

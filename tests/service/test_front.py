@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from serving.contract import MODEL_NAME
 from serving.engines import BATCHING, SERVICES
 from serving.model import ServedModel
 from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME
@@ -221,7 +222,7 @@ def test_model_info_is_the_card_typed_and_the_revision_deployed(
     assert info["git_revision"] == shown and info["git_dirty"] is dirty
     card = CARD.to_metadata()
     serve = card.pop("serve")  # upload limits: in /openapi.json; the batch size here too
-    assert info == {"model": f"dandelion-vs-grass:{CARD.version}", **card,
+    assert info == {"model": f"{MODEL_NAME}:{CARD.version}", **card,
                     "git_revision": shown, "git_dirty": dirty,
                     "max_batch_files": serve["max_batch_files"]}  # fmt: skip
     # As params.yaml types them, not strings.
