@@ -44,6 +44,7 @@ from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
 from serving.gate import TypedUploads, sent_files
 from serving.metrics import model_metrics, sample_process
 from serving.model import ServedModel, check_service, served_info, serving_scorer
+from serving.page import page_html
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
 from serving.settings import (
     MAX_BATCH_SIZE,
@@ -58,7 +59,6 @@ from serving.settings import (
 from serving.uploads import Pace, Upload, card_uploads
 
 logger = logging.getLogger("bentoml.service.dandelion")
-PAGE = Path(__file__).parent / "page.html"
 
 
 @bentoml.service(workers=1, traffic=TRAFFIC, runner_connection=MODEL_SERVICE_CONNECTION)
@@ -113,7 +113,7 @@ class DandelionService:
         }
         self.documents = ApiDocuments(card, {"/predict": self.single, "/predict_batch": self.batch})
         self.info = served_info(model)
-        self.page_html = PAGE.read_text()
+        self.page_html = page_html()
         self.pace = Pace()
         self.admission = Admission()
         self.admission.drain_on_sigterm()

@@ -1,0 +1,25 @@
+"""The web page: one HTML answer, assembled from the files of serving/page/ when the front
+starts, so that the browser loads nothing but the service's own API.
+
+``index.html`` holds a placeholder line where each part goes: the style, then the scripts,
+which share one ``<script>`` element (and its globals) in the order listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PAGE_DIR = Path(__file__).parent / "page"
+PARTS = {
+    "/* page.css */\n": ["page.css"],
+    "// verdicts.js\n// model-card.js\n": ["verdicts.js", "model-card.js"],
+}
+
+
+def page_html() -> str:
+    html = (PAGE_DIR / "index.html").read_text()
+    for placeholder, files in PARTS.items():
+        if placeholder not in html:
+            raise RuntimeError(f"{PAGE_DIR / 'index.html'} lacks the line {placeholder!r}")
+        html = html.replace(placeholder, "".join((PAGE_DIR / name).read_text() for name in files))
+    return html
