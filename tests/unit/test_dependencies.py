@@ -8,6 +8,7 @@ For each stage in dvc.yaml, the project modules its command imports (transitivel
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 
 from pipeline.bento import included_files
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
+from tests.support.processes import python_module
 
 PACKAGES = ("stages", "pipeline", "serving")  # the project's own top-level packages
 
@@ -113,3 +115,18 @@ def test_the_crossval_pipeline_reads_the_paths_dvc_yaml_declares():
             assert dep in declared or Path(dep).parent.as_posix() in declared, dep
     (out,) = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
     assert out == PIPELINE_PATHS["crossval_dir"]
+
+
+def test_bytecode_caches_in_a_directory_dependency_are_not_part_of_its_hash():
+    """Python writes ``__pycache__/<module>.cpython-3XX.pyc`` beside what it imports (unless
+    PYTHONDONTWRITEBYTECODE is set): in a directory a stage depends on, such files would make
+    its hash, and so dvc.lock, depend on who imported what with which Python."""
+    directories = sorted(
+        {dep for stage in STAGES.values() for dep in declared_deps(stage)}
+        & {path.name for path in REPO_ROOT.iterdir() if path.is_dir()}
+    )
+    assert "serving" in directories  # the package stage's
+    caches = [f"{directory}/__pycache__/module.cpython-312.pyc" for directory in directories]
+    for cache in caches:
+        ignored = python_module("dvc", REPO_ROOT, "check-ignore", cache, env=dict(os.environ))
+        assert ignored.returncode == 0, f"DVC would hash {cache}"
