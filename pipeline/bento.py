@@ -44,6 +44,7 @@ CONSTRAINTS = "constraints.txt"  # the one list of pinned versions; the bento's 
 # The Unix epoch stands in for BentoML's build times; any fixed value would do.
 BUILD_TIME = "1970-01-01T00:00:00+00:00"
 CREATION_TIME_LINE = re.compile(r"^(\s*)creation_time: .*$", re.MULTILINE)
+PYTHON_VERSION_LINE = re.compile(r"^(\s*)python_version: .*$", re.MULTILINE)
 
 
 def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
@@ -144,10 +145,19 @@ def build_bento(export_dir: Path, card: ModelCard, archive: Path, bento_home: Pa
 
 
 def write_reproducible_archive(folder: Path, archive: Path) -> None:
-    """``folder`` as the xz-compressed tar BentoML imports, the same bytes for the same files."""
-    for metadata in [folder / "bento.yaml", *folder.glob("models/*/*/model.yaml")]:
-        text = metadata.read_text()
-        metadata.write_text(CREATION_TIME_LINE.sub(rf"\1creation_time: '{BUILD_TIME}'", text))
+    """``folder`` as the xz-compressed tar BentoML imports, the same bytes for the same files.
+
+    What BentoML records of the machine that built the bento is made a function of the bento's
+    inputs: the build times become ``BUILD_TIME``, and the Python that saved each model (its
+    ``context``) becomes the Python of the bento's image, the one that will load it.
+    """
+    bento = folder / "bento.yaml"
+    image_python = yaml.safe_load(bento.read_text())["image"]["python_version"]
+    for metadata in [bento, *folder.glob("models/*/*/model.yaml")]:
+        text = CREATION_TIME_LINE.sub(rf"\1creation_time: '{BUILD_TIME}'", metadata.read_text())
+        if metadata != bento:  # bento.yaml's python_version is the image's already
+            text = PYTHON_VERSION_LINE.sub(rf"\1python_version: '{image_python}'", text)
+        metadata.write_text(text)
 
     def neutral(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tarfile
 
 import keras
@@ -90,6 +91,17 @@ def test_same_inputs_in_two_directories_give_identical_archives(built, model_dir
     # The bento ships the service and its contract, and no pipeline stage.
     assert sources == sorted(path.as_posix() for path in included_files())
     assert not [name for name in sources if name.startswith("stages/")]
+
+
+def test_the_archive_records_nothing_of_the_python_that_built_it(built):
+    """BentoML notes the building interpreter's version in each model's context: the bento
+    of the same inputs built with another Python (or patch version) must be the same bytes."""
+    with tarfile.open(built[0]) as tar:
+        bento = yaml.safe_load(tar.extractfile("bento.yaml"))
+        metadata = [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".yaml")]
+    (model,) = [yaml.safe_load(text) for text in metadata if "\ncontext:" in text]
+    assert model["context"]["python_version"] == bento["image"]["python_version"]
+    assert not [text for text in metadata if platform.python_version() in text]
 
 
 def test_a_threshold_change_is_a_new_bento_carrying_the_new_threshold(built, model_dir, tmp_path):
