@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 
 import pytest
 
-from tests.support.dvc import dvc, output_paths, set_param, stages_run
+from tests.support.dvc import (
+    dvc,
+    output_paths,
+    remove_git_tracked_outputs,
+    set_param,
+    stages_run,
+)
 from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
 from tests.support.paths import PIPELINE_PATHS, PIPELINE_STAGES, REPO_ROOT
@@ -84,9 +89,7 @@ def test_a_second_clean_run_elsewhere_gives_the_committed_dvc_lock_byte_for_byte
     dvc.lock, every md5 of every output (model directory and bento archive included), and the
     one committed here; every result file comes out as committed."""
     workspace = copy_workspace(tmp_path / "somewhere" / "else")
-    for name in ("download_report", "train_dir", "evaluate_dir"):  # the Git-tracked outputs
-        path = workspace / PIPELINE_PATHS[name]
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_git_tracked_outputs(workspace)
     with serve_directory(dataset_mirror) as mirror_url:
         mirror = dict(reproduced.env, DOWNLOAD_BASE_URL=f"{mirror_url}/data")
         second = dvc(workspace, "repro", env=mirror)

@@ -19,7 +19,6 @@ import tomllib
 
 import pytest
 import yaml
-from packaging.specifiers import SpecifierSet
 
 from tests.support.dvc import dvc, set_param
 from tests.support.git import copy_workspace, git
@@ -27,6 +26,7 @@ from tests.support.http import serve_directory
 from tests.support.images import make_image
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 from tests.support.processes import with_interpreter_tools
+from tests.support.pythons import LOCK_PYTHONS, supported_pythons
 from tests.support.report import run_report
 from tests.support.s3 import fresh_moto_account
 
@@ -88,13 +88,6 @@ def test_ci_workflow_runs_ci_run_on_push_and_pull_request():
     assert "bash repo/.ci/run" in run_scripts(ci)
 
 
-def supported_pythons() -> list[str]:
-    """The 3.x versions pyproject.toml's requires-python admits (checked from 3.8 to 3.20)."""
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    admits = SpecifierSet(project["requires-python"])
-    return [f"3.{minor}" for minor in range(8, 21) if f"3.{minor}" in admits]
-
-
 def test_ci_matrix_runs_every_python_that_requires_python_admits():
     pythons = supported_pythons()
     assert pythons[0] == "3.11" and len(pythons) >= 2
@@ -129,10 +122,16 @@ def test_ci_matrix_runs_every_python_that_requires_python_admits():
         'pip install -q -c constraints.txt -e ".[dev]"',
         'python -m pytest -m "not slow"',
     ]
-    # Only the full tier needs ../shared (the photos and the backbone's weights).
-    for name in ("Test material in ../shared", "MobileNetV2 ImageNet weights in ../shared"):
-        assert steps[name]["if"] == "matrix.tier == 'full'"
     assert "bash .ci/system-packages" in ci_run
+    # Every Python reproduces the committed dvc.lock: the full job's container has only its
+    # own, so each other job runs the cold repro on its Python (with ../shared, like all).
+    assert full["env"] == {LOCK_PYTHONS: ""}
+    lock = steps["Cold dvc repro on this Python, against the committed dvc.lock"]
+    assert lock["if"] == "matrix.tier == 'fast'"
+    assert lock["env"] == {LOCK_PYTHONS: "${{ matrix.python }}"}
+    assert lock["run"].splitlines()[-1] == "python -m pytest tests/end_to_end/test_other_pythons.py"
+    for name in ("Test material in ../shared", "MobileNetV2 ImageNet weights in ../shared"):
+        assert "if" not in steps[name]
 
 
 def job_scripts(job: dict) -> list[str]:

@@ -65,6 +65,21 @@ def output_paths(workspace) -> list[str]:
         return sorted(out.def_path for out in repo.index.outs if out.use_cache)
 
 
+def remove_git_tracked_outputs(workspace: Path) -> list[str]:
+    """Delete the outputs of dvc.yaml's stages kept in Git rather than DVC's cache (``cache:
+    false``: reports, metrics, plots), so `dvc repro` must write them again; their paths."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        dvc_yaml = os.path.join(repo.root_dir, "dvc.yaml")
+        stages = [stage for stage in repo.index.stages if stage.dvcfile.path == dvc_yaml]
+        paths = sorted(out.def_path for s in stages for out in s.outs if not out.use_cache)
+    for name in paths:
+        path = workspace / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return paths
+
+
 def file_hashes(workspace, paths) -> dict[str, str]:
     hashes = {}
     for path in paths:
