@@ -1,7 +1,8 @@
 """A queued `dvc exp run` sweep in a copy of the reproduced repo, as docs/experiments.md shows it.
 
 Each experiment runs in DVC's temporary copy of the repo; its MLflow run must land in the
-workspace's own store, named after the experiment.
+workspace's own store, named after the experiment. The README's `dvc exp show` command prints
+the sweep in at most 120 columns.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.support.dvc import dvc, stages_run
 from tests.support.git import git
 from tests.support.paths import EVALUATE_METRICS
 from tests.support.processes import dandelion
+from tests.support.readme import readme_command
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +80,20 @@ def experiments_shown(workspace, env) -> dict[str, dict]:
     return experiments
 
 
+def readme_table(workspace, env) -> list[str]:
+    """The lines the README's `dvc exp show` command prints in ``workspace``."""
+    shown = subprocess.run(
+        ["bash", "-ec", readme_command("dvc exp show ")],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout.splitlines()
+
+
 def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, reproduced, tmp_path):
     workspace = pipeline_copy
     env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "bentoml_home"))
@@ -100,6 +117,20 @@ def test_queued_sweep_is_shown_tracked_and_the_best_applied(pipeline_copy, repro
         # A model that learnt something: chance is 0.5, and the slower of the two, 5 epochs
         # at learning rate 1e-4, gives 0.83 (deterministic training: the same every run).
         assert experiment["metrics"]["accuracy"] >= 0.8
+
+    # The README's table: a row per experiment, the two varied params and the test metrics
+    # it keeps, no dependency (md5) column, in at most 120 columns.
+    table = readme_table(workspace, env)
+    assert max(map(len, table)) <= 120, "\n".join(table)
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header == [
+        "Experiment",
+        "test.accuracy",
+        "test.roc_auc",
+        "train.epochs",
+        "train.learning_rate",
+    ], table[0]
+    assert all(any(name in row for row in table) for name in names), table
 
     # One MLflow run per experiment, named after it, in the workspace's store (not the
     # temporary copies), with the experiment's params, test metrics and model artifacts.

@@ -1,12 +1,16 @@
 """params.yaml, read one typed section at a time: every section of the committed file reads,
-and a missing, misspelt, mistyped or out-of-range key stops a stage with one line naming it."""
+and a missing, misspelt, mistyped or out-of-range key stops a stage with one line naming it.
+The file is laid out as DVC writes it back after `dvc exp run -S`, so that `-S` changes one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -80,3 +84,36 @@ def test_a_stage_reading_a_misspelt_key_ends_in_one_line(tmp_path):
         "split failed: params.yaml: split.val_ration is not a parameter (did you mean val_ratio?)\n"
     )
     assert not (tmp_path / "split.csv").exists()
+
+
+def test_dvcs_round_trip_of_params_yaml_changes_nothing():
+    """DVC's YAML round trip (ruamel.yaml), as `dvc exp run -S` reads and writes params files."""
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    text = PARAMS_FILE.read_text()
+    assert dumps_yaml(parse_yaml_for_update(text, str(PARAMS_FILE))) == text
+
+
+def set_params_as_dvc_does(path, *overrides: str) -> list[str]:
+    """What `dvc exp run -S` does to a params file (dvc/repo/experiments/queue/base.py); the
+    diff's changed lines."""
+    from dvc.utils.hydra import apply_overrides
+
+    before = path.read_text().splitlines()
+    apply_overrides(str(path), list(overrides))
+    diff = difflib.unified_diff(before, path.read_text().splitlines(), lineterm="", n=0)
+    return [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+
+
+def test_dvcs_set_param_rewrites_params_yaml_by_one_line(tmp_path):
+    committed = yaml.safe_load(PARAMS_FILE.read_text())
+    path = Path(shutil.copyfile(PARAMS_FILE, tmp_path / "params.yaml"))
+    # -S rewrites every value of the file, not just the one set: the same value changes nothing.
+    rate = committed["train"]["learning_rate"]
+    assert set_params_as_dvc_does(path, f"train.learning_rate={rate}") == []
+    changed = set_params_as_dvc_does(path, f"train.learning_rate={rate / 10}")
+    assert [line[:1] for line in changed] == ["-", "+"], changed
+    assert yaml.safe_load(path.read_text()) == {
+        **committed,
+        "train": {**committed["train"], "learning_rate": rate / 10},
+    }
