@@ -1,20 +1,31 @@
-"""The backbone's weights: without them and without internet, a stage ends in one line."""
+"""The backbone's weights: a missing, wrong or unreadable file ends a stage in one line that
+names the cause, and the README's offline section gives the file's source and sha256."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from pipeline import weights
+from pipeline.hashing import sha256_of
 from pipeline.splits import SPLITS
-from pipeline.weights import IMAGENET_WEIGHTS_FILE
+from pipeline.weights import (
+    IMAGENET_WEIGHTS_FILE,
+    IMAGENET_WEIGHTS_SHA256,
+    IMAGENET_WEIGHTS_URL,
+    BackboneUnavailable,
+)
 from tests.support.paths import REPO_ROOT
 
 
-def test_missing_weights_offline_end_the_stage_in_one_line_naming_where_to_put_them(tmp_path):
+def run_features_stage(tmp_path, keras_home) -> subprocess.CompletedProcess:
+    """The features stage on tiny arrays, offline (its proxy is a port nothing listens on)."""
     arrays = tmp_path / "arrays"
     arrays.mkdir()
     for split in SPLITS:
@@ -25,10 +36,9 @@ def test_missing_weights_offline_end_the_stage_in_one_line_naming_where_to_put_t
             paths=np.array(["a.jpg", "b.jpg"]),
         )
     shutil.copyfile(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
-    with socket.socket() as closed:  # a port nothing listens on: the proxy, so no internet
+    with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    keras_home = tmp_path / "keras-home"  # empty: no cached weights
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
@@ -38,7 +48,7 @@ def test_missing_weights_offline_end_the_stage_in_one_line_naming_where_to_put_t
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "PYTHONPATH": str(REPO_ROOT),
     }
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "stages.features", str(arrays), str(tmp_path / "features")],
         cwd=tmp_path,
         env=env,
@@ -46,9 +56,86 @@ def test_missing_weights_offline_end_the_stage_in_one_line_naming_where_to_put_t
         text=True,
         timeout=300,
     )
+
+
+NOT_THE_WEIGHTS = b"not the weights"
+
+
+def not_the_weights(path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(NOT_THE_WEIGHTS)
+
+
+def a_directory(path) -> None:
+    path.mkdir(parents=True)
+
+
+@pytest.mark.parametrize(
+    ("put", "words"),
+    [
+        (
+            None,  # nothing in the cache, and no internet to download it
+            [
+                "the ImageNet backbone weights are missing: no {path}, and downloading "
+                f"{IMAGENET_WEIGHTS_URL} failed (ConnectionRefusedError: ",
+                f"put that file there, sha256 {IMAGENET_WEIGHTS_SHA256} ",
+            ],
+        ),
+        (
+            not_the_weights,
+            [
+                "the ImageNet backbone weights {path} are not the expected file: sha256 "
+                f"{sha256_of(NOT_THE_WEIGHTS)}, expected {IMAGENET_WEIGHTS_SHA256}; replace it "
+            ],
+        ),
+        (
+            a_directory,
+            ["the ImageNet backbone weights {path} are unreadable (IsADirectoryError: "],
+        ),
+    ],
+    ids=["missing", "wrong-sha256", "unreadable"],
+)
+def test_a_bad_backbone_file_ends_the_stage_in_one_line_naming_the_cause(tmp_path, put, words):
+    keras_home = tmp_path / "keras-home"
+    path = keras_home / "models" / IMAGENET_WEIGHTS_FILE
+    if put:
+        put(path)
+    result = run_features_stage(tmp_path, keras_home)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("features failed: the ImageNet MobileNetV2 weights are not in ")
-    assert f"{keras_home / 'models'}/" in last_line and IMAGENET_WEIGHTS_FILE in last_line
+    assert last_line.startswith("features failed: ")
+    for expected in words:
+        assert expected.format(path=path) in last_line
+    assert last_line.endswith("(README: Running offline or from a local mirror)")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "features").exists()
+
+
+def test_weights_with_the_right_sha256_that_keras_cannot_read_are_named_unreadable(
+    tmp_path, monkeypatch
+):
+    """The hash check and the read are two steps: a corrupt file given the pinned sha256
+    (only here) reaches the read, which must fail as "unreadable" too."""
+    from pipeline.backbone import build_backbone
+
+    path = tmp_path / "models" / IMAGENET_WEIGHTS_FILE
+    path.parent.mkdir()
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 500)  # an HDF5 signature, then nothing
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(weights, "IMAGENET_WEIGHTS_SHA256", weights.file_sha256(path))
+    with pytest.raises(BackboneUnavailable) as raised:
+        build_backbone(32, "imagenet")
+    message = str(raised.value)
+    assert message.startswith(f"the ImageNet backbone weights {path} are unreadable (")
+    assert "\n" not in message
+
+
+def test_the_readme_gives_the_weights_source_and_sha256():
+    """The README's offline section is a copy of pipeline/weights.py's URL and sha256 (rendered
+    Markdown has no place to say so): this test keeps the two in step."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Running offline or from a local mirror") :]
+    assert re.findall(r"https://storage\.googleapis\.com/\S+\.h5", section) == [
+        IMAGENET_WEIGHTS_URL
+    ]
+    assert re.findall(r"\b[0-9a-f]{64}\b", section) == [IMAGENET_WEIGHTS_SHA256]
