@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from serving.contract import ModelCard
-from serving.decoding import SentFile
+from serving.decoding import SentFile, accepted_formats
 from serving.errors import REJECTIONS, handle_errors
 from serving.uploads import Upload
 
@@ -142,9 +142,8 @@ class ApiDocuments:
         self.card = card
         self.uploads = uploads
         self.limits = (
-            "a photo in any format Pillow reads (JPEG, PNG, GIF, WebP, ...); "
-            f"at most {card.serve['max_upload_bytes']} bytes, each side at least "
-            f"{card.serve['min_side']} px"
+            f"a {accepted_formats()} photo; at most {card.serve['max_upload_bytes']} "
+            f"bytes, each side at least {card.serve['min_side']} px"
         )
 
     def info(self) -> dict:

@@ -81,6 +81,12 @@ LARGE_REQUEST_BYTES = 32_000_000
 
 # --- decoding and scoring ------------------------------------------------------------------
 
+# The image formats an upload may be in, as Pillow names them: its decoders for these, and no
+# others, ever read an upload's bytes (a phone's multi-picture JPEG, MPO, is a JPEG). Each is
+# a photo format that browsers and phones write; each other Pillow decoder would be more code
+# parsing untrusted bytes, for formats nobody sends a photo in.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
 # Uploads are decoded in worker threads, in two lanes, so that small photos never queue behind
 # large ones: files up to LARGE_UPLOAD_BYTES (any phone JPEG of a few megapixels is larger) in
 # up to SMALL_DECODE_THREADS threads, one per core of the machines the service is sized for

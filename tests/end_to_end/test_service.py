@@ -199,8 +199,8 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 BAD_UPLOADS = {
     "empty": (lambda p: b"", 400, "empty"),
-    "not-an-image": (lambda p: b"\x00\x01 definitely not a picture" * 50, 415, "not an image"),
-    "html-page": (lambda p: b"<!doctype html><html><body>hi</body></html>", 415, "not an image"),
+    "not-an-image": (lambda p: b"\x00\x01 definitely not a picture" * 50, 415, "not a JPEG, PNG"),
+    "html-page": (lambda p: b"<!doctype html><html><body>hi</body></html>", 415, "not a JPEG, PNG"),
     "truncated-jpeg": (lambda p: encoded(p, "JPEG")[:3000], 422, "corrupt or truncated"),
     "one-pixel": (lambda p: encoded(Image.new("RGB", (1, 1)), "PNG"), 422, "at least 32 px"),
     "decompression-bomb": (lambda p: png_claiming_size(20000, 20000), 413, "pixels"),
