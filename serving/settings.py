@@ -47,6 +47,13 @@ TYPED_PREDICT_BATCH_ROUTE = "/api/predict_batch"
 IMAGE_FIELD = "image"
 IMAGES_FIELD = "images"
 
+# Decimals of the probabilities, confidence and novelty in an answer (serving/api.py
+# `rounded`, after the decision). Four keep a score that is at least 0.00005 away from 0 or 1
+# apart from it (0.9999, not 1.0), far finer than 60 test photos can calibrate; and four is the
+# most at which every rounded number is written in plain decimals: Python's JSON writes 1e-05
+# for 0.00001, the very notation that rounding is there to avoid.
+ANSWER_DECIMALS = 4
+
 # --- the model service (Keras engine only) -------------------------------------------------
 
 # Adaptive batching: at most this many images per model call, and at most this long for a
