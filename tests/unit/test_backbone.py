@@ -21,6 +21,7 @@ from pipeline.weights import (
     IMAGENET_WEIGHTS_URL,
     BackboneUnavailable,
 )
+from tests.support.http import serve_directory
 from tests.support.paths import REPO_ROOT
 
 
@@ -128,6 +129,26 @@ def test_weights_with_the_right_sha256_that_keras_cannot_read_are_named_unreadab
     message = str(raised.value)
     assert message.startswith(f"the ImageNet backbone weights {path} are unreadable (")
     assert "\n" not in message
+
+
+def test_a_missing_file_is_downloaded_into_keras_cache_and_checked(tmp_path, monkeypatch):
+    """Online, as offline: the file goes where Keras looks, and its sha256 is checked (here of
+    a stand-in served on loopback)."""
+    from pipeline import backbone
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / IMAGENET_WEIGHTS_FILE).write_bytes(NOT_THE_WEIGHTS)
+    keras_home = tmp_path / "keras-home"  # not there yet: Keras alone would fall back to /tmp
+    monkeypatch.setenv("KERAS_HOME", str(keras_home))
+    with serve_directory(origin) as url:
+        monkeypatch.setattr(backbone, "IMAGENET_WEIGHTS_URL", f"{url}/{IMAGENET_WEIGHTS_FILE}")
+        with pytest.raises(BackboneUnavailable, match="are not the expected file: sha256 "):
+            backbone.imagenet_weights()
+        monkeypatch.setattr(weights, "IMAGENET_WEIGHTS_SHA256", sha256_of(NOT_THE_WEIGHTS))
+        path = backbone.imagenet_weights()
+    assert path == keras_home / "models" / IMAGENET_WEIGHTS_FILE
+    assert path.read_bytes() == NOT_THE_WEIGHTS
 
 
 def test_the_readme_gives_the_weights_source_and_sha256():
