@@ -16,10 +16,10 @@ import tensorflow as tf
 from pipeline.weights import (
     IMAGENET_WEIGHTS_FILE,
     IMAGENET_WEIGHTS_URL,
+    check_loaded,
     imagenet_weights_path,
     missing,
     unreadable,
-    verified,
 )
 
 
@@ -30,8 +30,8 @@ def make_deterministic(seed: int) -> None:
 
 
 def imagenet_weights() -> Path:
-    """The ImageNet weights file from Keras' cache, downloaded into it first if it is missing,
-    once its sha256 is checked (pipeline/weights.py); BackboneUnavailable otherwise."""
+    """The ImageNet weights file in Keras' cache, downloaded into it first if it is missing;
+    BackboneUnavailable if it cannot be. Not checked yet: build_backbone checks what it loads."""
     path = imagenet_weights_path()
     if not path.exists():
         try:
@@ -47,14 +47,15 @@ def imagenet_weights() -> Path:
             )
         except Exception as error:  # offline, refused, 404, read-only cache...
             raise missing(path, error) from error
-    return verified(path)
+    return path
 
 
 def build_backbone(image_size: int, weights: str | None) -> keras.Model:
     """MobileNetV2 without its top, pooled; ``weights`` as Keras takes them (resolve_weights).
 
-    ImageNet weights load by path from the file ``imagenet_weights`` checked: the file Keras'
-    ``"imagenet"`` would load, but never unchecked."""
+    ImageNet weights load by path from the file Keras' ``"imagenet"`` would load, and the loaded
+    tensors are checked against the pinned digest (pipeline/weights.py) before the backbone is
+    used: on this very model, so the check only adds hashing its 2.3 M floats."""
     path = imagenet_weights() if weights == "imagenet" else None
     backbone = keras.applications.MobileNetV2(
         input_shape=(image_size, image_size, 3),
@@ -64,9 +65,12 @@ def build_backbone(image_size: int, weights: str | None) -> keras.Model:
     )
     if path:
         try:
+            with path.open("rb"):  # a directory, or no permission: the OS's words, not h5py's
+                pass
             backbone.load_weights(path)
-        except Exception as error:  # the right bytes, yet h5py or Keras cannot read them
+        except Exception as error:  # not HDF5, truncated, another architecture...
             raise unreadable(path, error) from error
+        check_loaded(path, (weight.numpy() for weight in backbone.weights))
     return backbone
 
 
