@@ -7,11 +7,20 @@ classifier computes before its head.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.weights import unavailable
+from pipeline.weights import (
+    IMAGENET_WEIGHTS_FILE,
+    IMAGENET_WEIGHTS_URL,
+    check_loaded,
+    imagenet_weights_path,
+    missing,
+    unreadable,
+)
 
 
 def make_deterministic(seed: int) -> None:
@@ -20,19 +29,49 @@ def make_deterministic(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def imagenet_weights() -> Path:
+    """The ImageNet weights file in Keras' cache, downloaded into it first if it is missing;
+    BackboneUnavailable if it cannot be. Not checked yet: build_backbone checks what it loads."""
+    path = imagenet_weights_path()
+    if not path.exists():
+        try:
+            # Into the cache Keras itself reads; Keras would use /tmp if it does not exist yet.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path = Path(
+                keras.utils.get_file(
+                    IMAGENET_WEIGHTS_FILE,
+                    IMAGENET_WEIGHTS_URL,
+                    cache_dir=str(path.parent.parent),
+                    cache_subdir=path.parent.name,
+                )
+            )
+        except Exception as error:  # offline, refused, 404, read-only cache...
+            raise missing(path, error) from error
+    return path
+
+
 def build_backbone(image_size: int, weights: str | None) -> keras.Model:
-    """MobileNetV2 without its top, pooled; ``weights`` as Keras takes them (resolve_weights)."""
-    try:
-        return keras.applications.MobileNetV2(
-            input_shape=(image_size, image_size, 3),
-            include_top=False,
-            weights=weights,
-            pooling="avg",
-        )
-    except Exception as exc:
-        if weights != "imagenet":
-            raise
-        raise unavailable(exc) from exc
+    """MobileNetV2 without its top, pooled; ``weights`` as Keras takes them (resolve_weights).
+
+    ImageNet weights load by path from the file Keras' ``"imagenet"`` would load, and the loaded
+    tensors are checked against the pinned digest (pipeline/weights.py) before the backbone is
+    used: on this very model, so the check only adds hashing its 2.3 M floats."""
+    path = imagenet_weights() if weights == "imagenet" else None
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        include_top=False,
+        weights=None if path else weights,
+        pooling="avg",
+    )
+    if path:
+        try:
+            with path.open("rb"):  # a directory, or no permission: the OS's words, not h5py's
+                pass
+            backbone.load_weights(path)
+        except Exception as error:  # not HDF5, truncated, another architecture...
+            raise unreadable(path, error) from error
+        check_loaded(path, (weight.numpy() for weight in backbone.weights))
+    return backbone
 
 
 def unfreeze_top(backbone: keras.Model, layers: int) -> None:

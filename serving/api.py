@@ -15,8 +15,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from serving.contract import ModelCard
-from serving.decoding import SentFile
+from serving.decoding import SentFile, accepted_formats
 from serving.errors import REJECTIONS, handle_errors
+from serving.settings import ANSWER_DECIMALS
 from serving.uploads import Upload
 
 # /openapi.json's and /docs.json's info: a few lines, not the README; the project's contact.
@@ -32,12 +33,22 @@ API_CONTACT = {"name": "Dandelion vs grass maintainers"}
 SWAGGER_ASSETS = "./static_content"
 
 
+ROUNDED = (
+    f"rounded to {ANSWER_DECIMALS} decimals, after the decision (which uses the unrounded "
+    "value, as the pipeline's evaluate stage does)"
+)
+
+
 class Prediction(BaseModel):
     label: str = Field(description="the class whose probability reaches the model's threshold")
-    confidence: float = Field(description="the probability of `label`")
-    probabilities: dict[str, float] = Field(description="the probability of each class")
+    confidence: float = Field(description=f"the probability of `label`, {ROUNDED}")
+    probabilities: dict[str, float] = Field(
+        description=f"the probability of each class, {ROUNDED}; they sum to 1"
+    )
     neither: bool = Field(description="the photo is probably neither class (`novelty` > 1)")
-    novelty: float = Field(description="how unlike the training photos the photo is (1: limit)")
+    novelty: float = Field(
+        description=f"how unlike the training photos the photo is (1: limit), {ROUNDED}"
+    )
     model_version: str = Field(description="the served model's version (/model-info)")
 
 
@@ -70,6 +81,27 @@ class ModelInfo(BaseModel):
 
 class ErrorAnswer(BaseModel):
     error: str
+
+
+def rounded(verdict: dict, positive: str) -> dict:
+    """``verdict`` (DecisionRule.verdict) as answered: its numbers to ANSWER_DECIMALS decimals.
+
+    Only ever after the decision: a score of 0.49996 under a 0.5 threshold is the negative
+    class, though it reads 0.5. The other class's probability is 1 minus the rounded one of
+    ``positive``, so the two always sum to 1 (each rounded on its own, both could round up at
+    a tie, and sum to 1.0001).
+    """
+    score = round(verdict["probabilities"][positive], ANSWER_DECIMALS)
+    probabilities = {
+        name: score if name == positive else round(1 - score, ANSWER_DECIMALS)
+        for name in verdict["probabilities"]
+    }
+    return {
+        **verdict,
+        "confidence": probabilities[verdict["label"]],
+        "probabilities": probabilities,
+        "novelty": round(verdict["novelty"], ANSWER_DECIMALS),
+    }
 
 
 def batch_answer(files: list[SentFile], answers: list[dict]) -> dict:
@@ -142,9 +174,8 @@ class ApiDocuments:
         self.card = card
         self.uploads = uploads
         self.limits = (
-            "a photo in any format Pillow reads (JPEG, PNG, GIF, WebP, ...); "
-            f"at most {card.serve['max_upload_bytes']} bytes, each side at least "
-            f"{card.serve['min_side']} px"
+            f"a {accepted_formats()} photo; at most {card.serve['max_upload_bytes']} "
+            f"bytes, each side at least {card.serve['min_side']} px"
         )
 
     def info(self) -> dict:

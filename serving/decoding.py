@@ -22,7 +22,7 @@ from PIL import Image
 from serving.contract import load_image
 from serving.errors import Rejection
 from serving.resources import large_decode_pool, small_decode_limiter
-from serving.settings import LARGE_UPLOAD_BYTES
+from serving.settings import ACCEPTED_FORMATS, LARGE_UPLOAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class SentFile:
     read: Callable[[], Awaitable[bytes]]
 
 
+def accepted_formats() -> str:
+    """ACCEPTED_FORMATS as a phrase: "JPEG, PNG, ... or TIFF"."""
+    *others, last = ACCEPTED_FORMATS
+    return f"{', '.join(others)} or {last}" if others else last
+
+
 def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndarray:
     """``(image_size, image_size, 3)`` uint8 array from an uploaded file's bytes."""
     if not data:
@@ -51,13 +57,14 @@ def decode_upload(data: bytes, image_size: int, limits: UploadLimits) -> np.ndar
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            # Reads the header only, with the decoders of the accepted formats only.
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise Rejection(
             "too_many_pixels", f"the image has more than {limits.max_pixels} pixels"
         ) from None
     except Exception:
-        raise Rejection("not_an_image", "the upload is not an image Pillow can read") from None
+        raise Rejection("not_an_image", f"the upload is not a {accepted_formats()} image") from None
 
     width, height = image.size
     if width * height > limits.max_pixels:

@@ -37,6 +37,7 @@ from serving.api import (
     batch_answer,
     error_responses,
     front_app,
+    rounded,
 )
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
@@ -211,7 +212,7 @@ class DandelionService:
         card = self.model.card
         verdict = card.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))
         self.metrics.count_answer(verdict)
-        return {**verdict, "model_version": card.version}
+        return {**rounded(verdict, card.rule.positive), "model_version": card.version}
 
 
 @front_service

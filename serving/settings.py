@@ -47,6 +47,13 @@ TYPED_PREDICT_BATCH_ROUTE = "/api/predict_batch"
 IMAGE_FIELD = "image"
 IMAGES_FIELD = "images"
 
+# Decimals of the probabilities, confidence and novelty in an answer (serving/api.py
+# `rounded`, after the decision). Four keep a score that is at least 0.00005 away from 0 or 1
+# apart from it (0.9999, not 1.0), far finer than 60 test photos can calibrate; and four is the
+# most at which every rounded number is written in plain decimals: Python's JSON writes 1e-05
+# for 0.00001, the very notation that rounding is there to avoid.
+ANSWER_DECIMALS = 4
+
 # --- the model service (Keras engine only) -------------------------------------------------
 
 # Adaptive batching: at most this many images per model call, and at most this long for a
@@ -80,6 +87,12 @@ CLOSING_BOUNDARY_WINDOW = 1024
 LARGE_REQUEST_BYTES = 32_000_000
 
 # --- decoding and scoring ------------------------------------------------------------------
+
+# The image formats an upload may be in, as Pillow names them: its decoders for these, and no
+# others, ever read an upload's bytes (a phone's multi-picture JPEG, MPO, is a JPEG). Each is
+# a photo format that browsers and phones write; each other Pillow decoder would be more code
+# parsing untrusted bytes, for formats nobody sends a photo in.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 # Uploads are decoded in worker threads, in two lanes, so that small photos never queue behind
 # large ones: files up to LARGE_UPLOAD_BYTES (any phone JPEG of a few megapixels is larger) in

@@ -23,13 +23,22 @@ from pipeline.bento import bento_version_of
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, NOVELTY, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
+from serving.settings import ANSWER_DECIMALS
 from stages.evaluate import unlike_pictures
 from stages.export import export_model
 from tests.support.dvc import dvc, set_param, stages_run
 from tests.support.http import free_port, multipart_body
 from tests.support.paths import EVALUATE_METRICS, PIPELINE_PATHS
 from tests.support.processes import python_module, stop_process_group
-from tests.support.service import evaluated_predictions, served_answers, serving, split_photos
+from tests.support.service import (
+    EXAMPLE_ANSWER_PAGES,
+    answer_shape,
+    evaluated_predictions,
+    example_answer,
+    served_answers,
+    serving,
+    split_photos,
+)
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 60
@@ -62,8 +71,10 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
             *("label", "confidence", "probabilities", "neither", "novelty", "model_version")
         }
         assert body["label"] == prediction.predicted, (prediction, body)
-        # The same export, the same engine: the score evaluate wrote (to 6 decimals).
-        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=1e-6)
+        # The same export, the same engine: the score evaluate wrote (to 6 decimals), as the
+        # service rounds it.
+        rounding = 10**-ANSWER_DECIMALS / 2 + 1e-6
+        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=rounding)
         assert body["novelty"] == pytest.approx(prediction.novelty, abs=1e-4)
     pairs = list(zip(predictions, answers, strict=True))
     accuracy = np.mean([body["label"] == p.label for p, body in pairs])
@@ -72,6 +83,16 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
     assert neither == pytest.approx(service.metrics["neither_share"])
     assert neither <= 0.05  # false alarms on real photos of the two classes
     return answers
+
+
+@pytest.mark.parametrize("page", EXAMPLE_ANSWER_PAGES)
+def test_the_docs_example_answer_is_written_as_the_bento_answers(service, page):
+    """Keys (recursively), value types and how each number is written, against the answer to
+    a test photo as sent (tests/service/test_answers.py: the same on the stub)."""
+    _, path = split_photos(service.workspace)[0]
+    response = post_image(service, Path(path).read_bytes())
+    assert response.status_code == 200, response.text
+    assert answer_shape(example_answer(page)) == answer_shape(response.text)
 
 
 def test_pictures_of_neither_class_are_flagged_as_evaluate_reported(service):
@@ -199,8 +220,8 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 BAD_UPLOADS = {
     "empty": (lambda p: b"", 400, "empty"),
-    "not-an-image": (lambda p: b"\x00\x01 definitely not a picture" * 50, 415, "not an image"),
-    "html-page": (lambda p: b"<!doctype html><html><body>hi</body></html>", 415, "not an image"),
+    "not-an-image": (lambda p: b"\x00\x01 definitely not a picture" * 50, 415, "not a JPEG, PNG"),
+    "html-page": (lambda p: b"<!doctype html><html><body>hi</body></html>", 415, "not a JPEG, PNG"),
     "truncated-jpeg": (lambda p: encoded(p, "JPEG")[:3000], 422, "corrupt or truncated"),
     "one-pixel": (lambda p: encoded(Image.new("RGB", (1, 1)), "PNG"), 422, "at least 32 px"),
     "decompression-bomb": (lambda p: png_claiming_size(20000, 20000), 413, "pixels"),

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 from serving.decoding import UploadLimits, decode_upload
 from serving.errors import REJECTIONS, Rejection
-from serving.settings import EXTRA_FORM_FIELDS
+from serving.settings import ACCEPTED_FORMATS, EXTRA_FORM_FIELDS
 from serving.uploads import Pace, Upload, paced, read_form
 from tests.support.http import multipart_body
 
@@ -226,13 +226,31 @@ def test_images_claiming_too_many_pixels_are_refused_before_decoding(side, words
     assert time.monotonic() - started < 0.5  # from the header: nothing was decompressed
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
-def test_the_formats_the_api_documents_are_decoded(fmt):
+def picture(fmt: str, **options) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(buffer, fmt)
-    array = decode_upload(buffer.getvalue(), 32, LIMITS)
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_every_accepted_format_is_decoded(fmt):
+    array = decode_upload(picture(fmt), 32, LIMITS)
     assert array.shape == (32, 32, 3)
     assert abs(int(array[..., 1].mean()) - 200) < 12 and int(array[..., 0].mean()) < 40
+
+
+def test_a_phones_multi_picture_jpeg_is_a_jpeg():
+    second = Image.new("RGB", (40, 30), (200, 10, 30))
+    array = decode_upload(picture("MPO", save_all=True, append_images=[second]), 32, LIMITS)
+    assert abs(int(array[..., 1].mean()) - 200) < 12  # the first picture
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX"])
+def test_a_picture_in_a_format_not_accepted_is_refused_naming_those_that_are(fmt):
+    with pytest.raises(Rejection) as raised:
+        decode_upload(picture(fmt), 32, LIMITS)
+    assert raised.value.reason == "not_an_image" and raised.value.status == 415
+    assert raised.value.message == "the upload is not a JPEG, PNG, GIF, WEBP, BMP or TIFF image"
 
 
 def watched_and_read(body: bytes, content_type: str) -> tuple[tuple, tuple]:

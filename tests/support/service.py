@@ -1,10 +1,12 @@
-"""The served model: its photos, what evaluate decided for them, and `bentoml serve` of a bento."""
+"""The served model: its photos, what evaluate decided for them, `bentoml serve` of a bento, and
+the example answers the docs show."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +15,14 @@ from pathlib import Path
 
 import requests
 
+from serving.settings import ANSWER_DECIMALS
 from tests.support.http import free_port
 from tests.support.paths import (
     DATASET_MIRROR,
     EVALUATE_METRICS,
     EVALUATE_PREDICTIONS,
     PIPELINE_PATHS,
+    REPO_ROOT,
 )
 from tests.support.processes import running_server
 
@@ -100,3 +104,32 @@ def served_answers(url: str, photos: list[str], workers: int = 8) -> list[dict]:
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(predict, photos))
+
+
+# The pages whose example answer of /predict (their one ```json block) is a served answer.
+EXAMPLE_ANSWER_PAGES = ("README.md", "docs/serving.md")
+
+
+def example_answer(page: str) -> str:
+    """The JSON text of ``page``'s example answer."""
+    blocks = re.findall(r"```json\n(.*?)\n```", (REPO_ROOT / page).read_text(), re.DOTALL)
+    assert len(blocks) == 1, f"{page}: {len(blocks)} JSON examples"
+    return blocks[0]
+
+
+def answer_shape(text: str):
+    """A JSON answer's keys, recursively, and each value's type; each number as how it is
+    written: plain decimals with at most ANSWER_DECIMALS places, or else its literal."""
+    plain = re.compile(rf"-?\d+\.\d{{1,{ANSWER_DECIMALS}}}")
+
+    def number(literal: str) -> tuple[str, str]:
+        return "number", "plain decimal" if plain.fullmatch(literal) else literal
+
+    def shape(value):
+        if isinstance(value, dict):
+            return {key: shape(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [shape(item) for item in value]
+        return value if isinstance(value, tuple) else type(value).__name__
+
+    return shape(json.loads(text, parse_float=number, parse_int=number))
