@@ -36,8 +36,8 @@ IMAGENET_WEIGHTS_URL = (
 # bytes differ: 9,406,464 bytes by public download logs). The offline copy's README says it holds
 # the same source tensors as the official conversion, so the official file should give this
 # digest; if it does not, its features would differ from the committed ones anyway, and the
-# check is right to stop the stage. The README's
-# offline section quotes the URL and the digest (tests/unit/test_backbone.py keeps it in step).
+# check is right to stop the stage. The README's offline section quotes the URL and the digest
+# (tests/unit/test_backbone.py keeps it in step).
 IMAGENET_WEIGHTS_DIGEST = "8b7f934811db52508708ed2f59dab258abe8a5de6c9fae5fd3ab9e4398022312"
 OFFLINE_HELP = "README: Running offline or from a local mirror"
 
