@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tests.support.dvc import dvc, stages_run
 from tests.support.git import git
 from tests.support.paths import EVALUATE_METRICS
 from tests.support.processes import dandelion
-from tests.support.readme import readme_command
+from tests.support.readme import run_readme_command
 
 pytestmark = pytest.mark.slow
 
@@ -82,14 +81,7 @@ def experiments_shown(workspace, env) -> dict[str, dict]:
 
 def readme_table(workspace, env) -> list[str]:
     """The lines the README's `dvc exp show` command prints in ``workspace``."""
-    shown = subprocess.run(
-        ["bash", "-ec", readme_command("dvc exp show ")],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    shown = run_readme_command("dvc exp show ", workspace, env, timeout=300)
     assert shown.returncode == 0, shown.stderr
     return shown.stdout.splitlines()
 

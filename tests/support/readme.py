@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 from tests.support.paths import REPO_ROOT
 
@@ -14,3 +16,14 @@ def readme_command(start: str) -> str:
     joined = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     (command,) = [line for line in joined if line.startswith(start)]
     return re.sub(r"\s+#[^']*$", "", command)
+
+
+def run_readme_command(
+    start: str, cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """Run :func:`readme_command` ``start`` with bash (stopping at the first failing part) in
+    ``cwd``, its output captured."""
+    command = ["bash", "-ec", readme_command(start)]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.support.dvc import dvc, stages_run
 from tests.support.git import git
 from tests.support.paths import PARAMS_FILE
 from tests.support.processes import with_interpreter_tools
-from tests.support.readme import readme_command
+from tests.support.readme import run_readme_command
 
 # Outputs as the real pipeline has them: cached ones (as data/model and the bento) and
 # Git-tracked results (as results/train, `cache: false`). The experiment stops at `fit`, as
@@ -90,14 +89,7 @@ def test_set_param_changes_one_line_and_the_readme_command_returns_to_the_commit
     assert stages_run(packaged.stdout) == ["package"], packaged.stdout + packaged.stderr
     assert git(root, "diff", "--cached", "--name-only").stdout.split() == ["dvc.lock"]
 
-    returned = subprocess.run(
-        ["bash", "-ec", readme_command("git restore ")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    returned = run_readme_command("git restore ", root, env, timeout=120)
     assert returned.returncode == 0, returned.stdout + returned.stderr
     assert git(root, "status", "--porcelain").stdout == ""
     status = dvc(root, "status", env=env)
