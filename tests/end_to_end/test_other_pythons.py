@@ -28,6 +28,7 @@ from tests.support.pythons import interpreter, lock_pythons
 pytestmark = pytest.mark.slow
 
 INSTALL_SECONDS = 1800  # a cold pip cache downloads TensorFlow's wheel for each Python
+REPRO_SECONDS = 900  # a cold `dvc repro` takes minutes
 PYTHONS = lock_pythons()
 
 
@@ -66,6 +67,7 @@ def venv_of(version: str, venvs: dict):
     return venv
 
 
+@pytest.mark.timeout(INSTALL_SECONDS + REPRO_SECONDS)  # beyond pyproject's per-test limit
 @pytest.mark.parametrize("version", PYTHONS)
 def test_a_cold_repro_on_python_gives_the_committed_dvc_lock(
     version, venvs, dataset_mirror, keras_home, tmp_path
@@ -79,7 +81,12 @@ def test_a_cold_repro_on_python_gives_the_committed_dvc_lock(
     with serve_directory(dataset_mirror) as mirror_url:
         env["DOWNLOAD_BASE_URL"] = f"{mirror_url}/data"
         cold = subprocess.run(
-            [venv / "bin" / "dvc", "repro"], cwd=workspace, env=env, capture_output=True, text=True
+            [venv / "bin" / "dvc", "repro"],
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=REPRO_SECONDS,
         )
     assert cold.returncode == 0, cold.stdout + cold.stderr
     assert stages_run(cold.stdout) == PIPELINE_STAGES
