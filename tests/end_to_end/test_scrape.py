@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.errors import REJECTIONS
-from serving.settings import ANSWER_DECIMALS, LOW_CONFIDENCE
+from serving.settings import LOW_CONFIDENCE
 from tests.support.git import git
 from tests.support.http import free_port
 from tests.support.images import make_image
@@ -23,7 +23,7 @@ from tests.support.monitoring import RULES_FILE, dashboard_queries, rules, scrap
 from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS
 from tests.support.processes import running_server
-from tests.support.service import evaluated_predictions, served_answers
+from tests.support.service import ROUNDING, evaluated_predictions, served_answers
 
 pytestmark = pytest.mark.slow
 
@@ -192,12 +192,11 @@ def test_model_metrics_count_the_known_requests(service, burst):
     )
     # The metrics take the unrounded confidence; answers show it to ANSWER_DECIMALS decimals,
     # so each shown value is within half a unit of the last decimal of the one counted.
-    half = 0.5 * 10**-ANSWER_DECIMALS
     shown = [a["confidence"] for a in answers]
-    assert sum(c <= LOW_CONFIDENCE - half for c in shown) <= low
-    assert low <= sum(c <= LOW_CONFIDENCE + half for c in shown)
+    assert sum(c <= LOW_CONFIDENCE - ROUNDING for c in shown) <= low
+    assert low <= sum(c <= LOW_CONFIDENCE + ROUNDING for c in shown)
     assert changes(burst.before, burst.after, f"{confidence}_sum")[()] == pytest.approx(
-        sum(shown), abs=len(shown) * half
+        sum(shown), abs=len(shown) * ROUNDING
     )
 
     # The engine runs in the front (OpenVINO): one call per /predict, one per batch of three.

@@ -23,7 +23,6 @@ from pipeline.bento import bento_version_of
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, NOVELTY, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
-from serving.settings import ANSWER_DECIMALS
 from stages.evaluate import unlike_pictures
 from stages.export import export_model
 from tests.support.dvc import dvc, set_param, stages_run
@@ -32,6 +31,7 @@ from tests.support.paths import EVALUATE_METRICS, PIPELINE_PATHS
 from tests.support.processes import python_module, stop_process_group
 from tests.support.service import (
     EXAMPLE_ANSWER_PAGES,
+    ROUNDING,
     answer_shape,
     evaluated_predictions,
     example_answer,
@@ -73,8 +73,9 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
         assert body["label"] == prediction.predicted, (prediction, body)
         # The same export, the same engine: the score evaluate wrote (to 6 decimals), as the
         # service rounds it.
-        rounding = 10**-ANSWER_DECIMALS / 2 + 1e-6
-        assert body["probabilities"]["dandelion"] == pytest.approx(prediction.score, abs=rounding)
+        assert body["probabilities"]["dandelion"] == pytest.approx(
+            prediction.score, abs=ROUNDING + 1e-6
+        )
         assert body["novelty"] == pytest.approx(prediction.novelty, abs=1e-4)
     pairs = list(zip(predictions, answers, strict=True))
     accuracy = np.mean([body["label"] == p.label for p, body in pairs])
@@ -277,9 +278,7 @@ def test_batch_endpoint_classifies_several_images_and_names_a_bad_one(service):
     assert [p["label"] for p in predictions] == [s["label"] for s in singles]
     for batched, single in zip(predictions, singles, strict=True):
         # Scores within float noise of each other; rounded, at most one last decimal apart.
-        assert batched["confidence"] == pytest.approx(
-            single["confidence"], abs=10**-ANSWER_DECIMALS
-        )
+        assert batched["confidence"] == pytest.approx(single["confidence"], abs=2 * ROUNDING)
 
     files.append(("images", ("broken.jpg", b"nope")))
     broken = requests.post(f"{service.url}/predict_batch", files=files, timeout=TIMEOUT)

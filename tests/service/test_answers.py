@@ -34,13 +34,18 @@ def scoring(score: float, novelty: float) -> ServedModel:
     return ServedModel(STUB_MODEL.tag, CARD, engine)
 
 
-def answer(client, route: str, score: float, novelty: float) -> dict:
-    """``route``'s answer for one photo that the engine scores ``score`` and ``novelty``."""
+def respond(client, route: str, score: float, novelty: float):
+    """``route``'s response for one photo that the engine scores ``score`` and ``novelty``."""
     with front_restored() as front:
         front.model = scoring(score, novelty)
         response = client.post(route, files=[(ROUTES[route], ("a.png", photo()))])
     assert response.status_code == 200, response.text
-    body = response.json()
+    return response
+
+
+def answer(client, route: str, score: float, novelty: float) -> dict:
+    """``route``'s answer for one photo that the engine scores ``score`` and ``novelty``."""
+    body = respond(client, route, score, novelty).json()
     if "predictions" in body:
         (body,) = body["predictions"]
         del body["filename"]
@@ -91,11 +96,7 @@ def answer_example_like(client, example: str) -> str:
     """The raw JSON answer (as sent) of /predict for a photo that the engine scores with
     float32 digits to spare; the stub's classes must be the example's."""
     assert set(json.loads(example)["probabilities"]) == set(CARD.classes)
-    with front_restored() as front:
-        front.model = scoring(0.9999940395355225, 0.37012345)
-        response = client.post("/predict", files=[("image", ("a.png", photo()))])
-    assert response.status_code == 200, response.text
-    return response.text
+    return respond(client, "/predict", 0.9999940395355225, 0.37012345).text
 
 
 @pytest.mark.parametrize("page", EXAMPLE_ANSWER_PAGES)

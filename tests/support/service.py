@@ -106,6 +106,10 @@ def served_answers(url: str, photos: list[str], workers: int = 8) -> list[dict]:
         return list(pool.map(predict, photos))
 
 
+# The most a number an answer shows (rounded to ANSWER_DECIMALS) differs from the one the
+# service decided on and counted in its metrics.
+ROUNDING = 0.5 * 10**-ANSWER_DECIMALS
+
 # The pages whose example answer of /predict (their one ```json block) is a served answer.
 EXAMPLE_ANSWER_PAGES = ("README.md", "docs/serving.md")
 
