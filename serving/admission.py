@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
@@ -69,8 +69,9 @@ class Admission:
         finally:
             self.in_flight -= 1
 
-    def drain_on_sigterm(self) -> None:
-        """On SIGTERM, stop taking requests but finish those accepted, then stop the server.
+    def drain_on_sigterm(self, then: Callable[[float], None] = lambda seconds: None) -> None:
+        """On SIGTERM, stop taking requests but finish those accepted, call ``then`` (in a
+        thread) with the seconds left of the drain, then stop the server.
 
         Uvicorn's own handler (which BentoML's worker runs) stops listening at once, and the
         connections that then wait in the socket's queue hang until the process exits. So
@@ -88,6 +89,7 @@ class Admission:
             while self.open_requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             logger.info("SIGTERM: open requests finished, stopping")
+            await asyncio.to_thread(then, max(deadline - time.monotonic(), 0.0))
             if callable(stop_server):
                 stop_server(signal.SIGTERM, None)
             else:  # no handler to pass on to: exit as SIGTERM would have

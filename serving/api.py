@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field
 
 from serving.contract import ModelCard
 from serving.decoding import SentFile, accepted_formats
-from serving.errors import REJECTIONS, handle_errors
-from serving.settings import ANSWER_DECIMALS
+from serving.errors import FEEDBACK_REJECTIONS, PREDICTION_ONLY, REJECTIONS, handle_errors
+from serving.settings import ANSWER_DECIMALS, FEEDBACK_ROUTE, MAX_COMMENT_CHARS, NEITHER_LABEL
 from serving.uploads import Upload
 
 # /openapi.json's and /docs.json's info: a few lines, not the README; the project's contact.
@@ -50,6 +50,9 @@ class Prediction(BaseModel):
         description=f"how unlike the training photos the photo is (1: limit), {ROUNDED}"
     )
     model_version: str = Field(description="the served model's version (/model-info)")
+    answer_id: str = Field(
+        description="this answer's own id (a random UUID), which feedback quotes (POST /feedback)"
+    )
 
 
 class FilePrediction(Prediction):
@@ -81,6 +84,12 @@ class ModelInfo(BaseModel):
 
 class ErrorAnswer(BaseModel):
     error: str
+
+
+class FeedbackReceipt(BaseModel):
+    photo_sha256: str = Field(description="the photo's sha256: the feedback's key in the store")
+    label: str = Field(description="the label given")
+    answer_id: str | None = Field(description="the answer corrected, as quoted; null if none")
 
 
 def rounded(verdict: dict, positive: str) -> dict:
@@ -129,11 +138,14 @@ def front_app() -> FastAPI:
     return app
 
 
-def error_responses() -> dict[int, dict]:
-    """OpenAPI's error answers of the prediction endpoints: each status with its reasons."""
+def error_responses(feedback: bool = False) -> dict[int, dict]:
+    """OpenAPI's error answers of the prediction endpoints (or ``feedback``'s): each status
+    with its reasons."""
+    excluded = PREDICTION_ONLY if feedback else FEEDBACK_REJECTIONS
     reasons: dict[int, list[str]] = {}
     for reason, status in REJECTIONS.items():
-        reasons.setdefault(status, []).append(reason)
+        if reason not in excluded:
+            reasons.setdefault(status, []).append(reason)
     return {
         status: {"model": ErrorAnswer, "description": ", ".join(names)}
         for status, names in sorted(reasons.items())
@@ -166,6 +178,31 @@ def multipart_upload(upload: Upload, description: str) -> dict:
     }
 
 
+def with_feedback_fields(body: dict, labels: list[str]) -> None:
+    """Add a feedback's text fields (serving/feedback.py) to its multipart ``body``."""
+    schema = body["content"]["multipart/form-data"]["schema"]
+    schema["required"].append("label")
+    schema["properties"].update(
+        {
+            "label": {"type": "string", "enum": labels, "description": "the right label"},
+            "answer_id": {
+                "type": "string",
+                "format": "uuid",
+                "description": "the `answer_id` of the answer this corrects or confirms",
+            },
+            "model_version": {
+                "type": "string",
+                "description": "the `model_version` of that answer",
+            },
+            "comment": {
+                "type": "string",
+                "maxLength": MAX_COMMENT_CHARS,
+                "description": "a note for the reviewer",
+            },
+        }
+    )
+
+
 class ApiDocuments:
     """The OpenAPI documents of a front serving ``card``, whose FastAPI routes take
     ``uploads`` (path -> Upload), made when asked."""
@@ -189,6 +226,8 @@ class ApiDocuments:
     def with_uploads(self, document: dict) -> dict:
         for path, upload in self.uploads.items():
             body = multipart_upload(upload, self.limits)
+            if path == FEEDBACK_ROUTE:
+                with_feedback_fields(body, [*self.card.classes, NEITHER_LABEL])
             document["paths"][path]["post"]["requestBody"] = body
         return document
 

@@ -22,7 +22,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.metrics import model_metrics
 from serving.settings import RETRY_AFTER_SECONDS
 
-# Why a request gets no prediction -> the HTTP status it is answered with. The reasons are
+# Why a feedback (POST /feedback) is refused, beside the upload's reasons. A 5xx is the
+# service's failure, not the feedback's: the spool is full while the store is down (503, try
+# later), or the feedback could not be written to the spool's disk (500).
+FEEDBACK_REJECTIONS = {
+    "unknown_field": 422,
+    "bad_label": 422,
+    "bad_answer_id": 422,
+    "comment_too_long": 422,
+    "feedback_spool_full": 503,
+    "feedback_not_stored": 500,
+}
+# Why a request is refused -> the HTTP status it is answered with. The reasons are
 # the `reason` label of classifier_rejected_uploads_total: a short, fixed set (the message,
 # which names sizes and fields, would make a label of unbounded cardinality).
 REJECTIONS = {
@@ -45,22 +56,27 @@ REJECTIONS = {
     "overloaded": 503,
     "shutting_down": 503,
     "model_unavailable": 503,
+    **FEEDBACK_REJECTIONS,
 }
+# The reasons a feedback is never refused for (the OpenAPI documents): it takes no place among
+# the predictions and calls no model.
+PREDICTION_ONLY = ("overloaded", "model_unavailable")
 
 
 class Rejection(Exception):
     """A request answered with ``REJECTIONS[reason]`` and ``{"error": message}``."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, retry_after: int = RETRY_AFTER_SECONDS):
         super().__init__(message)
         self.reason = reason
+        self.retry_after = retry_after
         self.status = REJECTIONS[reason]
         self.message = message
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.status == 503:  # the service is fine, only busy: say when to come back
-            return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if self.status == 503:  # busy, stopping or its store down: say when to come back
+            return {"Retry-After": str(self.retry_after)}
         if self.status == 408:  # the rest of the body may still come: do not reuse the line
             return {"Connection": "close"}
         return {}

@@ -137,3 +137,47 @@ def sample_process(service: str) -> threading.Thread:
     thread = threading.Thread(target=sample, name=f"process-metrics-{service}", daemon=True)
     thread.start()
     return thread
+
+
+@dataclass(frozen=True)
+class FeedbackMetrics:
+    received: object  # Counter by label: feedback accepted (spooled)
+    stored: object  # Counter: spool entries put into the store
+    flush_failures: object  # Counter: store calls of the flusher that failed
+    spool_entries: object  # Gauge: feedback accepted and not yet stored
+    spool_bytes: object  # Gauge: their bytes on disk
+
+    def describe(self, labels: list[str]) -> None:
+        for label in labels:
+            self.received.labels(label)
+
+    def spool_depth(self, entries: int, size: int) -> None:
+        self.spool_entries.set(entries)
+        self.spool_bytes.set(size)
+
+
+@functools.cache
+def feedback_metrics() -> FeedbackMetrics:
+    """The feedback's metrics (POST /feedback, the spool), created once per process."""
+    from prometheus_client import Counter, Gauge
+
+    return FeedbackMetrics(
+        received=Counter(
+            "classifier_feedback_received", "Feedback accepted, by label given.", ["label"]
+        ),
+        stored=Counter("classifier_feedback_stored", "Feedback put into the feedback store."),
+        flush_failures=Counter(
+            "classifier_feedback_flush_failures",
+            "Attempts to put spooled feedback into the store that failed (it stays spooled).",
+        ),
+        spool_entries=Gauge(
+            "classifier_feedback_spool_entries",
+            "Feedback accepted and not yet in the store (on the spool's disk).",
+            multiprocess_mode="mostrecent",
+        ),
+        spool_bytes=Gauge(
+            "classifier_feedback_spool_bytes",
+            "Bytes of the feedback spool.",
+            multiprocess_mode="mostrecent",
+        ),
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 
 import anyio
@@ -32,6 +33,7 @@ from serving.api import (
     SWAGGER_ASSETS,
     ApiDocuments,
     BatchPredictions,
+    FeedbackReceipt,
     ModelInfo,
     Prediction,
     batch_answer,
@@ -42,12 +44,14 @@ from serving.api import (
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
 from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
+from serving.feedback import FeedbackDesk
 from serving.gate import TypedUploads, sent_files
 from serving.metrics import model_metrics, sample_process
 from serving.model import ServedModel, check_service, served_info, serving_scorer
 from serving.page import page_html
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
 from serving.settings import (
+    FEEDBACK_ROUTE,
     MAX_BATCH_SIZE,
     MAX_LATENCY_MS,
     MODEL_SERVICE_CONNECTION,
@@ -85,6 +89,7 @@ class Classifier:
 
 app = front_app()  # the routes of the front classes below
 ERRORS = error_responses()
+FEEDBACK_ERRORS = error_responses(feedback=True)
 
 
 def front_service(inner: type) -> bentoml.Service:
@@ -112,16 +117,22 @@ class DandelionService:
             TYPED_PREDICT_ROUTE: self.single,
             TYPED_PREDICT_BATCH_ROUTE: self.batch,
         }
-        self.documents = ApiDocuments(card, {"/predict": self.single, "/predict_batch": self.batch})
+        self.documents = ApiDocuments(
+            card,
+            {"/predict": self.single, "/predict_batch": self.batch, FEEDBACK_ROUTE: self.single},
+        )
         self.info = served_info(model)
         self.page_html = page_html()
         self.pace = Pace()
         self.admission = Admission()
-        self.admission.drain_on_sigterm()
         return_freed_memory_to_the_system()
         self.metrics = model_metrics()
         self.metrics.describe(card, self.info["git_revision"], REJECTIONS)
         sample_process("front")
+        self.feedback = FeedbackDesk(card, self.single)
+        self.feedback.start()  # stores what a previous run left spooled, then new feedback
+        # After the drain, the feedback flusher's last pass; what it cannot store stays spooled.
+        self.admission.drain_on_sigterm(then=self.feedback.stop)
 
     async def __is_ready__(self) -> bool:
         """/readyz: 200 once constructed (the model is loaded and warm); 503 (at once) from
@@ -171,6 +182,13 @@ class DandelionService:
         in the order sent, or (if any file is bad) a 4xx naming it and no answers."""
         return batch_answer(*await self.read_and_classify(request, self.batch))
 
+    @app.post(FEEDBACK_ROUTE, name="feedback", status_code=202, responses=FEEDBACK_ERRORS)
+    async def give_feedback(self, request: Request) -> FeedbackReceipt:
+        """Say what a photo really shows: the photo in the multipart field `image`, its
+        `label` (a class, or `neither`), optionally the `answer_id` and `model_version` of the
+        answer it corrects and a `comment`. 202 once it is safely on disk, for review."""
+        return await self.feedback.receive(request, self.admission, self.pace)
+
     @bentoml.api(route=TYPED_PREDICT_ROUTE)
     async def predict(self, image: Path) -> Prediction:
         """Classify one photo: `POST /predict`, for BentoML's clients."""
@@ -212,7 +230,12 @@ class DandelionService:
         card = self.model.card
         verdict = card.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))
         self.metrics.count_answer(verdict)
-        return {**rounded(verdict, card.rule.positive), "model_version": card.version}
+        return {
+            **rounded(verdict, card.rule.positive),
+            "model_version": card.version,
+            # Random: an id that says nothing of the photo, the time or the order of answers.
+            "answer_id": str(uuid.uuid4()),
+        }
 
 
 @front_service

@@ -126,3 +126,40 @@ IMAGES_PER_CALL_BUCKETS = tuple(
 # Each service process publishes its RSS and CPU time this often: a few samples per scrape
 # interval of deploy/monitoring/prometheus.yml, not a busy loop.
 PROCESS_SAMPLE_SECONDS = 5.0
+
+# --- feedback (POST /feedback; docs/serving.md, *Feedback*) -------------------------------
+
+# Where feedback goes is the deployment's choice, read from these environment variables when
+# the service starts (never a model param: the same bento serves any deployment).
+# FEEDBACK_STORE: s3://bucket/prefix, or a directory; unset, FEEDBACK_DIR/store. The S3 store
+# takes the standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (the DVC remote's secrets) and
+# FEEDBACK_S3_ENDPOINT_URL for an S3-compatible server (MinIO).
+FEEDBACK_STORE_ENV = "FEEDBACK_STORE"
+FEEDBACK_S3_ENDPOINT_ENV = "FEEDBACK_S3_ENDPOINT_URL"
+# FEEDBACK_DIR holds the spool (FEEDBACK_DIR/spool), and the store when none is configured. A
+# deployment mounts a volume there: the spool holds feedback accepted and not yet stored.
+FEEDBACK_DIR_ENV = "FEEDBACK_DIR"
+DEFAULT_FEEDBACK_DIR = "~/dandelion-feedback"
+FEEDBACK_ROUTE = "/feedback"
+# The multipart text fields of a feedback, beside its photo (IMAGE_FIELD); no others.
+FEEDBACK_FIELDS = ("label", "answer_id", "model_version", "comment")
+# The label that says the photo is of no class (the answers' `neither`).
+NEITHER_LABEL = "neither"
+# A comment is a note for the reviewer, not a document: a few sentences.
+MAX_COMMENT_CHARS = 1000
+# The spool keeps what the store cannot take yet, on disk. Bounded, so that a store down for
+# long fills no disk: past either bound feedback is refused (503), never accepted and dropped.
+# 2 GiB hold 200 photos at the upload limit, about 600 phone photos; at a few feedbacks a
+# minute, hours of an outage.
+SPOOL_MAX_ENTRIES = 1000
+SPOOL_MAX_BYTES = 2 * 1024**3
+# A full spool empties only once the store is back: a client should not come back at once.
+SPOOL_FULL_RETRY_AFTER_SECONDS = 60
+# While the store fails, the flusher tries again this often (and at each new feedback).
+FLUSH_RETRY_SECONDS = 5.0
+# One store call gives up after these (connect, read): a store that is down must not hold
+# the flusher, or the shutdown's last flush, for long.
+STORE_TIMEOUT_SECONDS = (2.0, 10.0)
+# On SIGTERM, after the open requests, the flusher gets at most this long (within the drain's
+# DRAIN_SECONDS) to store what the spool holds; the rest stays spooled, for the next start.
+SHUTDOWN_FLUSH_SECONDS = 10.0

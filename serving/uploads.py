@@ -146,16 +146,26 @@ class Upload:
     @contextlib.asynccontextmanager
     async def read(self, request: Request, pace: Pace) -> AsyncIterator[list[SentFile]]:
         """The files sent in the field, read whole; their temporary files closed on leaving."""
+        async with self.form(request, pace) as form:
+            yield self.files(form)
+
+    @contextlib.asynccontextmanager
+    async def form(self, request: Request, pace: Pace) -> AsyncIterator[FormData]:
+        """The whole form (its files and text fields); its temporary files closed on leaving."""
         form = await read_form(request, self, pace)
         try:
-            files = form.getlist(self.field)
-            if not files:
-                raise self.missing_file(list(form.keys()))
-            if not all(hasattr(file, "read") for file in files):
-                raise self.not_a_file()
-            yield [SentFile(file.filename, file.read) for file in files]
+            yield form
         finally:
             await form.close()
+
+    def files(self, form: FormData) -> list[SentFile]:
+        """The files of ``form`` in the field, or Rejection (4xx) if it holds none or text."""
+        files = form.getlist(self.field)
+        if not files:
+            raise self.missing_file(list(form.keys()))
+        if not all(hasattr(file, "read") for file in files):
+            raise self.not_a_file()
+        return [SentFile(file.filename, file.read) for file in files]
 
     def watch(self, headers: Headers) -> PartWatch:
         return PartWatch(self, self.boundary(headers))

@@ -5,6 +5,7 @@ answer's keys and number format (against the real bento: tests/end_to_end/test_s
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -49,7 +50,19 @@ def answer(client, route: str, score: float, novelty: float) -> dict:
     if "predictions" in body:
         (body,) = body["predictions"]
         del body["filename"]
+    assert uuid.UUID(body.pop("answer_id")).version == 4
     return body
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_answer_has_an_id_of_its_own(client, route):
+    """Feedback quotes an answer by its id: a random UUID, new for each answer and file."""
+    files = [(ROUTES[route], (f"{i}.png", photo())) for i in range(2 if "batch" in route else 1)]
+    ids = []
+    for _ in range(2):
+        body = client.post(route, files=files).json()
+        ids += [answer["answer_id"] for answer in body.get("predictions", [body])]
+    assert len(set(ids)) == len(ids) and all(uuid.UUID(i).version == 4 for i in ids)
 
 
 @pytest.mark.parametrize("route", ROUTES)

@@ -76,7 +76,8 @@ def test_the_documented_answers_are_the_ones_given(documents):
     document = documents["/openapi.json"]
     schemas = document["components"]["schemas"]
     assert set(schemas["Prediction"]["required"]) == {
-        *("label", "confidence", "probabilities", "neither", "novelty", "model_version")
+        *("label", "confidence", "probabilities", "neither", "novelty", "model_version"),
+        "answer_id",
     }
     assert set(schemas["FilePrediction"]["required"]) == {
         *schemas["Prediction"]["required"],
@@ -86,6 +87,19 @@ def test_the_documented_answers_are_the_ones_given(documents):
     info = schemas["ModelInfo"]["properties"]
     assert info["git_dirty"]["anyOf"] == [{"type": "boolean"}, {"type": "null"}]
     assert info["image_size"]["type"] == "integer" and info["threshold"]["type"] == "number"
+
+
+@pytest.mark.parametrize("name", ["/openapi.json", "/docs.json"])
+def test_the_feedback_form_and_its_errors_are_documented(documents, name):
+    form = upload_schema(documents[name], "/feedback")
+    assert form["required"] == ["image", "label"]
+    assert set(form["properties"]) == {"image", "label", "answer_id", "model_version", "comment"}
+    assert form["properties"]["label"]["enum"] == [*CARD.classes, "neither"]
+    answers = documents[name]["paths"]["/feedback"]["post"]["responses"]
+    assert "feedback_spool_full" in answers["503"]["description"]
+    assert "overloaded" not in answers["503"]["description"] and "500" in answers
+    predict = documents[name]["paths"]["/predict"]["post"]["responses"]
+    assert "500" not in predict and "bad_label" not in str(predict)
 
 
 def test_docs_page_uses_only_assets_the_service_serves(client):
@@ -149,7 +163,7 @@ def test_swagger_ui_lists_the_operations_and_tries_one_offline(served, browser, 
         element.text.replace("\u200b", "")  # Swagger UI breaks paths with zero-width spaces
         for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
     }
-    assert paths == {"/", "/model-info", "/predict", "/predict_batch"}
+    assert paths == {"/", "/model-info", "/predict", "/predict_batch", "/feedback"}
     assert "Dandelion vs grass" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
 
     # Try /predict with a photo, as a user would: the schema's file field, then Execute.

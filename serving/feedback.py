@@ -1,0 +1,140 @@
+"""Feedback on an answer (POST /feedback): the photo, the right label, and what it corrects.
+
+A feedback carries the photo itself, in the multipart field `image` (checked by the upload
+rules of /predict: it must be a photo /predict would answer), and the text fields
+FEEDBACK_FIELDS: `label` (one of the model's classes, or NEITHER_LABEL), and optionally the
+`answer_id` and `model_version` of the answer it corrects, and a bounded `comment`. The
+service keys it by the photo's sha256: the same photo with the same label is one record (the
+latest wins), with another label another record (both kept, for the review to settle).
+
+Accepted means spooled on disk (serving/spool.py), answered 202; the flusher puts it into
+the store. Feedback is never trusted: it enters training only after review (issue 24).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import uuid
+
+import anyio
+from starlette.datastructures import FormData
+from starlette.requests import Request
+
+from serving.admission import Admission
+from serving.contract import ModelCard
+from serving.decoding import SentFile, decoded
+from serving.errors import Rejection
+from serving.metrics import feedback_metrics
+from serving.settings import (
+    FEEDBACK_FIELDS,
+    IMAGE_FIELD,
+    MAX_COMMENT_CHARS,
+    NEITHER_LABEL,
+    SHUTDOWN_FLUSH_SECONDS,
+    SPOOL_FULL_RETRY_AFTER_SECONDS,
+)
+from serving.spool import Flusher, Spool, SpoolFull, pack
+from serving.stores import feedback_config
+from serving.uploads import Pace, Upload
+
+
+def text_fields(form: FormData, labels: tuple[str, ...]) -> dict[str, str | None]:
+    """The feedback's text fields, checked: each of FEEDBACK_FIELDS (None if not sent)."""
+    unknown = sorted(set(form.keys()) - {IMAGE_FIELD, *FEEDBACK_FIELDS})
+    if unknown:
+        raise Rejection(
+            "unknown_field",
+            f"unknown fields {unknown}: a feedback takes '{IMAGE_FIELD}' and "
+            f"{list(FEEDBACK_FIELDS)}",
+        )
+    fields = {}
+    for name in FEEDBACK_FIELDS:
+        values = form.getlist(name)
+        if len(values) > 1 or not all(isinstance(value, str) for value in values):
+            raise Rejection("unknown_field", f"the field '{name}' takes one text value")
+        fields[name] = values[0] if values else None
+    if fields["label"] not in labels:
+        raise Rejection(
+            "bad_label",
+            f"the field 'label' must be one of {list(labels)} (got {fields['label']!r})",
+        )
+    if fields["answer_id"] is not None:
+        try:
+            fields["answer_id"] = str(uuid.UUID(fields["answer_id"]))
+        except ValueError:
+            raise Rejection(
+                "bad_answer_id", "the field 'answer_id' must be an answer's answer_id (a UUID)"
+            ) from None
+    if fields["comment"] is not None and len(fields["comment"]) > MAX_COMMENT_CHARS:
+        raise Rejection(
+            "comment_too_long",
+            f"the comment has {len(fields['comment'])} characters: at most {MAX_COMMENT_CHARS}",
+        )
+    return fields
+
+
+class FeedbackDesk:
+    """Takes a front's feedback (``receive``) and keeps it until stored: its spool and
+    flusher, made for ``card`` with the deployment's configuration (``environ``)."""
+
+    def __init__(self, card: ModelCard, upload: Upload, environ=os.environ) -> None:
+        self.card, self.upload = card, upload
+        self.labels = (*card.classes, NEITHER_LABEL)
+        self.config = feedback_config(environ)
+        self.metrics = feedback_metrics()
+        self.metrics.describe(list(self.labels))
+        self.spool = Spool(self.config.spool_dir, on_change=self.metrics.spool_depth)
+        self.flusher = Flusher(
+            self.spool,
+            self.config.store(),
+            on_stored=self.metrics.stored.inc,
+            on_failure=self.metrics.flush_failures.inc,
+        )
+
+    def start(self) -> None:
+        self.flusher.start()
+
+    def stop(self, within: float = SHUTDOWN_FLUSH_SECONDS) -> None:
+        self.flusher.stop(min(within, SHUTDOWN_FLUSH_SECONDS))
+
+    async def receive(self, request: Request, admission: Admission, pace: Pace) -> dict:
+        """Spool a feedback read from ``request`` (durably, before the answer), or Rejection."""
+        async with admission.accepted(request.headers, self.upload):
+            async with self.upload.form(request, pace) as form:
+                fields = text_fields(form, self.labels)
+                (file,) = self.upload.files(form)
+                photo = await file.read()
+
+            async def sent() -> bytes:
+                return photo
+
+            # Checked as /predict checks it: feedback is on photos the service would answer.
+            await decoded([SentFile(file.filename, sent)], self.card.image_size, self.upload.limits)
+            sha256 = hashlib.sha256(photo).hexdigest()
+            record = {
+                **fields,
+                "photo_sha256": sha256,
+                "filename": file.filename,
+                "served_model_version": self.card.version,
+                "received_at": datetime.datetime.now(datetime.UTC).isoformat(),
+            }
+            await self.spooled(f"{sha256}.{fields['label']}", pack(record, photo))
+        self.metrics.received.labels(fields["label"]).inc()
+        self.flusher.wake()
+        return {"photo_sha256": sha256, "label": fields["label"], "answer_id": fields["answer_id"]}
+
+    async def spooled(self, name: str, entry: bytes) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.spool.add, name, entry)
+        except SpoolFull as full:
+            raise Rejection(
+                "feedback_spool_full",
+                f"{full}: feedback cannot be accepted now, retry later",
+                retry_after=SPOOL_FULL_RETRY_AFTER_SECONDS,
+            ) from None
+        except OSError as error:
+            raise Rejection(
+                "feedback_not_stored", f"the feedback could not be written to disk: {error}"
+            ) from None
