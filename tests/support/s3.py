@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,3 +98,58 @@ def configure_remote(workspace: Path, s3: S3Endpoint, env: dict[str, str], **ove
     for key, value in settings.items():
         result = dvc(workspace, "remote", "modify", "--local", "minio", key, value, env=env)
         assert result.returncode == 0, result.stderr
+
+
+class StoreSwitch:
+    """A TCP relay on its own loopback port to an S3 server: ``off`` stops it as a stopped
+    store would (connections refused, those open cut), ``on`` starts it again on that port."""
+
+    def __init__(self, target_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        target = urlsplit(target_url)
+        self.target = (target.hostname, target.port)
+        self.listener: socket.socket | None = None
+        self.connections: list[socket.socket] = []
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def on(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, args=(self.listener,), daemon=True).start()
+
+    def off(self) -> None:
+        if self.listener is not None:
+            # Wakes the thread blocked in accept(), which else keeps the socket listening.
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self.listener = None
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        self.connections = []
+
+    def accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed: the store is off
+                return
+            upstream = socket.create_connection(self.target)
+            self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=relay, args=(source, sink), daemon=True).start()
+
+
+def relay(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

@@ -1,0 +1,228 @@
+"""POST /feedback on the stub front: stored in the local directory by default or in an S3
+bucket (moto's server, credentials checked), once per photo and label, refused with a 4xx
+naming what is wrong, and never lost while the store is down (spooled, then flushed)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY
+
+from serving.settings import (
+    FLUSH_RETRY_SECONDS,
+    MAX_COMMENT_CHARS,
+    SPOOL_FULL_RETRY_AFTER_SECONDS,
+)
+from serving.stores import feedback_config
+from tests.support.s3 import StoreSwitch, fresh_moto_account, moto_s3_server
+from tests.support.stub_service import StubService, front_restored, photo, stub_client
+
+pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
+
+
+@contextlib.contextmanager
+def feedback_front() -> Iterator:
+    """A client on a new stub front, whose feedback flusher is stopped on leaving (as SIGTERM
+    stops it in a served front)."""
+    with stub_client() as client:
+        front = StubService.instance()
+        try:
+            yield client
+        finally:
+            front.feedback.stop(0)
+
+
+def spool_entries() -> float:
+    return REGISTRY.get_sample_value("classifier_feedback_spool_entries") or 0.0
+
+
+def flush_failures() -> float:
+    return REGISTRY.get_sample_value("classifier_feedback_flush_failures_total") or 0.0
+
+
+def give(client, label="grass", colour=(20, 200, 20), **fields):
+    data = {"label": label, **fields} if label is not None else fields
+    return client.post("/feedback", files={"image": ("a.png", photo(colour))}, data=data)
+
+
+def eventually(condition, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def local_objects(root) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def feedback_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDBACK_DIR", str(tmp_path))
+    monkeypatch.delenv("FEEDBACK_STORE", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def s3(feedback_dir, monkeypatch):
+    """A bucket on moto's server, and the service configured to store feedback in it under a
+    prefix, through a switch that stops and starts the store (off until a test turns it on)."""
+    with moto_s3_server() as url:
+        endpoint = fresh_moto_account(url, "feedback-bucket")
+        store = StoreSwitch(url)
+        store.on()
+        store.off()  # its port is now the store's
+        monkeypatch.setenv("FEEDBACK_STORE", "s3://feedback-bucket/reviews/2024")
+        monkeypatch.setenv("FEEDBACK_S3_ENDPOINT_URL", store.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_access_key)
+        try:
+            yield store, endpoint
+        finally:
+            store.off()
+
+
+def records(endpoint) -> list[str]:
+    return [key for key in endpoint.objects() if "/records/" in key]
+
+
+def test_the_configuration_comes_from_the_environment(tmp_path):
+    default = feedback_config({})
+    assert default.spool_dir.parts[-2:] == ("dandelion-feedback", "spool")
+    assert default.store_url.endswith("dandelion-feedback/store")
+    store = feedback_config({"FEEDBACK_STORE": "s3://b/p/q/", "FEEDBACK_DIR": str(tmp_path)})
+    assert store.spool_dir == tmp_path / "spool" and str(store.store()) == "s3://b/p/q/"
+    with pytest.raises(ValueError, match="names no bucket"):
+        feedback_config({"FEEDBACK_STORE": "s3://"}).store()
+
+
+def test_feedback_is_stored_in_the_local_directory_by_default(feedback_dir):
+    with feedback_front() as client:
+        answer = client.post("/predict", files={"image": ("a.png", photo())}).json()
+        given = give(client, answer_id=answer["answer_id"], comment="a lawn, no flower")
+        assert given.status_code == 202, given.text
+        sha256 = hashlib.sha256(photo()).hexdigest()
+        assert given.json() == {
+            "photo_sha256": sha256,
+            "label": "grass",
+            "answer_id": answer["answer_id"],
+        }
+        store = feedback_dir / "store"
+        eventually(lambda: len(local_objects(store)) == 2)
+    objects = local_objects(store)
+    assert objects[f"photos/{sha256}"] == photo()
+    record = json.loads(objects[f"records/{sha256}/grass.json"])
+    assert record["answer_id"] == answer["answer_id"] and record["label"] == "grass"
+    assert record["comment"] == "a lawn, no flower" and record["photo_sha256"] == sha256
+    assert record["served_model_version"] == answer["model_version"]
+    assert not any((feedback_dir / "spool").iterdir())
+
+
+def test_feedback_goes_to_the_bucket_and_prefix_configured_once_per_photo_and_label(s3):
+    store, endpoint = s3
+    store.on()
+    with feedback_front() as client:
+        for label in ("grass", "grass", "neither"):  # the same feedback twice, then another
+            assert give(client, label).status_code == 202
+        eventually(lambda: len(endpoint.objects()) == 3)
+        sha256 = hashlib.sha256(photo()).hexdigest()
+        assert set(endpoint.objects()) == {
+            f"reviews/2024/photos/{sha256}",
+            f"reviews/2024/records/{sha256}/grass.json",
+            f"reviews/2024/records/{sha256}/neither.json",
+        }
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({"label": "rose"}, 422, "must be one of ['grass', 'dandelion', 'neither']"),
+        ({}, 422, "must be one of"),
+        ({"label": "grass", "comment": "x" * (MAX_COMMENT_CHARS + 1)}, 422, "at most 1000"),
+        ({"label": "grass", "answer_id": "42"}, 422, "must be an answer's answer_id"),
+        ({"label": "grass", "colour": "green"}, 422, "unknown fields ['colour']"),
+        ({"label": "grass", "image": b"not a photo"}, 415, "is not a JPEG"),
+        ({"label": "grass", "image": photo(size=(8, 8))}, 422, "at least 16 px"),
+    ],
+)
+def test_bad_feedback_gets_a_4xx_with_its_reason_and_is_not_kept(
+    feedback_dir, fields, status, message
+):
+    image = fields.pop("image", photo())
+    with feedback_front() as client:
+        refused = client.post("/feedback", files={"image": ("a.png", image)}, data=fields)
+    assert refused.status_code == status and message in refused.json()["error"]
+    assert local_objects(feedback_dir) == {}
+
+
+def test_feedback_accepted_while_the_store_is_stopped_is_stored_once_it_is_back(s3):
+    """The store stops while 30 feedbacks arrive: every one is accepted (202, on the spool's
+    disk), the spool grows, and once the store is back every one is in it and the spool is
+    empty."""
+    store, endpoint = s3
+    sent, answers, depths = 30, [], []
+    store.on()
+    with feedback_front() as client:
+        for index in range(sent):
+            if index == 10:  # mid-stream, once the flusher has stored the first ones
+                eventually(lambda: len(records(endpoint)) == 10)
+                failures = flush_failures()
+                store.off()
+            answers.append(give(client, colour=(index, 200, 20)).status_code)
+            depths.append(spool_entries())
+        assert answers == [202] * sent
+        assert depths[10:] == list(range(1, sent - 10 + 1))  # each kept, none stored
+        # The flusher found the store down after the last feedback, and waits to retry: no
+        # new feedback will wake it, only its retry timer.
+        last = flush_failures()
+        eventually(lambda: flush_failures() > last)
+        time.sleep(1)
+        store.on()
+        eventually(lambda: spool_entries() == 0, seconds=3 * FLUSH_RETRY_SECONDS)
+    assert len(records(endpoint)) == sent
+
+
+def test_a_full_spool_answers_503_and_keeps_what_it_holds(s3):
+    """With the store down and room for 3 entries: 3 feedbacks accepted, the 4th refused
+    with 503 and Retry-After, and the 3 stored once the store is back."""
+    store, endpoint = s3
+    with feedback_front() as client, front_restored() as front:
+        front.feedback.spool.max_entries = 3
+        answers = [give(client, colour=(i, 200, 20)) for i in range(4)]
+        assert [a.status_code for a in answers] == [202, 202, 202, 503]
+        assert "spool is full" in answers[3].json()["error"]
+        assert answers[3].headers["Retry-After"] == str(SPOOL_FULL_RETRY_AFTER_SECONDS)
+        store.on()
+        eventually(lambda: spool_entries() == 0, seconds=60)
+    assert len(records(endpoint)) == 3
+
+
+def test_a_spool_left_by_a_stopped_service_is_stored_by_the_next(s3):
+    store, endpoint = s3
+    with feedback_front() as client:  # the store is down: what it accepts stays spooled
+        assert give(client).status_code == 202
+    assert spool_entries() == 1 and records(endpoint) == []
+    store.on()
+    with feedback_front():
+        eventually(lambda: len(records(endpoint)) == 1, seconds=60)
+    assert spool_entries() == 0
+
+
+def test_a_feedback_is_on_disk_before_it_is_answered(feedback_dir):
+    """Nothing is flushed (the flusher holds its lock): the 202 comes with the entry on disk."""
+    with feedback_front() as client, front_restored() as front:
+        front.feedback.flusher.stopping.set()
+        front.feedback.flusher.wake()
+        front.feedback.flusher.thread.join(10)
+        assert give(client).status_code == 202
+        (entry,) = (feedback_dir / "spool").iterdir()
+        assert entry.read_bytes().endswith(photo())
