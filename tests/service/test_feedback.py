@@ -175,7 +175,6 @@ def test_feedback_accepted_while_the_store_is_stopped_is_stored_once_it_is_back(
         for index in range(sent):
             if index == 10:  # mid-stream, once the flusher has stored the first ones
                 eventually(lambda: len(records(endpoint)) == 10)
-                failures = flush_failures()
                 store.off()
             answers.append(give(client, colour=(index, 200, 20)).status_code)
             depths.append(spool_entries())
