@@ -12,7 +12,11 @@ from pathlib import Path
 PAGE_DIR = Path(__file__).parent / "page"
 PARTS = {
     "/* page.css */\n": ["page.css"],
-    "// verdicts.js\n// model-card.js\n": ["verdicts.js", "model-card.js"],
+    "// verdicts.js\n// feedback.js\n// model-card.js\n": [
+        "verdicts.js",
+        "feedback.js",
+        "model-card.js",
+    ],
 }
 
 

@@ -13,6 +13,7 @@ const STATUS_MEANING = {
   413: "Too large",
   415: "Not a picture the service can read",
   422: "This picture cannot be classified",
+  500: "The service failed",
   503: "The service is busy or restarting",
 };
 
@@ -55,11 +56,13 @@ class ServiceError extends Error {
   }
 }
 
-// POST the files in `field` to `path`; the JSON answer, or a ServiceError saying why not.
-async function post(path, field, files) {
+// POST the files in `field` and the text `fields` (those not null) to `path`; the JSON
+// answer, or a ServiceError saying why not. A 503 is retried at most `retries` times.
+async function post(path, field, files, fields = {}, retries = BUSY_RETRIES) {
   for (let attempt = 0; ; attempt++) {
     const form = new FormData();
     for (const file of files) form.append(field, file, file.name);
+    for (const [name, value] of Object.entries(fields)) if (value != null) form.append(name, value);
     let response;
     try {
       response = await fetch(path, { method: "POST", body: form });
@@ -70,7 +73,7 @@ async function post(path, field, files) {
     try { body = await response.json(); } catch (_) { /* not JSON: a proxy's page */ }
     if (response.ok && body) return body;
     const wait = Math.min(Math.max(Number(response.headers.get("Retry-After")) || 1, 1), 30);
-    if (response.status === 503 && attempt < BUSY_RETRIES) {
+    if (response.status === 503 && attempt < retries) {
       setStatus(`The service is busy: trying again in ${wait} s…`);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       continue;
@@ -141,6 +144,7 @@ function card(entry) {
   } else if (!answer) {
     body.append(element("div", { className: "muted" }, "Looking…"));
   } else {
+    item.dataset.answerId = answer.answer_id;  // what a feedback on this verdict quotes
     // A photo unlike the training photos is "neither": its label is only the nearer class.
     body.append(
       element("div", { className: "verdict" }, answer.neither ? "neither" : answer.label),
@@ -154,6 +158,7 @@ function card(entry) {
         "This looks like neither a dandelion nor grass: the picture is unlike anything the " +
         `model was trained on (novelty ${Number(answer.novelty).toFixed(1)}, above 1 is unlike).`));
     }
+    body.append(...feedbackControls(entry));
   }
   return item;
 }

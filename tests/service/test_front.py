@@ -1,6 +1,7 @@
 """The HTTP front (serving/service.py) in this process, on a stub model
 (tests/support/stub_service.py): status codes, JSON errors, batch filenames, the 408 and 503
-paths and /model-info, and the page's retries of a busy service in headless Chromium (the
+paths and /model-info, and in headless Chromium the page's retries of a busy service and its
+feedback buttons (the
 OpenAPI document and /docs: tests/service/test_api_docs.py; the page on the real model:
 tests/end_to_end/test_page.py)."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import time
 
 import pytest
@@ -15,7 +18,7 @@ import pytest
 from serving.contract import MODEL_NAME
 from serving.engines import BATCHING, SERVICES
 from serving.model import ServedModel
-from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME
+from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME, SPOOL_MAX_ENTRIES
 from serving.uploads import Pace
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.needs import require_tools
@@ -240,6 +243,10 @@ return {
   cards: [...document.querySelectorAll("#verdicts li.card")].map((item) => ({
     verdict: item.querySelector(".verdict")?.textContent ?? null,
     failed: item.querySelector(".failed")?.textContent ?? null,
+    answerId: item.dataset.answerId ?? null,
+    buttons: Object.fromEntries([...item.querySelectorAll(".feedback button")].map(
+      (button) => [button.getAttribute("aria-label"), !button.disabled])),
+    note: item.querySelector(".feedback-note")?.textContent ?? null,
   })),
 };
 """
@@ -290,3 +297,70 @@ def test_the_page_retries_a_busy_service_after_retry_after_and_gives_up_after_th
         assert failed.startswith("The service is busy or restarting: the service is at capacity")
         assert failed.endswith("Try again in a moment.")
         assert predict_posts() == 4
+
+
+def test_the_page_sends_a_verdict_s_correction_with_its_photo_and_says_what_became_of_it(
+    stub, tmp_path, monkeypatch
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = require_tools("chromium", "chromedriver")
+    monkeypatch.setenv("FEEDBACK_DIR", str(tmp_path / "feedback"))  # read at the front's start
+    monkeypatch.delenv("FEEDBACK_STORE", raising=False)
+    green = tmp_path / "green.png"
+    green.write_bytes(photo(GREEN))
+    sha256 = hashlib.sha256(green.read_bytes()).hexdigest()
+    record = tmp_path / "feedback" / "store" / "records" / sha256 / "grass.json"
+    with (
+        stub_served() as url,
+        contextlib.closing(headless_chromium(*chromium, tmp_path / "profile")) as browser,
+    ):
+        front = stub.instance()
+        wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+
+        def card() -> dict:
+            return browser.execute_script(PAGE_STATE_SCRIPT)["cards"][0]
+
+        def click(meaning: str) -> None:
+            browser.find_element(By.CSS_SELECTOR, f'.feedback [aria-label="{meaning}"]').click()
+
+        def feedback_posts() -> int:
+            return sum(
+                1
+                for params in sent_requests(browser)
+                if params["request"]["url"] == f"{url}/feedback"
+            )
+
+        try:
+            browser.get(f"{url}/")
+            wait.until(lambda _: "Loading" not in browser.find_element(By.ID, "model-card").text)
+            browser.find_element(By.ID, "file").send_keys(str(green))
+            wait.until(lambda _: card()["verdict"] == "dandelion")
+            shown = card()["answerId"]
+            # The other class and neither, beside "right".
+            assert card()["buttons"] == dict.fromkeys(
+                ["right", "wrong, it is grass", "wrong, it is neither"], True
+            )
+            sent_requests(browser)
+
+            # A full spool: the service's reason, one request (no retries), buttons still on.
+            front.feedback.spool.max_entries = 0
+            click("wrong, it is grass")
+            note = wait.until(lambda _: card()["note"] if "busy" in (card()["note"] or "") else 0)
+            assert "the feedback spool is full" in note and note.endswith("Try again in a moment.")
+            assert all(card()["buttons"].values()) and feedback_posts() == 1
+            assert not record.exists()
+
+            # Room again: stored, thanked, and the buttons off.
+            front.feedback.spool.max_entries = SPOOL_MAX_ENTRIES
+            click("wrong, it is grass")
+            wait.until(lambda _: card()["note"] == "Thanks, stored: grass.")
+            assert not any(card()["buttons"].values())
+            wait.until(lambda _: record.exists())
+        finally:
+            front.feedback.stop(0)
+    stored = json.loads(record.read_text())
+    assert stored["photo_sha256"] == sha256 and stored["label"] == "grass"
+    assert stored["answer_id"] == shown and stored["filename"] == "green.png"
+    assert stored["model_version"] == CARD.version
