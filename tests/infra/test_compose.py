@@ -19,7 +19,12 @@ import yaml
 from dvc.repo import Repo
 
 from serving.contract import MODEL_NAME
-from serving.settings import TRAFFIC_TIMEOUT_SECONDS
+from serving.settings import (
+    FEEDBACK_DIR_ENV,
+    FEEDBACK_S3_ENDPOINT_ENV,
+    FEEDBACK_STORE_ENV,
+    TRAFFIC_TIMEOUT_SECONDS,
+)
 from tests.support.git import copy_workspace
 from tests.support.needs import require_tools
 from tests.support.paths import REPO_ROOT
@@ -34,7 +39,15 @@ def compose_config(*extra_args: str, extra_env: dict[str, str] | None = None) ->
 
 @functools.cache
 def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) -> dict:
-    ours = ("MINIO_", "MLFLOW_", "CLASSIFIER_", "PROMETHEUS_", "GRAFANA_", "GIT_REVISION")
+    ours = (
+        "MINIO_",
+        "MLFLOW_",
+        "CLASSIFIER_",
+        "PROMETHEUS_",
+        "GRAFANA_",
+        "GIT_REVISION",
+        "FEEDBACK_",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(env_items)
     result = subprocess.run(
@@ -49,7 +62,9 @@ def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) 
     return yaml.safe_load(result.stdout)
 
 
-SERVE_PROFILE = ("classifier", "prometheus", "grafana")
+SERVE_PROFILE = ("classifier", "feedback-spool", "prometheus", "grafana")
+# Built locally by `bentoml containerize`, never pulled: the service, and its volume's owner fix.
+LOCAL_IMAGE = ("classifier", "feedback-spool")
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 
 
@@ -151,7 +166,7 @@ def mounts(service: dict) -> dict[str, Path]:
     return binds
 
 
-def test_the_serve_profile_adds_service_prometheus_and_grafana_only():
+def test_the_serve_profile_adds_service_its_spool_owner_prometheus_and_grafana_only():
     services = compose_config("--profile", "serve")["services"]
     for name, service in services.items():
         assert service.get("profiles", []) == (["serve"] if name in SERVE_PROFILE else []), name
@@ -160,8 +175,9 @@ def test_the_serve_profile_adds_service_prometheus_and_grafana_only():
 def test_every_pulled_image_is_pinned_by_tag_and_digest():
     for name, service in compose_config("--profile", "serve")["services"].items():
         image = service["image"]
-        if name == "classifier":  # built locally by `bentoml containerize`, never pulled
+        if name in LOCAL_IMAGE:
             assert service["pull_policy"] == "never"
+            assert service["image"] == compose_config()["services"]["classifier"]["image"]
         elif "build" not in service:
             reference, _, digest = image.partition("@sha256:")
             assert ":" in reference.split("/")[-1] and len(digest) == 64, name
@@ -209,3 +225,42 @@ def test_grafana_is_provisioned_from_the_repository_files():
     url = urlparse(datasource["url"])
     prometheus_ports = [c for _, _, c in published_ports(services["prometheus"])]
     assert url.hostname == "prometheus" and str(url.port) in prometheus_ports
+
+
+def named_volumes(service: dict) -> dict[str, str]:
+    """Container path -> volume name of a service's named volumes."""
+    return {
+        volume.split(":")[1]: volume.split(":")[0]
+        for volume in service.get("volumes", [])
+        if not volume.startswith(("/", "."))
+    }
+
+
+def test_feedback_is_spooled_on_a_volume_the_service_owns_and_stored_in_the_stack_s_bucket():
+    config = compose_config("--env-file", str(REPO_ROOT / ".env.example"))
+    services = config["services"]
+    classifier, owner = services["classifier"], services["feedback-spool"]
+    env = classifier["environment"]
+    # The spool outlives the container, on a named volume...
+    spool_dir = env[FEEDBACK_DIR_ENV]
+    volume = named_volumes(classifier)[spool_dir]
+    assert volume in config["volumes"]
+    # ... made the image user's before the service starts (a new volume is root's).
+    assert classifier["depends_on"]["feedback-spool"]["condition"] == (
+        "service_completed_successfully"
+    )
+    assert named_volumes(owner) == {spool_dir: volume} and owner["user"] == "root"
+    assert owner["entrypoint"] == ["chown", "bentoml:bentoml", spool_dir]
+    # The store: a bucket the bootstrap makes, on MinIO, with the credentials MinIO (and so
+    # the DVC remote and MLflow) use.
+    store = urlparse(env[FEEDBACK_STORE_ENV])
+    assert store.scheme == "s3" and store.path.strip("/")
+    assert store.netloc == services["create-buckets"]["environment"]["FEEDBACK_BUCKET"]
+    assert '"local/$$FEEDBACK_BUCKET"' in " ".join(services["create-buckets"]["command"])
+    endpoint = urlparse(env[FEEDBACK_S3_ENDPOINT_ENV])
+    assert endpoint.hostname == "minio"
+    assert str(endpoint.port) in [c for _, _, c in published_ports(services["minio"])]
+    minio = services["minio"]["environment"]
+    assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"] == "change-me-please"
+    assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
