@@ -18,7 +18,14 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
-from serving.settings import READY_PROBE_SECONDS, TRAFFIC_TIMEOUT_SECONDS
+from serving.settings import (
+    FEEDBACK_DIR_ENV,
+    FEEDBACK_S3_ENDPOINT_ENV,
+    FEEDBACK_STORE_ENV,
+    READY_PROBE_SECONDS,
+    SPOOL_MAX_BYTES,
+    TRAFFIC_TIMEOUT_SECONDS,
+)
 from tests.support.paths import REPO_ROOT
 
 KUSTOMIZE_DIRS = {
@@ -115,6 +122,28 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_feedback_is_spooled_on_a_volume_above_the_spool_s_bound_and_stored_with_secret_keys(
+    rendered,
+):
+    _, _, resources = rendered
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env[FEEDBACK_STORE_ENV]["value"].startswith("s3://")
+    assert FEEDBACK_S3_ENDPOINT_ENV in env
+    # The credentials come from a Secret, and a missing one stops the pod from starting.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        reference = env[key]["valueFrom"]["secretKeyRef"]
+        assert reference == {"name": "classifier-feedback-store", "key": key}, key
+    # FEEDBACK_DIR is a volume's, writable by the service's group, larger than the spool may be.
+    spool_dir = env[FEEDBACK_DIR_ENV]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == spool_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 1024**3 > SPOOL_MAX_BYTES
 
 
 def test_selectors_ports_and_scale_targets_fit_together(rendered):
