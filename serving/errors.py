@@ -30,6 +30,7 @@ FEEDBACK_REJECTIONS = {
     "bad_label": 422,
     "bad_answer_id": 422,
     "comment_too_long": 422,
+    "model_version_too_long": 422,
     "feedback_spool_full": 503,
     "feedback_not_stored": 500,
 }

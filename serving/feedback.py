@@ -13,6 +13,7 @@ the store. Feedback is never trusted: it enters training only after review (issu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
@@ -31,6 +32,7 @@ from serving.settings import (
     FEEDBACK_FIELDS,
     IMAGE_FIELD,
     MAX_COMMENT_CHARS,
+    MAX_MODEL_VERSION_CHARS,
     NEITHER_LABEL,
     SHUTDOWN_FLUSH_SECONDS,
     SPOOL_FULL_RETRY_AFTER_SECONDS,
@@ -67,6 +69,14 @@ def text_fields(form: FormData, labels: tuple[str, ...]) -> dict[str, str | None
             raise Rejection(
                 "bad_answer_id", "the field 'answer_id' must be an answer's answer_id (a UUID)"
             ) from None
+    if fields["model_version"] is not None and len(fields["model_version"]) > (
+        MAX_MODEL_VERSION_CHARS
+    ):
+        raise Rejection(
+            "model_version_too_long",
+            f"the field 'model_version' has {len(fields['model_version'])} characters: "
+            f"at most {MAX_MODEL_VERSION_CHARS}",
+        )
     if fields["comment"] is not None and len(fields["comment"]) > MAX_COMMENT_CHARS:
         raise Rejection(
             "comment_too_long",
@@ -80,7 +90,8 @@ class FeedbackDesk:
     flusher, made for ``card`` with the deployment's configuration (``environ``)."""
 
     def __init__(self, card: ModelCard, upload: Upload, environ=os.environ) -> None:
-        self.card, self.upload = card, upload
+        # /predict's upload rules, but not its advice to send several photos to /predict_batch.
+        self.card, self.upload = card, dataclasses.replace(upload, hint=" (one per feedback)")
         self.labels = (*card.classes, NEITHER_LABEL)
         self.config = feedback_config(environ)
         self.metrics = feedback_metrics()

@@ -147,6 +147,9 @@ FEEDBACK_FIELDS = ("label", "answer_id", "model_version", "comment")
 NEITHER_LABEL = "neither"
 # A comment is a note for the reviewer, not a document: a few sentences.
 MAX_COMMENT_CHARS = 1000
+# A model_version quoted by a feedback: the card's are 16 hex digits; 64 leaves room for
+# other schemes (a whole sha256) and bounds what a record keeps of a client's text.
+MAX_MODEL_VERSION_CHARS = 64
 # The spool keeps what the store cannot take yet, on disk. Bounded, so that a store down for
 # long fills no disk: past either bound feedback is refused (503), never accepted and dropped.
 # 2 GiB hold 200 photos at the upload limit, about 600 phone photos; at a few feedbacks a

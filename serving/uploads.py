@@ -95,11 +95,13 @@ class ClosingBoundary:
 
 @dataclass(frozen=True)
 class Upload:
-    """What a prediction route takes: at most ``most`` files, in the multipart ``field``."""
+    """What a route takes: at most ``most`` files, in the multipart ``field``; ``hint`` ends
+    the too-many-files message (where to send more)."""
 
     field: str
     most: int
     limits: UploadLimits
+    hint: str = ""
 
     def check_headers(self, headers: Headers) -> None:
         """Rejection (4xx) for a request that cannot hold the files, before its body is read."""
@@ -127,10 +129,10 @@ class Upload:
         return boundary
 
     def too_many_files(self) -> Rejection:
-        hint = " (send several photos to /predict_batch)" if self.most == 1 else ""
         return Rejection(
             "too_many_files",
-            f"too many files: at most {self.most} per request in the field '{self.field}'{hint}",
+            f"too many files: at most {self.most} per request in the field '{self.field}'"
+            f"{self.hint}",
         )
 
     def missing_file(self, fields_sent: list[str]) -> Rejection:
@@ -174,9 +176,8 @@ class Upload:
 def card_uploads(card: ModelCard) -> tuple[Upload, Upload]:
     """What /predict and /predict_batch take, by the card's limits (params.yaml `serve`)."""
     limits = UploadLimits(**{key: card.serve[key] for key in UploadLimits.__dataclass_fields__})
-    return Upload(IMAGE_FIELD, 1, limits), Upload(
-        IMAGES_FIELD, card.serve["max_batch_files"], limits
-    )
+    single = Upload(IMAGE_FIELD, 1, limits, hint=" (send several photos to /predict_batch)")
+    return single, Upload(IMAGES_FIELD, card.serve["max_batch_files"], limits)
 
 
 async def read_form(request: Request, upload: Upload, pace: Pace) -> FormData:

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from serving.settings import (
     FLUSH_RETRY_SECONDS,
     MAX_COMMENT_CHARS,
+    MAX_MODEL_VERSION_CHARS,
     SPOOL_FULL_RETRY_AFTER_SECONDS,
 )
 from serving.stores import feedback_config
@@ -149,6 +150,11 @@ def test_feedback_goes_to_the_bucket_and_prefix_configured_once_per_photo_and_la
         ({}, 422, "must be one of"),
         ({"label": "grass", "comment": "x" * (MAX_COMMENT_CHARS + 1)}, 422, "at most 1000"),
         ({"label": "grass", "answer_id": "42"}, 422, "must be an answer's answer_id"),
+        (
+            {"label": "grass", "model_version": "v" * (MAX_MODEL_VERSION_CHARS + 1)},
+            422,
+            f"'model_version' has {MAX_MODEL_VERSION_CHARS + 1} characters: at most",
+        ),
         ({"label": "grass", "colour": "green"}, 422, "unknown fields ['colour']"),
         ({"label": "grass", "image": b"not a photo"}, 415, "is not a JPEG"),
         ({"label": "grass", "image": photo(size=(8, 8))}, 422, "at least 16 px"),
@@ -161,6 +167,20 @@ def test_bad_feedback_gets_a_4xx_with_its_reason_and_is_not_kept(
     with feedback_front() as client:
         refused = client.post("/feedback", files={"image": ("a.png", image)}, data=fields)
     assert refused.status_code == status and message in refused.json()["error"]
+    assert local_objects(feedback_dir) == {}
+
+
+def test_two_photos_in_one_feedback_get_a_400_with_no_advice_to_use_predict_batch(feedback_dir):
+    with feedback_front() as client:
+        refused = client.post(
+            "/feedback",
+            files=[("image", ("a.png", photo())), ("image", ("b.png", photo()))],
+            data={"label": "grass"},
+        )
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "error": "too many files: at most 1 per request in the field 'image' (one per feedback)"
+    }
     assert local_objects(feedback_dir) == {}
 
 
