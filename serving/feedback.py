@@ -114,24 +114,28 @@ class FeedbackDesk:
         """Spool a feedback read from ``request`` (durably, before the answer), or Rejection."""
         async with admission.accepted(request.headers, self.upload):
             async with self.upload.form(request, pace) as form:
-                fields = text_fields(form, self.labels)
                 (file,) = self.upload.files(form)
-                photo = await file.read()
+                return await self.take(form, file.filename, await file.read())
 
-            async def sent() -> bytes:
-                return photo
+    async def take(self, form: FormData, filename: str, photo: bytes) -> dict:
+        """Spool the feedback of ``form``'s text fields on ``photo`` (durably, before the
+        answer): its receipt, or Rejection. For POST /feedback and its typed twin."""
+        fields = text_fields(form, self.labels)
 
-            # Checked as /predict checks it: feedback is on photos the service would answer.
-            await decoded([SentFile(file.filename, sent)], self.card.image_size, self.upload.limits)
-            sha256 = hashlib.sha256(photo).hexdigest()
-            record = {
-                **fields,
-                "photo_sha256": sha256,
-                "filename": file.filename,
-                "served_model_version": self.card.version,
-                "received_at": datetime.datetime.now(datetime.UTC).isoformat(),
-            }
-            await self.spooled(f"{sha256}.{fields['label']}", pack(record, photo))
+        async def sent() -> bytes:
+            return photo
+
+        # Checked as /predict checks it: feedback is on photos the service would answer.
+        await decoded([SentFile(filename, sent)], self.card.image_size, self.upload.limits)
+        sha256 = hashlib.sha256(photo).hexdigest()
+        record = {
+            **fields,
+            "photo_sha256": sha256,
+            "filename": filename,
+            "served_model_version": self.card.version,
+            "received_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }
+        await self.spooled(f"{sha256}.{fields['label']}", pack(record, photo))
         self.metrics.received.labels(fields["label"]).inc()
         self.flusher.wake()
         return {"photo_sha256": sha256, "label": fields["label"], "answer_id": fields["answer_id"]}

@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import FormData
 
 from serving.admission import Admission
 from serving.api import (
@@ -58,6 +59,7 @@ from serving.settings import (
     READY_PROBE_SECONDS,
     SERVICE_NAME,
     TRAFFIC,
+    TYPED_FEEDBACK_ROUTE,
     TYPED_PREDICT_BATCH_ROUTE,
     TYPED_PREDICT_ROUTE,
 )
@@ -130,6 +132,7 @@ class DandelionService:
         self.metrics.describe(card, self.info["git_revision"], REJECTIONS)
         sample_process("front")
         self.feedback = FeedbackDesk(card, self.single)
+        self.typed_uploads[TYPED_FEEDBACK_ROUTE] = self.feedback.upload
         self.feedback.start()  # stores what a previous run left spooled, then new feedback
         # After the drain, the feedback flusher's last pass; what it cannot store stays spooled.
         self.admission.drain_on_sigterm(then=self.feedback.stop)
@@ -206,6 +209,31 @@ class DandelionService:
             return BatchPredictions(**batch_answer(files, await self.classify(files)))
         except Rejection as rejection:
             return rejection_response(rejection)
+
+    # Named apart from the FastAPI route's `give_feedback` and from `self.feedback`, the desk.
+    @bentoml.api(route=TYPED_FEEDBACK_ROUTE)
+    async def send_feedback(
+        self,
+        image: Path,
+        label: str | None = None,  # optional here so that a missing one gets our 422
+        answer_id: str | None = None,
+        model_version: str | None = None,
+        comment: str | None = None,
+    ) -> FeedbackReceipt:
+        """Say what a photo really shows: `POST /feedback`, for BentoML's clients."""
+        given = {
+            "label": label,
+            "answer_id": answer_id,
+            "model_version": model_version,
+            "comment": comment,
+        }
+        form = FormData([(name, value) for name, value in given.items() if value is not None])
+        (file,) = sent_files([image])
+        try:
+            receipt = await self.feedback.take(form, file.filename, await file.read())
+        except Rejection as rejection:  # as is: BentoML would reshape a raised error
+            return rejection_response(rejection)
+        return JSONResponse(receipt, status_code=202)
 
     async def read_and_classify(self, request: Request, upload: Upload) -> tuple[list, list]:
         """The files ``upload`` reads from ``request`` and their answers, or Rejection."""

@@ -42,6 +42,7 @@ RETRY_AFTER_SECONDS = 1
 # own routes are matched before the mounted FastAPI app, so they cannot share its paths.
 TYPED_PREDICT_ROUTE = "/api/predict"
 TYPED_PREDICT_BATCH_ROUTE = "/api/predict_batch"
+TYPED_FEEDBACK_ROUTE = "/api/feedback"
 # The multipart fields the prediction endpoints read, and the typed endpoints' parameters: the
 # handlers, /openapi.json and the clients all use these names.
 IMAGE_FIELD = "image"

@@ -1,10 +1,12 @@
 """BentoML's own clients on the typed endpoints (/api/predict, /api/predict_batch), against the
 stub served by uvicorn (tests/support/stub_service.py): the same answers, errors, headers and
-metrics as the multipart routes (POST /predict, /predict_batch) for the same requests."""
+metrics as the multipart routes (POST /predict, /predict_batch) for the same requests; and
+/api/feedback as POST /feedback."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import socket
 import time
@@ -15,6 +17,7 @@ import bentoml
 import pytest
 import requests
 
+from serving.feedback import FeedbackDesk
 from serving.settings import (
     MAX_PREDICTIONS_IN_FLIGHT,
     TYPED_PREDICT_BATCH_ROUTE,
@@ -228,6 +231,50 @@ def test_an_oversized_declared_body_is_refused_before_it_is_sent(served):
     )
 
 
+@pytest.fixture
+def feedback_store(front, tmp_path):
+    """The served front's feedback kept under ``tmp_path`` (not the default, in the home): a
+    desk of its own, stopped on leaving; the store's directory."""
+    desk = FeedbackDesk(front.model.card, front.single, environ={"FEEDBACK_DIR": str(tmp_path)})
+    front.feedback = desk
+    desk.start()
+    yield tmp_path / "store"
+    desk.stop(0)
+
+
+def test_the_client_gives_feedback_as_the_multipart_route_does(served, photos, feedback_store):
+    green = photos["green.png"]
+    sha256 = hashlib.sha256(green.read_bytes()).hexdigest()
+    with bentoml.SyncHTTPClient(served) as client:
+        answer = client.predict(image=green)
+        receipt = client.send_feedback(
+            image=green,
+            label="grass",
+            answer_id=answer["answer_id"],
+            model_version=answer["model_version"],
+        )
+        refusals = {
+            "rose": client_answer(lambda: client.send_feedback(image=green, label="rose")),
+            None: client_answer(lambda: client.send_feedback(image=green)),
+        }
+    assert receipt == {"photo_sha256": sha256, "label": "grass", "answer_id": answer["answer_id"]}
+    for label, (status, body) in refusals.items():
+        data = {"label": label} if label else {}
+        expected = requests.post(
+            f"{served}/feedback", files={"image": (green.name, green.read_bytes())}, data=data
+        )
+        assert (status, body) == (expected.status_code, expected.json()) and status == 422
+    record = feedback_store / "records" / sha256 / "grass.json"
+    deadline = time.monotonic() + 20
+    while not record.exists():
+        assert time.monotonic() < deadline, "not stored"
+        time.sleep(0.05)
+    stored = json.loads(record.read_text())
+    assert stored["answer_id"] == answer["answer_id"] and stored["filename"] == "green.png"
+    assert stored["model_version"] == stubs.CARD.version
+
+
+# Last: a new stub front (stub_client) leaves no current instance for the served one's tests.
 @pytest.mark.parametrize("route", list(ROUTES.values()))
 def test_a_stalled_upload_on_a_typed_route_gets_408_too(route):
     field = "image" if route == TYPED_PREDICT_ROUTE else "images"
