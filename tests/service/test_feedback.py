@@ -7,20 +7,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+import requests
 from prometheus_client import REGISTRY
 
 from serving.settings import (
     FLUSH_RETRY_SECONDS,
     MAX_COMMENT_CHARS,
     MAX_MODEL_VERSION_CHARS,
+    SHUTDOWN_FLUSH_SECONDS,
     SPOOL_FULL_RETRY_AFTER_SECONDS,
 )
 from serving.stores import feedback_config
-from tests.support.s3 import StoreSwitch, fresh_moto_account, moto_s3_server
+from tests.support.http import free_port
+from tests.support.paths import REPO_ROOT
+from tests.support.processes import running_server
 from tests.support.stub_service import StubService, front_restored, photo, stub_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
@@ -64,32 +71,6 @@ def local_objects(root) -> dict[str, bytes]:
         for path in root.rglob("*")
         if path.is_file()
     }
-
-
-@pytest.fixture
-def feedback_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEEDBACK_DIR", str(tmp_path))
-    monkeypatch.delenv("FEEDBACK_STORE", raising=False)
-    return tmp_path
-
-
-@pytest.fixture
-def s3(feedback_dir, monkeypatch):
-    """A bucket on moto's server, and the service configured to store feedback in it under a
-    prefix, through a switch that stops and starts the store (off until a test turns it on)."""
-    with moto_s3_server() as url:
-        endpoint = fresh_moto_account(url, "feedback-bucket")
-        store = StoreSwitch(url)
-        store.on()
-        store.off()  # its port is now the store's
-        monkeypatch.setenv("FEEDBACK_STORE", "s3://feedback-bucket/reviews/2024")
-        monkeypatch.setenv("FEEDBACK_S3_ENDPOINT_URL", store.url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", endpoint.access_key_id)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", endpoint.secret_access_key)
-        try:
-            yield store, endpoint
-        finally:
-            store.off()
 
 
 def records(endpoint) -> list[str]:
@@ -245,3 +226,55 @@ def test_a_feedback_is_on_disk_before_it_is_answered(feedback_dir):
         assert give(client).status_code == 202
         (entry,) = (feedback_dir / "spool").iterdir()
         assert entry.read_bytes().endswith(photo())
+
+
+# The stub front served by uvicorn in a process of its own, in its main thread, so that SIGTERM
+# takes the service's path (drain, then the flusher's last pass). The flusher's retry timer is
+# pushed out of the test's reach: only a new feedback or the last pass tries the store.
+SERVE_STUB = """
+import sys
+import uvicorn
+import serving.spool
+serving.spool.FLUSH_RETRY_SECONDS = 3600
+from tests.support.stub_service import stub_service
+uvicorn.run(stub_service().app, host="127.0.0.1", port=int(sys.argv[1]), log_level="info")
+"""
+
+
+def test_sigterm_gives_the_flusher_a_last_pass_and_leaves_spooled_what_it_cannot_store(
+    s3, feedback_dir, tmp_path
+):
+    store, endpoint = s3
+    spool = feedback_dir / "spool"
+
+    def served_until_sigterm(colour, store_on_at_sigterm: bool) -> None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-c", SERVE_STUB, str(port)]
+        log = tmp_path / f"serve-{port}.log"
+        with running_server(command, url, log, cwd=REPO_ROOT, timeout=120) as process:
+
+            def failures() -> int:  # the flusher's warnings in the server's log
+                return sum("failed: EndpointConnectionError" in line for line in open(log))
+
+            # What a previous run left is tried at the start, and fails: then the flusher waits.
+            left = len(list(spool.iterdir())) if spool.exists() else 0
+            eventually(lambda: failures() == left)
+            sent = {"image": ("a.png", photo(colour))}
+            given = requests.post(f"{url}/feedback", files=sent, data={"label": "grass"})
+            assert given.status_code == 202, given.text
+            # The attempt the feedback wakes has failed too: only the last pass is left.
+            eventually(lambda: failures() == left + 1)
+            if store_on_at_sigterm:
+                store.on()
+            os.kill(process.pid, signal.SIGTERM)
+            # A graceful exit: uvicorn re-raises the SIGTERM it caught once it has shut down.
+            assert process.wait(timeout=SHUTDOWN_FLUSH_SECONDS + 20) == -signal.SIGTERM
+            assert "Application shutdown complete" in log.read_text()
+
+    # The store down throughout: the last pass fails, and the feedback stays on disk.
+    served_until_sigterm((20, 200, 20), store_on_at_sigterm=False)
+    assert len(list(spool.iterdir())) == 1 and records(endpoint) == []
+    # The store back just as SIGTERM comes: the last pass stores both, the left one too.
+    served_until_sigterm((30, 200, 20), store_on_at_sigterm=True)
+    assert len(records(endpoint)) == 2 and list(spool.iterdir()) == []
