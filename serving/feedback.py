@@ -102,6 +102,7 @@ class FeedbackDesk:
             self.config.store(),
             on_stored=self.metrics.stored.inc,
             on_failure=self.metrics.flush_failures.inc,
+            on_set_aside=self.metrics.set_aside.inc,
         )
 
     def start(self) -> None:

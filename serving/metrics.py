@@ -144,6 +144,7 @@ class FeedbackMetrics:
     received: object  # Counter by label: feedback accepted (spooled)
     stored: object  # Counter: spool entries put into the store
     flush_failures: object  # Counter: store calls of the flusher that failed
+    set_aside: object  # Counter: spool entries unreadable as one, moved to its quarantine
     spool_entries: object  # Gauge: feedback accepted and not yet stored
     spool_bytes: object  # Gauge: their bytes on disk
 
@@ -169,6 +170,10 @@ def feedback_metrics() -> FeedbackMetrics:
         flush_failures=Counter(
             "classifier_feedback_flush_failures",
             "Attempts to put spooled feedback into the store that failed (it stays spooled).",
+        ),
+        set_aside=Counter(
+            "classifier_feedback_set_aside",
+            "Spooled feedback that could not be read back, moved to the spool's quarantine.",
         ),
         spool_entries=Gauge(
             "classifier_feedback_spool_entries",

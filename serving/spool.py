@@ -8,6 +8,9 @@ FLUSH_RETRY_SECONDS; the spool is bounded (``SpoolFull`` past its bounds: the re
 refused, nothing accepted is dropped), and a spool left by a stopped service is flushed when
 the next one starts.
 
+An entry that cannot be read back as one (a damaged disk, a hand edit) is set aside in
+``quarantine/`` beside the others, kept for a person to look at, so that it blocks no other.
+
 An entry is named ``<photo sha256>.<label>``: the same feedback twice is one entry, and one
 record in the store. In the store the photo is ``photos/<sha256>`` and the record
 ``records/<sha256>/<label>.json`` (the record last, so a stored record always has its photo).
@@ -26,6 +29,7 @@ from serving.settings import FLUSH_RETRY_SECONDS, SPOOL_MAX_BYTES, SPOOL_MAX_ENT
 logger = logging.getLogger("bentoml.service.dandelion")
 
 ENTRY_SUFFIX = ".feedback"
+QUARANTINE = "quarantine"  # a subdirectory of the spool's
 
 
 class SpoolFull(Exception):
@@ -71,6 +75,9 @@ class Spool:
         self.versions: dict[str, int] = {}  # entry name -> which write it holds
         self.writes = 0
         if directory.is_dir():  # left by a service that stopped before flushing it
+            # A write cut short before its rename was never answered 2xx: nothing to keep.
+            for partial in directory.glob(f".*{ENTRY_SUFFIX}.partial"):
+                partial.unlink()
             for path in directory.glob(f"*{ENTRY_SUFFIX}"):
                 self.sizes[path.name] = path.stat().st_size
                 self.versions[path.name] = 0
@@ -111,6 +118,17 @@ class Spool:
     def read(self, name: str) -> bytes:
         return (self.directory / name).read_bytes()
 
+    def set_aside(self, name: str, version: int) -> None:
+        """Move an entry that cannot be read as one into QUARANTINE, out of the queue."""
+        with self.lock:
+            if self.versions.get(name) != version:
+                return
+            (self.directory / QUARANTINE).mkdir(exist_ok=True)
+            os.replace(self.directory / name, self.directory / QUARANTINE / name)
+            fsync_directory(self.directory)
+            del self.sizes[name], self.versions[name]
+            self.on_change(*self.depth())
+
     def remove(self, name: str, version: int) -> None:
         """Remove the entry once stored, unless a newer write replaced it meanwhile."""
         with self.lock:
@@ -126,9 +144,9 @@ class Flusher:
     """A thread that puts the spool's entries into ``store``, oldest first; started with
     the service (``start``), woken at each new entry (``wake``), stopped at its end."""
 
-    def __init__(self, spool: Spool, store, on_stored, on_failure) -> None:
+    def __init__(self, spool: Spool, store, on_stored, on_failure, on_set_aside) -> None:
         self.spool, self.store = spool, store
-        self.on_stored, self.on_failure = on_stored, on_failure
+        self.on_stored, self.on_failure, self.on_set_aside = on_stored, on_failure, on_set_aside
         self.woken = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="feedback-flusher", daemon=True)
@@ -162,7 +180,14 @@ class Flusher:
         """Store every entry spooled; False at the first the store fails to take."""
         for name, version in self.spool.pending():
             try:
-                for key, data in store_objects(self.spool.read(name)):
+                objects = store_objects(self.spool.read(name))
+            except (ValueError, KeyError) as error:  # not an entry as pack() writes one
+                logger.error("feedback: %s is unreadable (%r): set aside", name, error)
+                self.spool.set_aside(name, version)
+                self.on_set_aside()
+                continue
+            try:
+                for key, data in objects:
                     self.store.put(key, data)
             except Exception as error:  # the store is down, refuses, times out
                 logger.warning("feedback: storing %s in %s failed: %r", name, self.store, error)
