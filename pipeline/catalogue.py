@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.params import DownloadParams
 
@@ -65,3 +66,47 @@ def read_catalogue(path: Path) -> list[CatalogueEntry]:
 def exclusions(entries: list[CatalogueEntry]) -> dict[str, str]:
     """``<label>/<filename>`` -> the reviewer's reason, for every excluded photo."""
     return {entry.relative_path: entry.excluded for entry in entries if entry.excluded}
+
+
+# The reviewed photos' catalogue (``data/reviewed.csv``), which `dandelion review accept` keeps:
+# one row per photo accepted from feedback, sorted by sha256. ``filename`` is relative to the
+# reviewed photos' directory (``<label>/<sha256>.<ext>``); ``source`` says where it came from.
+REVIEWED_COLUMNS = ("label", "filename", "sha256", "source")
+
+
+@dataclass(frozen=True)
+class ReviewedEntry:
+    label: str
+    filename: str
+    sha256: str
+    source: str
+
+
+def read_reviewed(path: Path) -> list[ReviewedEntry]:
+    """The reviewed photos' rows; a wrong header, a row without label, a filename that leaves
+    the directory or a sha256 that is not 64 hex digits is a ValueError naming the line."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != REVIEWED_COLUMNS:
+            raise ValueError(
+                f"{path}: the columns must be {','.join(REVIEWED_COLUMNS)}, "
+                f"not {','.join(reader.fieldnames or ())}"
+            )
+        entries = []
+        for row in reader:
+            if None in row or None in row.values():  # too many or too few fields
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: not {len(REVIEWED_COLUMNS)} fields"
+                )
+            entries.append((reader.line_num, ReviewedEntry(**row)))
+    for line, entry in entries:
+        parts = PurePosixPath(entry.filename).parts
+        if (
+            not entry.label
+            or not parts
+            or entry.filename.startswith("/")
+            or ".." in parts
+            or not re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
+        ):
+            raise ValueError(f"{path}, line {line}: invalid row {entry}")
+    return [entry for _, entry in entries]

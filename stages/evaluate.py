@@ -1,4 +1,5 @@
-"""Evaluate stage: score the trained classifier on the held-out test split.
+"""Evaluate stage: score the trained classifier on the held-out test split, and on the
+production test split when it holds any photo.
 
 Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC, and the share predicted
 positive with its 95 % interval; the positive class is ``classes[1]``; the share of test
@@ -9,6 +10,11 @@ and ROC curve as dvclive plots, and every test photo's score and predicted label
 ``evaluate.threshold``, the rule the packaged service applies too. The scores come from the
 export stage's model through ``serving.engines.load_engine``, exactly as the service loads
 it. The metrics are also added to the MLflow run that trained the model.
+
+The production test split holds reviewed photos from feedback (stages/split.py); it grows as
+photos are accepted, so its metrics are reported apart, under ``production_test/`` with its
+``photos`` count, and its scores in ``production_test_predictions.csv``: both are absent
+while it is empty. The ``test/`` metrics stay those of the same original photos.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from sklearn import metrics
 from pipeline.hashing import file_sha256
 from pipeline.logs import import_tensorflow_quietly
 from pipeline.params import EvaluateParams, classes
+from pipeline.splits import PRODUCTION_TEST, TEST
 from pipeline.stage import arguments, summarised
 from pipeline.tracking import training_run, use_project_store
 from serving.contract import MODEL_FILE, NOVELTY, PREDICTIONS_FILE, PROBABILITY, DecisionRule
@@ -57,6 +64,7 @@ def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule
 
 
 PREDICTION_FIELDS = ["path", "label", "predicted", "score", "novelty"]
+PRODUCTION_PREDICTIONS_FILE = f"{PRODUCTION_TEST}_{PREDICTIONS_FILE}"
 
 
 def unlike_pictures(size: int, seed: int = 0) -> np.ndarray:
@@ -99,8 +107,9 @@ def prediction_rows(paths, labels, outputs, rule: DecisionRule) -> list[dict]:
     ]
 
 
-def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
-    """Add the test metrics to the MLflow run that trained the model, if it is in the store."""
+def log_to_training_run(model_file: Path, metrics_by_split: dict[str, dict]) -> None:
+    """Add the metrics (``<split>_<name>``) to the MLflow run that trained the model, if it is
+    in the store."""
     use_project_store()
     run = training_run(file_sha256(model_file))
     if run is None:
@@ -108,31 +117,66 @@ def log_to_training_run(model_file: Path, test_metrics: dict) -> None:
         print(f"evaluate: no MLflow run trained {model_file}; metrics not logged", file=sys.stderr)
         return
     with mlflow.start_run(run_id=run.info.run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items() if v is not None})
+        mlflow.log_metrics(
+            {
+                f"{split}_{k}": v
+                for split, split_metrics in metrics_by_split.items()
+                for k, v in split_metrics.items()
+                if v is not None
+            }
+        )
+
+
+def evaluate_split(score, arrays, rule: DecisionRule) -> tuple[dict, np.ndarray]:
+    """The metrics of one split's photos (``neither_share`` included) and the engine's outputs."""
+    outputs = score_in_chunks(score, arrays["images"])
+    split_metrics = score_predictions(arrays["labels"], outputs[:, PROBABILITY], rule)
+    split_metrics["neither_share"] = float(rule.neither(outputs[:, NOVELTY]).mean())
+    return split_metrics, outputs
+
+
+def write_predictions(path: Path, arrays, outputs: np.ndarray, rule: DecisionRule) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
+        writer.writeheader()
+        writer.writerows(prediction_rows(arrays["paths"], arrays["labels"], outputs, rule))
+
+
+def described(split: str, split_metrics: dict) -> str:
+    return f"{split} " + ", ".join(
+        f"{name} {value:.3f}" for name, value in split_metrics.items() if value is not None
+    )
 
 
 @summarised("evaluate")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(argv, __doc__, "model_dir", "export_dir", "test_npz", "live_dir")
+    args = arguments(
+        argv, __doc__, "model_dir", "export_dir", "test_npz", "production_test_npz", "live_dir"
+    )
     rule = DecisionRule(tuple(classes()), EvaluateParams.load().threshold)
     if engine_of(args.export_dir) == "keras":
         import_tensorflow_quietly()
-    test = np.load(args.test_npz)
+    test, production = np.load(args.test_npz), np.load(args.production_test_npz)
     model_file = args.model_dir / MODEL_FILE
     score = load_engine(args.export_dir)
-    outputs = score_in_chunks(score, test["images"])
-    scores = outputs[:, PROBABILITY]
-    labels = test["labels"]
-    test_metrics = score_predictions(labels, scores, rule)
-    test_metrics["neither_share"] = float(rule.neither(outputs[:, NOVELTY]).mean())
+    test_metrics, outputs = evaluate_split(score, test, rule)
+    scores, labels = outputs[:, PROBABILITY], test["labels"]
     unlike = score_in_chunks(score, unlike_pictures(test["images"].shape[1]))
     unlike_share = float(rule.neither(unlike[:, NOVELTY]).mean())
+    metrics_by_split = {TEST: test_metrics}
+    if len(production["labels"]):
+        production_metrics, production_outputs = evaluate_split(score, production, rule)
+        metrics_by_split[PRODUCTION_TEST] = {"photos": len(production["labels"])}
+        metrics_by_split[PRODUCTION_TEST].update(production_metrics)
 
     with Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live:
         for name, value in test_metrics.items():
             if value is not None:
-                live.log_metric(f"test/{name}", value, plot=False)
+                live.log_metric(f"{TEST}/{name}", value, plot=False)
         live.log_metric("unlike/neither_share", unlike_share, plot=False)
+        for name, value in metrics_by_split.get(PRODUCTION_TEST, {}).items():
+            if value is not None:
+                live.log_metric(f"{PRODUCTION_TEST}/{name}", value, plot=False)
         live.log_sklearn_plot(
             "confusion_matrix",
             [rule.classes[i] for i in labels],
@@ -141,18 +185,19 @@ def main(argv: list[str] | None = None) -> str:
         )
         live.log_sklearn_plot("roc", labels, scores, name="roc.json")
 
-    with open(args.live_dir / PREDICTIONS_FILE, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
-        writer.writeheader()
-        writer.writerows(prediction_rows(test["paths"], labels, outputs, rule))
+    write_predictions(args.live_dir / PREDICTIONS_FILE, test, outputs, rule)
+    production_file = args.live_dir / PRODUCTION_PREDICTIONS_FILE
+    if PRODUCTION_TEST in metrics_by_split:
+        write_predictions(production_file, production, production_outputs, rule)
+    else:
+        production_file.unlink(missing_ok=True)  # from an earlier run with reviewed photos
 
-    log_to_training_run(model_file, test_metrics)
+    log_to_training_run(model_file, metrics_by_split)
     return (
-        "test "
-        + ", ".join(
-            f"{name} {value:.3f}" for name, value in test_metrics.items() if value is not None
-        )
-        + f"; generated pictures flagged neither: {unlike_share:.3f} -> {args.live_dir}"
+        described(TEST, test_metrics)
+        + f"; generated pictures flagged neither: {unlike_share:.3f}"
+        + "".join(f"; {described(s, m)}" for s, m in metrics_by_split.items() if s != TEST)
+        + f" -> {args.live_dir}"
     )
 
 

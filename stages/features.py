@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.logs import import_tensorflow_quietly
 from pipeline.params import FeaturesParams
-from pipeline.splits import SPLITS
+from pipeline.splits import FEATURE_SPLITS
 from pipeline.stage import arguments, summarised
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> str:
     import_tensorflow_quietly()
     from pipeline.features import extract_features  # TensorFlow: after its logging is set
 
-    splits = {split: dict(np.load(args.arrays_dir / f"{split}.npz")) for split in SPLITS}
+    splits = {split: dict(np.load(args.arrays_dir / f"{split}.npz")) for split in FEATURE_SPLITS}
     features = extract_features(splits, params, log=lambda line: print(line, flush=True))
     args.features_dir.mkdir(parents=True, exist_ok=True)
     for split, arrays in features.items():

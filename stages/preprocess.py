@@ -1,5 +1,8 @@
 """Preprocess stage: decode each split's images to fixed-size RGB arrays, one .npz per split.
 
+Every split gets its file, an empty one too (``production_test`` before any reviewed photo
+is accepted), so that the stages reading it can declare it.
+
 How a picture becomes model input is defined once, by ``serving.contract.load_image``, which
 the prediction service uses too, so training and serving can never drift apart.
 """
@@ -26,7 +29,7 @@ def preprocess_split(
     return {
         "images": images,
         "labels": np.array([classes.index(label) for label in labels], dtype=np.int64),
-        "paths": np.array(paths),
+        "paths": np.array(paths, dtype=str),  # str even when empty (production_test may be)
     }
 
 

@@ -7,6 +7,16 @@ different labels are ambiguous and left out (listed on stderr).
 Photos a person reviewed and excluded (the catalogue's ``excluded`` column holds the reason,
 e.g. after the label-noise report of the crossval stage) are assigned first and then marked
 ``excluded``, so that excluding one photo never moves any other between splits.
+
+Photos accepted from feedback (the reviewed catalogue, ``data/reviewed.csv``) never change
+the original photos' split: those are split as above, by themselves, so the original ``test``
+split stays the one every earlier model was measured on. Each reviewed photo is then placed
+by its own SHA-256 and ``split.seed`` alone (``reviewed_split``): ``test_ratio`` of them into
+``production_test``, ``val_ratio`` into ``val``, the rest into ``train``; accepting more
+photos never moves one already placed. A reviewed photo with an original photo's bytes is not
+added again: the original stands (a different label is reported, as ambiguous files are). The
+catalogue's sha256 column pins each reviewed photo's bytes; one missing or different stops the
+stage with the ``dvc pull`` that fetches them.
 """
 
 from __future__ import annotations
@@ -16,11 +26,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.catalogue import exclusions, read_catalogue
-from pipeline.hashing import file_sha256
+from pipeline.catalogue import ReviewedEntry, exclusions, read_catalogue, read_reviewed
+from pipeline.hashing import file_sha256, sha256_of
 from pipeline.params import SplitParams
-from pipeline.splits import EXCLUDED, SPLITS, SplitRow, write_split
-from pipeline.stage import arguments, summarised
+from pipeline.splits import EXCLUDED, PRODUCTION_TEST, SPLITS, SplitRow, write_split
+from pipeline.stage import StageError, arguments, summarised
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
 
@@ -86,16 +96,100 @@ def apply_exclusions(rows: list[SplitRow], exclusions: dict[str, str]) -> list[S
     ]
 
 
+def reviewed_split(sha256: str, params: SplitParams) -> str:
+    """A reviewed photo's split, from its own SHA-256 and ``split.seed`` only: a uniform draw
+    in [0, 1) taken from the hash of both, cut at ``test_ratio`` and ``test_ratio + val_ratio``.
+    """
+    draw = int(sha256_of(f"{params.seed}:{sha256}".encode())[:16], 16) / 16**16
+    if draw < params.test_ratio:
+        return PRODUCTION_TEST
+    if draw < params.test_ratio + params.val_ratio:
+        return "val"
+    return "train"
+
+
+def reviewed_photos(
+    entries: list[ReviewedEntry], reviewed_dir: Path
+) -> list[tuple[Path, str, str]]:
+    """``(path, label, sha256)`` of every reviewed photo, each checked against its catalogue
+    row's sha256; a StageError lists those missing or different and says how to fetch them."""
+    problems = []
+    for entry in entries:
+        path = reviewed_dir / entry.filename
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif (actual := file_sha256(path)) != entry.sha256:
+            problems.append(f"{path} has sha256 {actual}, not {entry.sha256}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise StageError(
+            f"{len(problems)} of {len(entries)} reviewed photos are not the ones the reviewed "
+            f"catalogue lists ({shown}): run `dvc pull {reviewed_dir}.dvc` to fetch them"
+        )
+    return [(reviewed_dir / e.filename, e.label, e.sha256) for e in entries]
+
+
+def original_labels(rows: list[SplitRow], ambiguous: list[str]) -> dict[str, set[str]]:
+    """Every original photo's SHA-256 and the labels its copies carry, ambiguous ones too."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        labels[row.sha256].add(row.label)
+    for path in ambiguous:
+        labels[file_sha256(path)].add(Path(path).parent.name)
+    return labels
+
+
+def add_reviewed(
+    rows: list[SplitRow],
+    originals: dict[str, set[str]],
+    reviewed: list[tuple[Path, str, str]],
+    params: SplitParams,
+) -> tuple[list[SplitRow], list[str], list[str]]:
+    """``rows`` plus the reviewed photos, each in its ``reviewed_split``; also the reviewed
+    files left out as ambiguous (their bytes carry another label, among the original photos
+    or the reviewed ones) and those left out as copies of an original photo with its label."""
+    groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+    for path, label, digest in reviewed:
+        groups[digest].append((path, label))
+    added, ambiguous, copies = [], [], []
+    for digest, members in sorted(groups.items()):
+        labels = {label for _, label in members} | originals.get(digest, set())
+        paths = [path.as_posix() for path, _ in members]
+        if len(labels) > 1:
+            ambiguous.extend(paths)
+        elif digest in originals:
+            copies.extend(paths)
+        else:
+            split, (label,) = reviewed_split(digest, params), labels
+            added.extend(SplitRow(path, label, split, digest) for path in paths)
+    return sorted(rows + added, key=lambda row: row.path), sorted(ambiguous), sorted(copies)
+
+
 @summarised("split")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(argv, __doc__, "raw_dir", "catalogue", "out_csv")
-    rows, ambiguous = split_images(list_images(args.raw_dir), SplitParams.load())
-    for path in ambiguous:
-        print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)
+    args = arguments(
+        argv, __doc__, "raw_dir", "catalogue", "reviewed_catalogue", "reviewed_dir", "out_csv"
+    )
+    params = SplitParams.load()
+    try:
+        entries = read_reviewed(args.reviewed_catalogue)
+    except ValueError as error:
+        raise StageError(str(error)) from None
+    reviewed = reviewed_photos(entries, args.reviewed_dir)
+    rows, ambiguous = split_images(list_images(args.raw_dir), params)
     excluded = exclusions(read_catalogue(args.catalogue))
     rows = apply_exclusions(rows, excluded)
+    rows, reviewed_ambiguous, copies = add_reviewed(
+        rows, original_labels(rows, ambiguous), reviewed, params
+    )
+    for path in sorted(ambiguous + reviewed_ambiguous):
+        print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)
     for name, reason in sorted(excluded.items()):
         print(f"split: excluded {name}: {reason}")
+    for path in copies:
+        print(f"split: {path} is already an original photo (the same bytes): not added again")
     write_split(rows, args.out_csv)
     counts = ", ".join(f"{sum(r.split == s for r in rows)} {s}" for s in (*SPLITS, EXCLUDED))
     return f"{len(rows)} images ({counts}) -> {args.out_csv}"

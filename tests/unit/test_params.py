@@ -71,8 +71,12 @@ def test_a_stage_reading_a_misspelt_key_ends_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(committed))
     (tmp_path / "raw").mkdir()
     (tmp_path / "catalogue.csv").write_text("label,filename,sha256\n")
+    (tmp_path / "reviewed.csv").write_text("label,filename,sha256,source\n")
     result = subprocess.run(
-        [sys.executable, "-m", "stages.split", "raw", "catalogue.csv", "split.csv"],
+        [
+            *(sys.executable, "-m", "stages.split", "raw", "catalogue.csv"),
+            *("reviewed.csv", "reviewed", "split.csv"),
+        ],
         cwd=tmp_path,
         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
         capture_output=True,

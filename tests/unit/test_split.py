@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.catalogue import exclusions, read_catalogue
-from pipeline.hashing import file_sha256
+from pipeline.hashing import file_sha256, sha256_of
 from pipeline.params import SplitParams
-from pipeline.splits import read_split, write_split
+from pipeline.splits import SplitRow, read_split, write_split
 from stages import split
 from tests.support.images import make_image
 
@@ -118,3 +120,164 @@ def test_a_catalogue_without_the_column_excludes_nothing(tmp_path):
     catalogue = tmp_path / "catalogue.csv"
     catalogue.write_text("label,filename,sha256\ngrass,003.jpg,\n")
     assert exclusions(read_catalogue(catalogue)) == {}
+
+
+# Reviewed photos (data/reviewed.csv and the directory `dandelion review accept` fills).
+
+REVIEWED_HEADER = "label,filename,sha256,source\n"
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """The split stage's inputs in the working directory: 50 dandelion and 30 grass photos,
+    an empty catalogue of exclusions and of reviewed photos, params.yaml's split section."""
+    write_images(tmp_path / "raw", "dandelion", 40, duplicates=10)
+    write_images(tmp_path / "raw", "grass", 30, first_seed=1000)
+    (tmp_path / "catalogue.csv").write_text("label,filename,sha256\n")
+    (tmp_path / "reviewed.csv").write_text(REVIEWED_HEADER)
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"split": {"seed": 42, "val_ratio": 0.2, "test_ratio": 0.2}})
+    )
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def accept(root: Path, photos: list[tuple[str, bytes]]) -> dict[str, str]:
+    """Add photos as `dandelion review accept` does: ``reviewed/<label>/<sha256>.jpg`` and a
+    row each in reviewed.csv, sorted by sha256. Returns each new photo's path by sha256."""
+    rows = (root / "reviewed.csv").read_text().splitlines()[1:]
+    added = {}
+    for label, data in photos:
+        digest = sha256_of(data)
+        (root / "reviewed" / label).mkdir(parents=True, exist_ok=True)
+        (root / "reviewed" / label / f"{digest}.jpg").write_bytes(data)
+        rows.append(f"{label},{label}/{digest}.jpg,{digest},feedback")
+        added[digest] = f"reviewed/{label}/{digest}.jpg"
+    rows.sort(key=lambda row: row.split(",")[2])
+    (root / "reviewed.csv").write_text(REVIEWED_HEADER + "".join(f"{r}\n" for r in rows))
+    return added
+
+
+def run_split() -> list[SplitRow]:
+    split.main(["raw", "catalogue.csv", "reviewed.csv", "reviewed", "split.csv"])
+    return read_split(Path("split.csv"))
+
+
+def new_photos(count: int, first_seed: int) -> list[tuple[str, bytes]]:
+    labels = ("dandelion", "grass")
+    return [(labels[i % 2], make_image(seed=first_seed + i)) for i in range(count)]
+
+
+def test_without_reviewed_photos_the_split_is_the_original_one(workspace):
+    rows = run_split()
+    assert rows == split.split_images(split.list_images(Path("raw")), SplitParams.load())[0]
+    assert {row.split for row in rows} == {"train", "val", "test"}
+
+
+def test_reviewed_photos_never_move_an_original_photo(workspace):
+    before = run_split()
+    added = accept(workspace, new_photos(40, first_seed=5000))
+    after = run_split()
+    assert [row for row in after if row.path.startswith("raw/")] == before
+    reviewed = [row for row in after if not row.path.startswith("raw/")]
+    assert {row.sha256: row.path for row in reviewed} == added
+    assert all(row.sha256 == file_sha256(row.path) for row in reviewed)
+    counts = Counter(row.split for row in reviewed)
+    assert set(counts) == {"train", "val", "production_test"}, counts
+    assert sum(row.split == "test" for row in after) == sum(row.split == "test" for row in before)
+
+
+def test_accepting_more_photos_moves_none_already_placed(workspace):
+    accept(workspace, new_photos(30, first_seed=5000))
+    first = {row.sha256: row.split for row in run_split() if row.path.startswith("reviewed/")}
+    accept(workspace, new_photos(30, first_seed=6000))
+    second = {row.sha256: row.split for row in run_split() if row.path.startswith("reviewed/")}
+    assert len(first) == 30 and len(second) == 60
+    assert {digest: second[digest] for digest in first} == first
+
+
+def test_the_reviewed_rule_follows_the_ratios_and_the_seed():
+    digests = [sha256_of(str(i).encode()) for i in range(20000)]
+    params = ratios(0.15, 0.2, seed=42)
+    placed = [split.reviewed_split(digest, params) for digest in digests]
+    shares = {name: count / len(digests) for name, count in Counter(placed).items()}
+    assert shares["production_test"] == pytest.approx(0.2, abs=0.01)
+    assert shares["val"] == pytest.approx(0.15, abs=0.01)
+    assert shares["train"] == pytest.approx(0.65, abs=0.01)
+    other_seed = [split.reviewed_split(d, ratios(0.15, 0.2, seed=43)) for d in digests[:1000]]
+    assert other_seed != placed[:1000]
+
+
+def test_a_reviewed_copy_of_an_original_photo_is_not_added_again(workspace, capsys):
+    before = run_split()
+    same_label = make_image(seed=3)  # raw/dandelion/003.jpg
+    other_label = make_image(seed=1004)  # raw/grass/004.jpg, labelled dandelion by a reviewer
+    fresh = make_image(seed=7000)
+    added = accept(
+        workspace,
+        [("dandelion", same_label), ("dandelion", other_label), ("grass", fresh)],
+    )
+    capsys.readouterr()
+    after = run_split()
+    out, err = capsys.readouterr()
+    assert [row for row in after if row.path.startswith("raw/")] == before
+    assert [row.path for row in after if row.path.startswith("reviewed/")] == [
+        added[sha256_of(fresh)]
+    ]
+    assert f"split: {added[sha256_of(same_label)]} is already an original photo" in out
+    assert err == (
+        f"split: left out {added[sha256_of(other_label)]}: the same bytes carry another label\n"
+    )
+
+
+def test_reviewed_copies_under_two_labels_are_left_out(workspace, capsys):
+    photo = make_image(seed=8000)
+    digest = sha256_of(photo)
+    accept(workspace, [("dandelion", photo)])
+    (workspace / "reviewed" / "grass").mkdir()
+    (workspace / "reviewed" / "grass" / f"{digest}.jpg").write_bytes(photo)
+    with open(workspace / "reviewed.csv", "a") as handle:
+        handle.write(f"grass,grass/{digest}.jpg,{digest},feedback\n")
+    rows = run_split()
+    assert not [row for row in rows if row.sha256 == digest]
+    assert capsys.readouterr().err.count("the same bytes carry another label") == 2
+
+
+def test_a_missing_or_changed_reviewed_photo_stops_the_stage_with_the_pull(workspace):
+    added = accept(workspace, new_photos(3, first_seed=5000))
+    missing, changed, _ = sorted(added)
+    Path(added[missing]).unlink()
+    Path(added[changed]).write_bytes(make_image(seed=9999))
+    with pytest.raises(SystemExit) as stopped:
+        run_split()
+    assert str(stopped.value.code) == (
+        "split failed: 2 of 3 reviewed photos are not the ones the reviewed catalogue lists "
+        f"({added[missing]} is missing; {added[changed]} has sha256 "
+        f"{sha256_of(make_image(seed=9999))}, not {changed}): "
+        "run `dvc pull reviewed.dvc` to fetch them"
+    )
+    assert not Path("split.csv").exists()
+
+
+def test_reviewed_photos_without_their_directory_stop_the_stage_with_the_pull(workspace):
+    accept(workspace, new_photos(2, first_seed=5000))
+    shutil.rmtree(workspace / "reviewed")
+    with pytest.raises(SystemExit, match=r"2 of 2 .* run `dvc pull reviewed.dvc`"):
+        run_split()
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("label,filename,sha256\n", "the columns must be label,filename,sha256,source"),
+        (REVIEWED_HEADER + "grass,../x.jpg," + "0" * 64 + ",feedback\n", "line 2: invalid row"),
+        (REVIEWED_HEADER + "grass,grass/x.jpg,abc,feedback\n", "line 2: invalid row"),
+        (REVIEWED_HEADER + "grass,grass/x.jpg\n", "line 2: not 4 fields"),
+    ],
+)
+def test_a_malformed_reviewed_catalogue_is_a_one_line_error(workspace, text, problem):
+    (workspace / "reviewed.csv").write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        run_split()
+    assert str(stopped.value.code).startswith("split failed: reviewed.csv")
+    assert problem in str(stopped.value.code)

@@ -218,6 +218,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     data_dir.mkdir()
     for name, (count, seed) in {"train": (16, 0), "val": (8, 1), "test": (8, 2)}.items():
         np.savez(data_dir / f"{name}.npz", **tiny_split(count, seed))
+    np.savez(data_dir / "production_test.npz", **tiny_split(0, 3))  # none reviewed yet
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
             {
@@ -233,7 +234,12 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     features_stage.main([str(data_dir), "features"])
     train.main([str(data_dir), "features", "model", "results/train"])
     export_model(tmp_path / "model" / MODEL_FILE, tmp_path / "export", "keras")
-    evaluate.main(["model", "export", str(data_dir / "test.npz"), "results/evaluate"])
+    evaluate.main(
+        [
+            *("model", "export", str(data_dir / "test.npz")),
+            *(str(data_dir / "production_test.npz"), "results/evaluate"),
+        ]
+    )
 
     # The model directory holds the model alone: no run id or time in a DVC output.
     assert [p.name for p in (tmp_path / "model").iterdir()] == [MODEL_FILE]
@@ -250,6 +256,7 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
         "neither_share",
     }
     assert set(evaluated["unlike"]) == {"neither_share"}
+    assert not (tmp_path / "results/evaluate" / evaluate.PRODUCTION_PREDICTIONS_FILE).exists()
     for name in ("confusion_matrix.json", "roc.json"):
         assert (tmp_path / "results/evaluate/plots/sklearn" / name).is_file()
     with open(tmp_path / "results/evaluate" / PREDICTIONS_FILE, newline="") as handle:
