@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
+import keras
 import numpy as np
 import pytest
+import yaml
 
-from serving.contract import DecisionRule
+from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule
 from stages import evaluate
+from stages.export import export_model
 
 CLASSES = ("grass", "dandelion")
 
@@ -72,3 +79,60 @@ def test_generated_pictures_are_of_three_kinds_and_reproducible():
     assert noise.std(axis=(1, 2)).min() > 50  # noise everywhere
     assert flat.std(axis=(1, 2)).max() == 0  # one colour each
     assert (text == 255).mean() > 0.5 and (text < 128).any()  # dark text on white
+
+
+def arrays(count: int, seed: int, prefix: str) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "images": rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+        "labels": np.arange(count) % 2,
+        "paths": np.array([f"{prefix}/{i}.jpg" for i in range(count)], dtype=str),
+    }
+
+
+@pytest.fixture
+def evaluated_workspace(tmp_path, mlflow_store):
+    """A small Keras classifier with the contract's two outputs, exported for the keras engine,
+    params.yaml's classes and threshold, and 8 test photos (mlflow_store: cwd is tmp_path)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Concatenate()(
+        [keras.layers.Dense(1, activation="sigmoid")(x), keras.layers.Dense(1, "softplus")(x)]
+    )
+    (tmp_path / "model").mkdir()
+    keras.Model(inputs, outputs).save(tmp_path / "model" / MODEL_FILE)
+    export_model(tmp_path / "model" / MODEL_FILE, tmp_path / "export", "keras")
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"classes": list(CLASSES), "evaluate": {"threshold": 0.5}})
+    )
+    np.savez(tmp_path / "test.npz", **arrays(8, 0, "data/raw"))
+    return tmp_path
+
+
+def run_evaluate(production: dict[str, np.ndarray]) -> dict:
+    np.savez("production_test.npz", **production)
+    evaluate.main(["model", "export", "test.npz", "production_test.npz", "results"])
+    return json.loads(Path("results/metrics.json").read_text())
+
+
+def test_production_test_metrics_come_apart_and_leave_the_test_metrics_alone(
+    evaluated_workspace,
+):
+    with_production = run_evaluate(arrays(6, 1, "data/reviewed"))
+    test_predictions = Path("results", PREDICTIONS_FILE).read_bytes()
+    production_file = Path("results", evaluate.PRODUCTION_PREDICTIONS_FILE)
+    with open(production_file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [f"data/reviewed/{i}.jpg" for i in range(6)]
+    production = with_production["production_test"]
+    assert production["photos"] == 6
+    correct = [row["predicted"] == row["label"] for row in rows]
+    assert production["accuracy"] == pytest.approx(np.mean(correct))
+    assert set(production) - {"photos"} == set(with_production["test"])
+
+    without = run_evaluate(arrays(0, 2, "data/reviewed"))  # none reviewed (yet)
+    assert set(without) == {"test", "unlike"}
+    assert without["test"] == with_production["test"]
+    assert Path("results", PREDICTIONS_FILE).read_bytes() == test_predictions
+    assert not production_file.exists()

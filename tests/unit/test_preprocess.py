@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.hashing import file_sha256
+from pipeline.splits import PRODUCTION_TEST, SPLITS, SplitRow, write_split
 from stages import preprocess
 from tests.support.images import make_image
 
@@ -25,3 +31,23 @@ def test_unknown_label_is_an_error(tmp_path):
     path.write_bytes(make_image())
     with pytest.raises(ValueError, match=r"labels \['tulip'\] are not in params 'classes'"):
         preprocess.preprocess_split([str(path)], ["tulip"], ["grass", "dandelion"], 16)
+
+
+def test_every_split_gets_its_file_an_empty_one_too(tmp_path, monkeypatch):
+    """production_test.npz exists before any reviewed photo, so evaluate can depend on it."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(
+        yaml.safe_dump({"classes": ["grass", "dandelion"], "preprocess": {"image_size": 16}})
+    )
+    rows = []
+    for i, split in enumerate(("train", "val", "test")):
+        path = Path(f"{i}.jpg")
+        path.write_bytes(make_image(seed=i))
+        rows.append(SplitRow(str(path), "grass", split, file_sha256(path)))
+    write_split(rows, Path("split.csv"))
+    preprocess.main(["split.csv", "arrays"])
+    assert sorted(p.name for p in Path("arrays").iterdir()) == [f"{s}.npz" for s in sorted(SPLITS)]
+    empty = np.load(f"arrays/{PRODUCTION_TEST}.npz")
+    assert empty["images"].shape == (0, 16, 16, 3) and empty["labels"].shape == (0,)
+    assert empty["paths"].dtype.kind == "U"  # str, as a split with photos has
+    assert np.load("arrays/train.npz")["paths"].tolist() == ["0.jpg"]
