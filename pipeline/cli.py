@@ -21,9 +21,15 @@ def main(argv: list[str] | None = None) -> None:
         prog="dandelion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser(
+    promote_command = commands.add_parser(
         "promote",
         help="after `dvc repro`: register the model if it beats the champion, deploy the champion",
+    )
+    promote_command.add_argument(
+        "--different-test-set",
+        action="store_true",
+        help="promote a model tested on another test set than the champion's without comparing "
+        "their metrics (recorded on the registered version)",
     )
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
@@ -32,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.promote import promote  # MLflow, DVC and BentoML: only when promoting
 
         try:
-            print(promote(pipeline_paths()))
+            print(promote(pipeline_paths(), args.different_test_set))
         except StageError as error:
             sys.exit(f"promote: {error}")
 

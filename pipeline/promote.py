@@ -9,9 +9,18 @@ outside Git and DVC, and what ``dvc repro`` produces must not depend on them.
 2. Finds the MLflow run that trained the model (tag ``model_sha256``). The model is
    registered as ``dandelion-vs-grass`` and the alias ``champion`` moved to it only if its
    test ``promote.metric`` beats the champion's by more than ``promote.min_improvement``. The
-   registered version carries the bento's tag, the model's DVC md5, the Git revision and the
-   test metrics as tags, and the bento archive is logged to the run (``bento/``), so any
-   machine can deploy the champion.
+   registered version carries the bento's tag, the model's DVC md5, the Git revision, the
+   test metrics and the test set's digest as tags (the production test metrics too, for
+   information), and the bento archive is logged to the run (``bento/``), so any machine can
+   deploy the champion.
+
+   Test metrics are compared only on the same test set: the original photos' ``test`` split,
+   identified by ``test_set_sha256`` (pipeline/splits.py ``split_digest``). A candidate tested
+   on another set than the champion's (or a champion without the tag) stops promotion with
+   both digests, unless ``different_test_set`` (``dandelion promote --different-test-set``)
+   accepts promoting it without comparison, which its version records in the tag
+   ``promoted_without_comparison``. The production test metrics are never compared: that set
+   grows with every reviewed photo, so two models' numbers on it are on different photos.
 3. Deploys the champion: imports its bento into BentoML's store (``$BENTOML_HOME``) and makes
    it what ``bentoml serve dandelion-vs-grass:latest`` serves.
 
@@ -35,6 +44,7 @@ from pipeline import bentoml_store
 from pipeline.bento import bento_version_of, included_files, model_card
 from pipeline.logs import dropped
 from pipeline.params import PromoteParams
+from pipeline.splits import PRODUCTION_TEST, TEST, read_split, split_digest
 from pipeline.stage import StageError
 from pipeline.tracking import MODEL_SHA256_TAG, training_run, use_project_store
 from serving.contract import MODEL_FILE, MODEL_NAME
@@ -42,6 +52,8 @@ from serving.contract import MODEL_FILE, MODEL_NAME
 CHAMPION = "champion"
 BENTO_TAG = "bento"  # registered version tag: the version of the bento that ships it
 BENTO_ARTIFACTS = "bento"  # run artifact folder holding the bento archive
+TEST_SET_TAG = "test_set_sha256"  # registered version tag: the test split its metrics are on
+WITHOUT_COMPARISON_TAG = "promoted_without_comparison"  # why its metrics were not compared
 
 
 class PromotionError(StageError):
@@ -69,20 +81,38 @@ def promote_if_better(
     run_id: str,
     bento_version: str,
     test_metrics: dict,
+    test_set: str,
     gate: PromoteParams,
     tags: dict[str, str],
+    different_test_set: bool = False,
 ) -> tuple[ModelVersion, bool]:
     """The champion after the gate, and whether ``run_id``'s model just became it.
 
     A candidate is identified by its bento version (model, decision threshold and service
-    code together); promoting the champion's own bento again changes nothing.
+    code together); promoting the champion's own bento again changes nothing. Its
+    ``test_metrics`` are compared with the champion's only if both were measured on the test
+    set whose digest is ``test_set``; otherwise a PromotionError, unless
+    ``different_test_set`` promotes it without comparison.
     """
     candidate = float(test_metrics[gate.metric])
     champion = current_champion(client, name)
+    unconfirmed = {}
     if champion is not None:
         if champion.tags.get(BENTO_TAG) == bento_version:
             return champion, False
-        if candidate <= float(champion.tags[f"test_{gate.metric}"]) + gate.min_improvement:
+        champion_set = champion.tags.get(TEST_SET_TAG) or "none recorded"
+        if champion_set != test_set:
+            if not different_test_set:
+                raise PromotionError(
+                    f"the champion (version {champion.version}) was tested on test set "
+                    f"{champion_set}, this model on test set {test_set}: their test metrics "
+                    "are not comparable. Promote it without comparing them with "
+                    "`dandelion promote --different-test-set` (recorded on the version)"
+                )
+            unconfirmed[WITHOUT_COMPARISON_TAG] = (
+                f"champion version {champion.version} was tested on test set {champion_set}"
+            )
+        elif candidate <= float(champion.tags[f"test_{gate.metric}"]) + gate.min_improvement:
             return champion, False
     with dropped("mlflow.tracking._model_registry.fluent", is_registration_notice):
         version = mlflow.register_model(
@@ -90,7 +120,9 @@ def promote_if_better(
             name,
             tags={
                 **tags,
+                **unconfirmed,
                 BENTO_TAG: bento_version,
+                TEST_SET_TAG: test_set,
                 **{f"test_{key}": str(value) for key, value in test_metrics.items()},
             },
         )
@@ -146,13 +178,16 @@ def deploy(champion: ModelVersion, local_archive: Path) -> str:
     return tag
 
 
-def promote(paths: dict[str, str]) -> str:
-    """Gate, register and deploy; return a one-line summary."""
+def promote(paths: dict[str, str], different_test_set: bool = False) -> str:
+    """Gate, register and deploy; return a one-line summary. ``different_test_set``: promote
+    without comparison a model tested on another test set than the champion's."""
     check_up_to_date()
     model_dir = Path(paths["model_dir"])
     model_file = model_dir / MODEL_FILE
     archive = Path(paths["bento_archive"])
-    test_metrics = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())["test"]
+    evaluated = json.loads((Path(paths["evaluate_dir"]) / "metrics.json").read_text())
+    test_metrics = evaluated[TEST]
+    test_set = split_digest(read_split(Path(paths["split_csv"])))
     card = model_card(model_dir, Path(paths["export_dir"]), test_metrics, included_files())
     if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
@@ -173,18 +208,29 @@ def promote(paths: dict[str, str]) -> str:
         run.info.run_id,
         card.version,
         test_metrics,
+        test_set,
         gate,
         {
             MODEL_SHA256_TAG: card.model_sha256,
             "dvc_md5": card.dvc_md5,  # of the served export, as on the service's /metrics
             "git_revision": git_revision(),
+            # For information only: never compared (the set grows as photos are reviewed).
+            **{
+                f"{PRODUCTION_TEST}_{key}": str(value)
+                for key, value in evaluated.get(PRODUCTION_TEST, {}).items()
+            },
         },
+        different_test_set,
     )
     if promoted:
         client.log_artifact(run.info.run_id, str(archive), BENTO_ARTIFACTS)
     deployed = deploy(champion, archive)
     verdict = (
-        "promoted to champion"
+        (
+            "promoted to champion without comparison (another test set than the champion's)"
+            if WITHOUT_COMPARISON_TAG in champion.tags
+            else "promoted to champion"
+        )
         if promoted
         else "already champion"
         if champion.tags[BENTO_TAG] == card.version

@@ -26,15 +26,22 @@ def logged_run(accuracy: float) -> str:
     return run.info.run_id
 
 
-def gate(client, run_id, accuracy, min_improvement=0.0, bento=None):
+SET_A, SET_B = "a" * 64, "b" * 64  # two test sets' digests
+
+
+def gate(
+    client, run_id, accuracy, min_improvement=0.0, bento=None, test_set=SET_A, different=False
+):
     return promote.promote_if_better(
         client,
         NAME,
         run_id,
         bento or f"bento-of-{run_id}",
         {"accuracy": accuracy, "f1": accuracy},
+        test_set,
         PromoteParams(metric="accuracy", min_improvement=min_improvement),
         {"git_revision": "abc123"},
+        different_test_set=different,
     )
 
 
@@ -55,6 +62,8 @@ def test_first_model_becomes_champion(client):
     assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
     assert champion.tags["test_accuracy"] == "0.8" and champion.tags["git_revision"] == "abc123"
     assert champion.tags["bento"] == f"bento-of-{run_id}"
+    assert champion.tags["test_set_sha256"] == SET_A
+    assert "promoted_without_comparison" not in champion.tags
 
 
 def test_worse_or_equal_model_changes_nothing(client):
@@ -93,9 +102,59 @@ def test_a_new_bento_of_the_champions_run_is_judged_like_any_candidate(client):
     assert client.get_model_version_by_alias(NAME, "champion").tags["bento"] == "threshold-c"
 
 
+def test_a_model_tested_on_another_test_set_is_not_compared_without_saying_so(client):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    for accuracy in (0.80, 0.99):  # better or worse: the numbers are on other photos
+        with pytest.raises(promote.PromotionError) as refused:
+            gate(client, logged_run(accuracy), accuracy, test_set=SET_B)
+        assert str(refused.value) == (
+            f"the champion (version {first.version}) was tested on test set {SET_A}, this "
+            f"model on test set {SET_B}: their test metrics are not comparable. Promote it "
+            "without comparing them with `dandelion promote --different-test-set` "
+            "(recorded on the version)"
+        )
+    assert versions(client) == [first.version]
+    assert client.get_model_version_by_alias(NAME, "champion").version == first.version
+
+
+def test_different_test_set_promotes_without_comparison_and_says_so(client):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    worse, promoted = gate(client, logged_run(0.80), 0.80, test_set=SET_B, different=True)
+    assert promoted and client.get_model_version_by_alias(NAME, "champion").version == (
+        worse.version
+    )
+    assert worse.tags["test_set_sha256"] == SET_B
+    assert worse.tags["promoted_without_comparison"] == (
+        f"champion version {first.version} was tested on test set {SET_A}"
+    )
+    # From then on, models on the new champion's test set are compared as before, and the
+    # flag changes nothing when the sets are the same.
+    _, promoted = gate(client, logged_run(0.79), 0.79, test_set=SET_B, different=True)
+    assert not promoted
+    better, promoted = gate(client, logged_run(0.85), 0.85, test_set=SET_B)
+    assert promoted and "promoted_without_comparison" not in better.tags
+
+
+def test_a_champion_without_a_recorded_test_set_is_not_compared(client):
+    """A champion registered before test sets were recorded: its set is unknown."""
+    run_id = logged_run(0.90)
+    version = mlflow.register_model(
+        f"runs:/{run_id}/model", NAME, tags={"bento": "old", "test_accuracy": "0.9"}
+    )
+    client.set_registered_model_alias(NAME, "champion", version.version)
+    with pytest.raises(promote.PromotionError, match="was tested on test set none recorded"):
+        gate(client, logged_run(0.95), 0.95)
+    newer, promoted = gate(client, logged_run(0.95), 0.95, different=True)
+    assert promoted and newer.tags["promoted_without_comparison"] == (
+        f"champion version {version.version} was tested on test set none recorded"
+    )
+
+
 def test_the_command_says_what_it_does_and_where_to_run_it(tmp_path):
     usage = dandelion(tmp_path, "--help", env=dict(os.environ))
     assert usage.returncode == 0 and "promote" in usage.stdout
+    options = dandelion(tmp_path, "promote", "--help", env=dict(os.environ))
+    assert options.returncode == 0 and "--different-test-set" in options.stdout
     assert dandelion(tmp_path, env=dict(os.environ)).returncode == 2  # a command is required
     elsewhere = dandelion(tmp_path, "promote", env=dict(os.environ))
     assert elsewhere.returncode == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from pipeline.catalogue import exclusions, read_catalogue
 from pipeline.hashing import file_sha256, sha256_of
 from pipeline.params import SplitParams
-from pipeline.splits import SplitRow, read_split, write_split
+from pipeline.splits import SplitRow, read_split, split_digest, write_split
 from stages import split
 from tests.support.images import make_image
 
@@ -184,7 +185,20 @@ def test_reviewed_photos_never_move_an_original_photo(workspace):
     assert all(row.sha256 == file_sha256(row.path) for row in reviewed)
     counts = Counter(row.split for row in reviewed)
     assert set(counts) == {"train", "val", "production_test"}, counts
-    assert sum(row.split == "test" for row in after) == sum(row.split == "test" for row in before)
+    assert split_digest(after) == split_digest(before)  # what promotion compares on
+
+
+def test_the_test_sets_digest_is_over_its_photos_sorted_sha256(workspace):
+    rows = run_split()
+    digests = sorted(row.sha256 for row in rows if row.split == "test")
+    assert (
+        split_digest(rows)
+        == hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()
+    )
+    moved = [
+        SplitRow(r.path, r.label, "train", r.sha256) if r.sha256 == digests[0] else r for r in rows
+    ]
+    assert split_digest(moved) != split_digest(rows)
 
 
 def test_accepting_more_photos_moves_none_already_placed(workspace):
