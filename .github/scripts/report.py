@@ -12,6 +12,10 @@ README's, pipeline/plots.py). On GitHub Actions the script also sets the step ou
 ``--data-source public`` (set by the cml workflow when .github/scripts/pull.sh found no MinIO
 secrets) adds a note that nothing came from the team's remote: every stage was rebuilt from
 the public data URL.
+
+When the production test set (reviewed photos held out, pipeline/splits.py) changed size, a
+note says how many photos it held at the base and now: it grows as photos are accepted, so
+its before and after are not on the same photos, while ``test.*`` always are.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from pipeline.catalogue import data_url
 from pipeline.params import DownloadParams
 from pipeline.plots import PlotsError, file_name, plot_specs, png
+from pipeline.splits import PRODUCTION_TEST, TEST
 
 # Named plots of dvc.yaml shown in the report.
 PLOTS = ("Confusion matrix", "Learning curves (loss)", "Learning curves (accuracy)")
@@ -51,6 +56,26 @@ def metrics_changed(base: str, repo: Path) -> bool:
         for metrics in changes.values()
         for entry in metrics.values()
     )
+
+
+def production_test_note(base: str, repo: Path) -> list[str]:
+    """Says, when the production test set changed size, that its metrics compare different
+    photos (the set only grows: the same size is the same photos)."""
+    changes = json.loads(dvc("metrics", "diff", base, "--all", "--json", cwd=repo) or "{}")
+    counts = [
+        entry for metrics in changes.values() for key, entry in metrics.items()
+        if key == f"{PRODUCTION_TEST}.photos"
+    ]  # fmt: skip
+    if not counts or counts[0].get("old") == counts[0].get("new"):
+        return []
+    old, new = (counts[0].get(side) for side in ("old", "new"))
+    return [
+        f"The `{PRODUCTION_TEST}.*` metrics are on reviewed photos held out from training: "
+        f"{old if old is not None else 'none'} at `{base}`, {new if new is not None else 'none'} "
+        "here. That set grows as photos are accepted, so its two columns are not on the same "
+        f"photos; the `{TEST}.*` metrics are.",
+        "",
+    ]
 
 
 def render_plots(base: str, repo: Path, out_dir: Path) -> dict[str, Path]:
@@ -99,6 +124,7 @@ def build_report(
         metrics.strip() or "No metrics found.",
         "",
         *([] if changed else ["No metric changed.", ""]),
+        *production_test_note(base, repo),
         "### Params",
         "",
         params.strip() or "No parameter changed.",

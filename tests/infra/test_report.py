@@ -84,3 +84,29 @@ def test_unknown_base_revision_is_a_clear_error(two_revisions, tmp_path):
     assert run.result.returncode != 0
     assert "unknown Git revision 'no-such-branch'" in run.result.stderr
     assert not run.markdown.exists()
+
+
+def test_production_test_metrics_appear_beside_the_tests_with_a_note(two_revisions, tmp_path):
+    """Reviewed photos accepted: production_test.* rows appear (absent at the base), with a
+    note that that set is not the same photos before and after, while test.* is."""
+    workspace, _, after = two_revisions
+    production = dict(after, photos=12, accuracy=0.8333333333333334)
+    metrics = {"test": after, "production_test": production}
+    (workspace / EVALUATE_METRICS).write_text(json.dumps(metrics, indent=4) + "\n")
+    git(workspace, "commit", "-qam", "reviewed photos accepted")
+    run = run_report(workspace, "HEAD~1", tmp_path)
+    assert run.result.returncode == 0, run.result.stderr
+    markdown = run.markdown.read_text()
+    assert table_row(markdown, EVALUATE_METRICS, "production_test.accuracy")[2:4] == [
+        "-",
+        "0.8333",
+    ]
+    assert table_row(markdown, EVALUATE_METRICS, "production_test.photos")[2:4] == ["-", "12"]
+    assert table_row(markdown, EVALUATE_METRICS, "test.accuracy")[2:4] == ["0.75", "0.75"]
+    assert (
+        "The `production_test.*` metrics are on reviewed photos held out from training: none at "
+        "`HEAD~1`, 12 here." in markdown
+    )
+    same = run_report(workspace, "HEAD", tmp_path / "again").markdown.read_text()
+    assert table_row(same, EVALUATE_METRICS, "production_test.photos")[2:4] == ["12", "12"]
+    assert "held out from training" not in same  # the same set: no note
