@@ -18,7 +18,17 @@ for name in "${secrets[@]}"; do
 done
 output=${GITHUB_OUTPUT:-/dev/null}
 
+# Photos accepted from feedback (`dandelion review accept`) are tracked by this file once the
+# first one is accepted; they are in the team's remote only, and the split stage needs them.
+reviewed=data/reviewed.dvc
+
 if [ "$set_count" -eq 0 ] && [ "${REBUILD_WITHOUT_REMOTE:-false}" = true ]; then
+  if [ -f "$reviewed" ]; then
+    echo "pull: no MinIO secrets in this repository, and the pipeline needs the reviewed" \
+      "photos $reviewed tracks, which only the team's remote holds: a rebuild from the" \
+      "public data URL cannot reproduce it; add the MinIO secrets (docs/ci.md)" >&2
+    exit 1
+  fi
   echo "pull: no MinIO secrets in this repository, nothing pulled;" \
     "dvc repro rebuilds every stage from the public data URL (params.yaml download.base_url)"
   echo "data-source=public" >>"$output"
@@ -39,4 +49,8 @@ dvc remote modify --local minio endpointurl "$MINIO_ENDPOINT"
 # --allow-missing: outputs a branch has not pushed yet are rebuilt by `dvc repro`;
 # wrong credentials or an unreachable endpoint still fail here.
 dvc pull --allow-missing
+# Except the reviewed photos: no stage outputs them, so nothing would rebuild them.
+if [ -f "$reviewed" ]; then
+  dvc pull "$reviewed"
+fi
 echo "data-source=remote" >>"$output"

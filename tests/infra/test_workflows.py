@@ -298,6 +298,13 @@ def test_pull_script_rebuilds_only_when_allowed_and_no_secret_at_all_is_set(tmp_
     assert outputs == "data-source=public\n" and "nothing pulled" in public.stdout
     assert not (workspace / ".dvc" / "config.local").exists()
 
+    # Once reviewed photos are tracked, a rebuild without the remote cannot reproduce the
+    # pipeline: it says so at once rather than failing in the split stage.
+    (workspace / "data" / "reviewed.dvc").write_text("outs:\n- path: reviewed\n")
+    stopped, outputs = pull(workspace, tmp_path, REBUILD_WITHOUT_REMOTE="true")
+    assert stopped.returncode == 1 and outputs == ""
+    assert "the reviewed photos data/reviewed.dvc tracks" in stopped.stderr
+
 
 @pytest.mark.slow  # dvc runs: about a minute on 2 busy cores
 def test_without_the_minio_secrets_cml_rebuilds_from_the_public_url_and_says_so(tmp_path):
