@@ -213,7 +213,7 @@ def test_registering_the_trained_model_prints_no_misleading_mlflow_warning(mlflo
     capfd.readouterr()
     gate = PromoteParams(metric="accuracy", min_improvement=0.0)
     version, promoted = promote_if_better(
-        mlflow.MlflowClient(), "logs", run.info.run_id, "b1", {"accuracy": 0.9}, gate, {}
+        mlflow.MlflowClient(), "logs", run.info.run_id, "b1", {"accuracy": 0.9}, "0" * 64, gate, {}
     )
     assert promoted and version.run_id == run.info.run_id
     err = capfd.readouterr().err
