@@ -151,7 +151,9 @@ def send_dispatch(config: Config, body: dict) -> None:
 class RelayHandler(http.server.BaseHTTPRequestHandler):
     server: RelayServer
     server_version = "dandelion-alert-relay"
-    protocol_version = "HTTP/1.1"
+    # One request per connection: an idle keep-alive connection would hold its thread, and
+    # so the relay's shutdown, for the read timeout. Alertmanager sends few requests.
+    protocol_version = "HTTP/1.0"
     timeout = READ_TIMEOUT_SECONDS  # applies to every read of the request
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -222,9 +224,6 @@ class RelayHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
-        if status >= 400:
-            self.send_header("Connection", "close")  # an unread body must not be parsed next
-            self.close_connection = True
         self.end_headers()
         self.wfile.write(payload)
 
