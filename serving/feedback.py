@@ -7,6 +7,15 @@ FEEDBACK_FIELDS: `label` (one of the model's classes, or NEITHER_LABEL), and opt
 service keys it by the photo's sha256: the same photo with the same label is one record (the
 latest wins), with another label another record (both kept, for the review to settle).
 
+The photo is also scored by the served model, exactly as /predict scores it (the same
+decoding, engine call and decision rule, "neither" included): the model is deterministic, so
+that is the answer it gives, or gave, for this photo. The record keeps that answer
+(``served_label``, a class or NEITHER_LABEL, and ``served_confidence``), and /metrics counts
+it confirmed or corrected (classifier_feedback_answers_total), under the served model's
+version, whatever ``model_version`` the feedback quotes. A feedback whose photo cannot be
+scored (the Keras engine's model service down or too slow) is accepted all the same, its
+served fields null, and counted unscored.
+
 Accepted means spooled on disk (serving/spool.py), answered 202; the flusher puts it into
 the store. Feedback is never trusted: it enters training only after review (issue 24).
 """
@@ -16,20 +25,25 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 
 import anyio
+import numpy as np
 from starlette.datastructures import FormData
 from starlette.requests import Request
 
 from serving.admission import Admission
-from serving.contract import ModelCard
+from serving.api import rounded
+from serving.contract import NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
 from serving.errors import Rejection
 from serving.metrics import feedback_metrics
 from serving.settings import (
     FEEDBACK_FIELDS,
+    FEEDBACK_SCORING_SECONDS,
     IMAGE_FIELD,
     MAX_COMMENT_CHARS,
     MAX_MODEL_VERSION_CHARS,
@@ -40,6 +54,11 @@ from serving.settings import (
 from serving.spool import Flusher, Spool, SpoolFull, pack
 from serving.stores import feedback_config
 from serving.uploads import Pace, Upload
+
+logger = logging.getLogger("bentoml.service.dandelion")
+
+# The front's scoring: the model's outputs (contract: PROBABILITY, NOVELTY) for uint8 images.
+Scores = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 
 def text_fields(form: FormData, labels: tuple[str, ...]) -> dict[str, str | None]:
@@ -87,15 +106,17 @@ def text_fields(form: FormData, labels: tuple[str, ...]) -> dict[str, str | None
 
 class FeedbackDesk:
     """Takes a front's feedback (``receive``) and keeps it until stored: its spool and
-    flusher, made for ``card`` with the deployment's configuration (``environ``)."""
+    flusher, made for ``card`` with the deployment's configuration (``environ``); ``scores``
+    is how the front scores photos for /predict."""
 
-    def __init__(self, card: ModelCard, upload: Upload, environ=os.environ) -> None:
+    def __init__(self, card: ModelCard, upload: Upload, scores: Scores, environ=os.environ) -> None:
         # /predict's upload rules, but not its advice to send several photos to /predict_batch.
         self.card, self.upload = card, dataclasses.replace(upload, hint=" (one per feedback)")
+        self.scores = scores
         self.labels = (*card.classes, NEITHER_LABEL)
         self.config = feedback_config(environ)
         self.metrics = feedback_metrics()
-        self.metrics.describe(list(self.labels))
+        self.metrics.describe(list(self.labels), card.version)
         self.spool = Spool(self.config.spool_dir, on_change=self.metrics.spool_depth)
         self.flusher = Flusher(
             self.spool,
@@ -127,19 +148,45 @@ class FeedbackDesk:
             return photo
 
         # Checked as /predict checks it: feedback is on photos the service would answer.
-        await decoded([SentFile(filename, sent)], self.card.image_size, self.upload.limits)
+        images = await decoded([SentFile(filename, sent)], self.card.image_size, self.upload.limits)
+        served = await self.served_answer(np.stack(images))
         sha256 = hashlib.sha256(photo).hexdigest()
         record = {
             **fields,
             "photo_sha256": sha256,
             "filename": filename,
             "served_model_version": self.card.version,
+            "served_label": served["label"] if served else None,
+            "served_confidence": served["confidence"] if served else None,
             "received_at": datetime.datetime.now(datetime.UTC).isoformat(),
         }
         await self.spooled(f"{sha256}.{fields['label']}", pack(record, photo))
+        # Counted once accepted: a feedback refused (spool full) counts nowhere.
         self.metrics.received.labels(fields["label"]).inc()
+        if served is None:
+            self.metrics.unscored.inc()
+        else:
+            self.metrics.count_answer(self.card.version, served["label"], fields["label"])
         self.flusher.wake()
         return {"photo_sha256": sha256, "label": fields["label"], "answer_id": fields["answer_id"]}
+
+    async def served_answer(self, images: np.ndarray) -> dict | None:
+        """The served model's answer for the one photo of ``images``, as /predict gives it:
+        ``label`` (NEITHER_LABEL when it says neither) and ``confidence``; None if the model
+        fails or takes longer than FEEDBACK_SCORING_SECONDS (logged, never the feedback's
+        fault)."""
+        try:
+            with anyio.fail_after(FEEDBACK_SCORING_SECONDS):
+                (outputs,) = await self.scores(images)
+        except Exception as error:  # the model service down or overloaded, an engine failure
+            logger.warning("feedback accepted unscored: the model failed (%r)", error)
+            return None
+        rule = self.card.rule
+        verdict = rounded(
+            rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY])), rule.positive
+        )
+        label = NEITHER_LABEL if verdict["neither"] else verdict["label"]
+        return {"label": label, "confidence": verdict["confidence"]}
 
     async def spooled(self, name: str, entry: bytes) -> None:
         try:

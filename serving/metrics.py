@@ -19,7 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from serving.contract import ModelCard
-from serving.settings import CONFIDENCE_BUCKETS, IMAGES_PER_CALL_BUCKETS, PROCESS_SAMPLE_SECONDS
+from serving.settings import (
+    CONFIDENCE_BUCKETS,
+    FEEDBACK_OUTCOMES,
+    IMAGES_PER_CALL_BUCKETS,
+    PROCESS_SAMPLE_SECONDS,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class ModelMetrics:
     rejected: object  # Counter by reason and status
     info: object  # Gauge, 1, labelled with what is being served
     expected_share: object  # Gauge by label and bound: the test split's predicted share
+    expected_accuracy: object  # Gauge by model_version and bound: the test split's accuracy
     retries: object  # Counter: calls to the model service made again after a failure
     images_per_call: object  # Histogram: images the engine scored in one call
 
@@ -39,6 +45,8 @@ class ModelMetrics:
         positive = card.rule.positive
         self.expected_share.labels(positive, "lower").set(card.test_metrics["positive_share_low"])
         self.expected_share.labels(positive, "upper").set(card.test_metrics["positive_share_high"])
+        for bound, metric in (("lower", "accuracy_low"), ("upper", "accuracy_high")):
+            self.expected_accuracy.labels(card.version, bound).set(card.test_metrics[metric])
         for label in card.classes:
             self.predictions.labels(label)
         for reason, status in rejections.items():
@@ -87,6 +95,14 @@ def model_metrics() -> ModelMetrics:
             "classifier_expected_predicted_share_ratio",
             "95 % interval of the share of answers with this label on the test split.",
             ["label", "bound"],
+            multiprocess_mode="max",
+        ),
+        # By model_version, the label of the feedback counters: the production accuracy of
+        # each model served is compared with that model's own bound.
+        expected_accuracy=Gauge(
+            "classifier_expected_accuracy_ratio",
+            "95 % interval of the model's accuracy on the test split.",
+            ["model_version", "bound"],
             multiprocess_mode="max",
         ),
         retries=Counter(
@@ -147,10 +163,22 @@ class FeedbackMetrics:
     set_aside: object  # Counter: spool entries unreadable as one, moved to its quarantine
     spool_entries: object  # Gauge: feedback accepted and not yet stored
     spool_bytes: object  # Gauge: their bytes on disk
+    answers: object  # Counter by model_version, label answered and outcome (FEEDBACK_OUTCOMES)
+    unscored: object  # Counter: feedback accepted without the served model's answer
 
-    def describe(self, labels: list[str]) -> None:
+    def describe(self, labels: list[str], model_version: str) -> None:
+        """Start every series the rules and dashboards read at 0: each label given, and each
+        label the model served can answer with each outcome."""
         for label in labels:
             self.received.labels(label)
+            for outcome in FEEDBACK_OUTCOMES:
+                self.answers.labels(model_version, label, outcome)
+
+    def count_answer(self, model_version: str, answered: str, given: str) -> None:
+        """A feedback saying ``given`` on a photo the model ``model_version`` answers
+        ``answered``: that answer confirmed, or corrected."""
+        outcome = FEEDBACK_OUTCOMES[given != answered]
+        self.answers.labels(model_version, answered, outcome).inc()
 
     def spool_depth(self, entries: int, size: int) -> None:
         self.spool_entries.set(entries)
@@ -184,5 +212,16 @@ def feedback_metrics() -> FeedbackMetrics:
             "classifier_feedback_spool_bytes",
             "Bytes of the feedback spool.",
             multiprocess_mode="mostrecent",
+        ),
+        answers=Counter(
+            "classifier_feedback_answers",
+            "Feedback on the served model's answer for its photo, by model version, label "
+            "answered (a class, or neither) and outcome (confirmed, corrected).",
+            ["model_version", "label", "outcome"],
+        ),
+        unscored=Counter(
+            "classifier_feedback_unscored",
+            "Feedback accepted without the served model's answer (the model failed or was "
+            "too slow): it counts in no outcome.",
         ),
     )

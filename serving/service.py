@@ -131,7 +131,7 @@ class DandelionService:
         self.metrics = model_metrics()
         self.metrics.describe(card, self.info["git_revision"], REJECTIONS)
         sample_process("front")
-        self.feedback = FeedbackDesk(card, self.single)
+        self.feedback = FeedbackDesk(card, self.single, self.scores)
         self.typed_uploads[TYPED_FEEDBACK_ROUTE] = self.feedback.upload
         self.feedback.start()  # stores what a previous run left spooled, then new feedback
         # After the drain, the feedback flusher's last pass; what it cannot store stays spooled.

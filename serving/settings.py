@@ -164,6 +164,14 @@ FLUSH_RETRY_SECONDS = 5.0
 # One store call gives up after these (connect, read): a store that is down must not hold
 # the flusher, or the shutdown's last flush, for long.
 STORE_TIMEOUT_SECONDS = (2.0, 10.0)
+# Each feedback's photo is scored by the served model, as /predict would answer it, so that
+# /metrics counts the answers feedback confirms and corrects (serving/feedback.py). A
+# feedback is never refused for that: past this (a model service down or overloaded, with
+# the Keras engine) it is accepted unscored. Well within the traffic timeout, and far above
+# an engine call (milliseconds; docs/benchmarks.md).
+FEEDBACK_SCORING_SECONDS = 10.0
+# What a feedback says of the served model's answer for its photo: the same label, or another.
+FEEDBACK_OUTCOMES = ("confirmed", "corrected")
 # On SIGTERM, after the open requests, the flusher gets at most this long (within the drain's
 # DRAIN_SECONDS) to store what the spool holds; the rest stays spooled, for the next start.
 SHUTDOWN_FLUSH_SECONDS = 10.0

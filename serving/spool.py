@@ -181,6 +181,11 @@ class Flusher:
         for name, version in self.spool.pending():
             try:
                 objects = store_objects(self.spool.read(name))
+            except FileNotFoundError:
+                # Another service's flusher on the same spool directory stored it (it deletes
+                # an entry only once stored): nothing is lost, it is just no longer ours.
+                self.spool.remove(name, version)
+                continue
             except (ValueError, KeyError) as error:  # not an entry as pack() writes one
                 logger.error("feedback: %s is unreadable (%r): set aside", name, error)
                 self.spool.set_aside(name, version)

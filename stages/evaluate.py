@@ -1,15 +1,15 @@
 """Evaluate stage: score the trained classifier on the held-out test split, and on the
 production test split when it holds any photo.
 
-Writes the metrics (``test/accuracy``, precision, recall, F1, ROC AUC, and the share predicted
-positive with its 95 % interval; the positive class is ``classes[1]``; the share of test
-photos flagged "neither", false alarms all, and of generated pictures that are neither class,
-``unlike/neither_share``), the confusion matrix
-and ROC curve as dvclive plots, and every test photo's score and predicted label
-(``predictions.csv``). Labels come from the contract's decision rule at
-``evaluate.threshold``, the rule the packaged service applies too. The scores come from the
-export stage's model through ``serving.engines.load_engine``, exactly as the service loads
-it. The metrics are also added to the MLflow run that trained the model.
+Writes the metrics (``test/accuracy`` with its 95 % interval, precision, recall, F1, ROC AUC,
+and the share predicted positive with its 95 % interval; the positive class is
+``classes[1]``; the share of test photos flagged "neither", false alarms all, and of generated
+pictures that are neither class, ``unlike/neither_share``), the confusion matrix and ROC curve
+as dvclive plots, and every test photo's score and predicted label (``predictions.csv``).
+Labels come from the contract's decision rule at ``evaluate.threshold``, the rule the
+packaged service applies too. The scores come from the export stage's model through
+``serving.engines.load_engine``, exactly as the service loads it. The metrics are also added
+to the MLflow run that trained the model.
 
 The production test split holds reviewed photos from feedback (stages/split.py); it grows as
 photos are accepted, so its metrics are reported apart, under ``production_test/`` with its
@@ -41,25 +41,35 @@ from serving.engines import engine_of, load_engine
 from serving.settings import MAX_BATCH_SIZE
 
 
+def wilson(successes: int, trials: int):
+    """The 95 % Wilson score interval of ``successes`` in ``trials`` (``.low``, ``.high``)."""
+    return binomtest(successes, trials).proportion_ci(method="wilson")
+
+
 def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:
     """Binary classification metrics for ``scores`` = P(class 1).
 
-    ``positive_share`` is the share of photos predicted ``classes[1]``, with its 95 % Wilson
-    interval (``_low``, ``_high``): the range live traffic like the test split should stay in.
-    The service exposes that interval, and an alert fires when live answers leave it.
+    ``positive_share`` is the share of photos predicted ``classes[1]``, and ``accuracy`` the
+    share predicted right, each with its 95 % Wilson interval (``_low``, ``_high``): the range
+    live traffic like the test split should stay in. The service exposes both intervals, and
+    alerts fire when live answers leave the share's, or when the accuracy that feedback
+    measures falls below the accuracy's lower bound.
     """
     predicted = rule.predict(scores)
-    interval = binomtest(int(predicted.sum()), len(predicted)).proportion_ci(method="wilson")
+    share = wilson(int(predicted.sum()), len(predicted))
+    accuracy = wilson(int((predicted == np.asarray(labels)).sum()), len(predicted))
     return {
         "accuracy": metrics.accuracy_score(labels, predicted),
+        "accuracy_low": float(accuracy.low),
+        "accuracy_high": float(accuracy.high),
         "precision": metrics.precision_score(labels, predicted, zero_division=0),
         "recall": metrics.recall_score(labels, predicted, zero_division=0),
         "f1": metrics.f1_score(labels, predicted, zero_division=0),
         # AUC is undefined on a single-class test set; report it as missing, not as 0.
         "roc_auc": metrics.roc_auc_score(labels, scores) if len(set(labels)) == 2 else None,
         "positive_share": float(predicted.mean()),
-        "positive_share_low": float(interval.low),
-        "positive_share_high": float(interval.high),
+        "positive_share_low": float(share.low),
+        "positive_share_high": float(share.high),
     }
 
 

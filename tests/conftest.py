@@ -176,5 +176,8 @@ def service(reproduced, promoted, tmp_path_factory) -> RunningService:
     # (tests/end_to_end/test_scrape.py reads them after test_reliability.py starts its own).
     home = own_metrics_home(Path(reproduced.env["BENTOML_HOME"]), log_dir / "bentoml_home")
     env = dict(reproduced.env, GIT_REVISION=revision, BENTOML_HOME=str(home))
+    # Feedback (tests/end_to_end/test_scrape.py sends some) stays in the test's directory.
+    env = dict(env, FEEDBACK_DIR=str(log_dir / "feedback"))
+    env.pop("FEEDBACK_STORE", None)
     with serving(f"{MODEL_NAME}:latest", reproduced.workspace, env, log_dir) as s:
         yield s

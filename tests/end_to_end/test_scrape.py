@@ -1,13 +1,15 @@
 """Monitoring live: a real Prometheus (Debian's `prometheus`) scraping a real `bentoml serve` of
-the pipeline's bento while a bounded burst of good and bad requests arrives; every model metric
-moves by exactly what was sent, and every dashboard query and rule returns data."""
+the pipeline's bento while a bounded burst of good and bad requests, then feedback on every
+test photo, arrives; every model metric moves by exactly what was sent, and every dashboard
+query and rule returns data."""
 
 from __future__ import annotations
 
 import math
 import subprocess
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import pytest
 import requests
@@ -15,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.errors import REJECTIONS
-from serving.settings import LOW_CONFIDENCE
+from serving.settings import FEEDBACK_OUTCOMES, LOW_CONFIDENCE, NEITHER_LABEL
 from tests.support.git import git
 from tests.support.http import free_port
 from tests.support.images import make_image
@@ -49,11 +51,19 @@ def changes(before: dict, after: dict, name: str) -> dict[tuple, float]:
 
 
 @dataclass(frozen=True)
+class FeedbackSent:
+    expected: dict[tuple[str, str], int]  # (label answered, outcome) -> feedbacks sent
+    before: dict
+    after: dict
+
+
+@dataclass(frozen=True)
 class Burst:
     answers: list[dict]  # the JSON of every 200 answer, single and batch predictions together
     rejected: dict[tuple[str, str], int]  # (reason, status) -> requests sent that way
     before: dict
     after: dict
+    feedback: FeedbackSent | None = None  # sent after the burst (then scraped again)
 
 
 def bad_requests(url: str) -> dict[tuple[str, str], int]:
@@ -92,6 +102,29 @@ def send_burst(url: str, photos: list[str]) -> Burst:
         answers += response.json()["predictions"]
     rejected = bad_requests(url)
     return Burst(answers, rejected, before, scrape(url))
+
+
+def send_feedback(url: str, photos: list[str], labels: list[str], answers: list[dict]):
+    """Feedback on each photo with its true label, which confirms or corrects ``answers``
+    (what /predict answered for it: its label, or neither)."""
+
+    def give(photo_and_label: tuple[str, str]) -> None:
+        photo, label = photo_and_label
+        with open(photo, "rb") as handle:
+            response = requests.post(
+                f"{url}/feedback", files={"image": handle}, data={"label": label}, timeout=60
+            )
+        assert response.status_code == 202, response.text
+
+    before = scrape(url)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(give, zip(photos, labels, strict=True)))
+    expected: dict[tuple[str, str], int] = {}
+    for label, answer in zip(labels, answers, strict=True):
+        answered = NEITHER_LABEL if answer["neither"] else answer["label"]
+        key = (answered, FEEDBACK_OUTCOMES[label != answered])
+        expected[key] = expected.get(key, 0) + 1
+    return FeedbackSent(expected, before, scrape(url))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +185,8 @@ def wait_for(prometheus_url: str, expr: str, timeout: float = 30) -> list[dict]:
 @pytest.fixture(scope="module")
 def burst(service, prometheus) -> Burst:
     """The known requests, once Prometheus has scraped their effect and evaluated the rules."""
-    photos = [prediction.photo for prediction in evaluated_predictions(service.workspace)]
+    predictions = evaluated_predictions(service.workspace)
+    photos = [prediction.photo for prediction in predictions]
     # BentoML creates a request series on its first occurrence (the first /predict, the
     # first 415), and rate() ignores what a series counted before its first sample: the
     # service now answers a whole burst between two scrapes. So a first burst creates every
@@ -160,6 +194,12 @@ def burst(service, prometheus) -> Burst:
     send_burst(service.url, photos)
     time.sleep(3)  # scrapes every second
     sent = send_burst(service.url, photos)
+    # Feedback on every test photo, with its true label: 60 in the day, enough for the
+    # production accuracy to be recorded.
+    labels = [prediction.label for prediction in predictions]
+    sent = replace(
+        sent, feedback=send_feedback(service.url, photos, labels, sent.answers[: len(photos)])
+    )
     total = sum(changes({}, sent.after, "classifier_predictions_total").values())
     wait_for(
         prometheus,
@@ -238,6 +278,34 @@ def test_info_and_expected_share_describe_the_model_served(service, burst):
         "upper": service.metrics["positive_share_high"],
     }
     assert share["lower"] < service.metrics["positive_share"] < share["upper"]
+
+    accuracy = {
+        (dict(k)["model_version"], dict(k)["bound"]): v
+        for (name, k), v in burst.after.items()
+        if name == "classifier_expected_accuracy_ratio"
+    }
+    assert accuracy == {
+        (labels["model_version"], "lower"): service.metrics["accuracy_low"],
+        (labels["model_version"], "upper"): service.metrics["accuracy_high"],
+    }
+
+
+def test_feedback_counts_the_served_answers_it_confirms_and_corrects(service, burst):
+    """Feedback on each test photo counts /predict's answer for it (the served model's
+    version, the label answered or neither), confirmed or corrected by the true label."""
+    feedback = burst.feedback
+    version = requests.get(f"{service.url}/model-info", timeout=10).json()["version"]
+    counted = changes(feedback.before, feedback.after, "classifier_feedback_answers_total")
+    assert {
+        (dict(k)["model_version"], dict(k)["label"], dict(k)["outcome"]): v
+        for k, v in counted.items()
+    } == {(version, *key): count for key, count in feedback.expected.items()}
+    assert sum(feedback.expected.values()) == 60
+    # As accurate as on the test split, "neither" answers counted wrong.
+    confirmed = sum(n for (_, outcome), n in feedback.expected.items() if outcome == "confirmed")
+    right = round(service.metrics["accuracy"] * 60)
+    assert right - round(service.metrics["neither_share"] * 60) <= confirmed <= right
+    assert changes(feedback.before, feedback.after, "classifier_feedback_unscored_total") == {}
 
 
 def test_metrics_follow_prometheus_naming_conventions(service, burst):

@@ -15,9 +15,18 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 import yaml
 from dvc.repo import Repo
 
+from alert_relay.relay import (
+    DEFAULT_PORT,
+    REPOSITORY_ENV,
+    TOKEN_FILE_ENV,
+    WEBHOOK_PATH,
+    Config,
+    ConfigError,
+)
 from serving.contract import MODEL_NAME
 from serving.settings import (
     FEEDBACK_DIR_ENV,
@@ -47,6 +56,9 @@ def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) 
         "GRAFANA_",
         "GIT_REVISION",
         "FEEDBACK_",
+        "ALERTMANAGER_",
+        "RELAY_",
+        "GITHUB_DISPATCH_",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(env_items)
@@ -62,9 +74,17 @@ def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) 
     return yaml.safe_load(result.stdout)
 
 
-SERVE_PROFILE = ("classifier", "feedback-spool", "prometheus", "grafana")
-# Built locally by `bentoml containerize`, never pulled: the service, and its volume's owner fix.
-LOCAL_IMAGE = ("classifier", "feedback-spool")
+SERVE_PROFILE = (
+    "classifier",
+    "feedback-spool",
+    "prometheus",
+    "alertmanager",
+    "alert-relay",
+    "grafana",
+)
+# Built locally by `bentoml containerize`, never pulled: the service, its volume's owner fix,
+# and the relay (the image's Python runs the checkout's alert_relay).
+LOCAL_IMAGE = ("classifier", "feedback-spool", "alert-relay")
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 
 
@@ -132,18 +152,21 @@ def test_no_credentials_are_committed():
     remote = dvc_remote()
     assert not {"access_key_id", "secret_access_key", "session_token"} & set(remote)
     ignored = subprocess.run(
-        ["git", "check-ignore", ".dvc/config.local", ".env"],
+        ["git", "check-ignore", ".dvc/config.local", ".env", ".secrets/github-dispatch-token"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
     )
-    assert ignored.stdout.split() == [".dvc/config.local", ".env"]
+    assert ignored.stdout.split() == [".dvc/config.local", ".env", ".secrets/github-dispatch-token"]
 
 
 def test_pre_commit_refuses_a_force_added_credential_file(tmp_path):
     workspace = copy_workspace(tmp_path / "repo")
     (workspace / ".dvc" / "config.local").write_text("[remote minio]\nsecret_access_key = x\n")
-    subprocess.run(["git", "add", "-f", ".dvc/config.local"], cwd=workspace, check=True)
+    (workspace / ".secrets").mkdir()
+    (workspace / ".secrets" / "github-dispatch-token").write_text("github_pat_x\n")
+    for path in (".dvc/config.local", ".secrets/github-dispatch-token"):
+        subprocess.run(["git", "add", "-f", path], cwd=workspace, check=True)
     result = subprocess.run(
         [sys.executable, "-m", "pre_commit", "run", "no-credential-files"],
         cwd=workspace,
@@ -154,6 +177,7 @@ def test_pre_commit_refuses_a_force_added_credential_file(tmp_path):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert ".dvc/config.local" in result.stdout and "credentials stay local" in result.stdout
+    assert ".secrets/github-dispatch-token" in result.stdout
 
 
 def mounts(service: dict) -> dict[str, Path]:
@@ -166,7 +190,7 @@ def mounts(service: dict) -> dict[str, Path]:
     return binds
 
 
-def test_the_serve_profile_adds_service_its_spool_owner_prometheus_and_grafana_only():
+def test_the_serve_profile_adds_service_spool_owner_prometheus_alertmanager_relay_grafana():
     services = compose_config("--profile", "serve")["services"]
     for name, service in services.items():
         assert service.get("profiles", []) == (["serve"] if name in SERVE_PROFILE else []), name
@@ -264,3 +288,74 @@ def test_feedback_is_spooled_on_a_volume_the_service_owns_and_stored_in_the_stac
     assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"] == "change-me-please"
     assert env["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
+
+
+def test_prometheus_sends_alerts_to_the_stack_s_alertmanager_with_the_repository_s_config():
+    services = compose_config()["services"]
+    alertmanager = services["alertmanager"]
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (manager,) = config["alerting"]["alertmanagers"]
+    (target,) = manager["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host == "alertmanager"
+    assert port in [container for _, _, container in published_ports(services[host])]
+    assert mounts(alertmanager)["/etc/alertmanager/alertmanager.yml"] == (
+        MONITORING / "alertmanager.yml"
+    )
+    command = alertmanager["command"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in command
+    assert "--cluster.listen-address=" in command  # one instance: no gossip port
+    # The notification log survives a restart: a restart does not dispatch again.
+    (storage,) = [arg.split("=", 1)[1] for arg in command if arg.startswith("--storage.path=")]
+    assert named_volumes(alertmanager)[storage] in compose_config()["volumes"]
+    # Monitoring must not wait on the relay, which stops at start without its token file.
+    assert "alert-relay" not in services["alertmanager"].get("depends_on", {})
+    assert "alertmanager" not in services["prometheus"].get("depends_on", {})
+
+
+def test_alertmanager_reaches_the_relay_which_runs_the_checkout_s_alert_relay():
+    config = compose_config("--env-file", str(REPO_ROOT / ".env.example"))
+    relay = config["services"]["alert-relay"]
+    alertmanager = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
+    (webhook,) = [
+        hook
+        for receiver in alertmanager["receivers"]
+        for hook in receiver.get("webhook_configs", [])
+    ]
+    url = urlparse(webhook["url"])
+    assert (url.hostname, url.port, url.path) == ("alert-relay", DEFAULT_PORT, WEBHOOK_PATH)
+    # python -m alert_relay on its default port, reachable from the other containers only.
+    entrypoint = relay["entrypoint"]
+    assert entrypoint[1:4] == ["-m", "alert_relay", "--host"] and "--port" not in entrypoint
+    assert "ports" not in relay and relay["init"] is True
+    code = mounts(relay)
+    env = relay["environment"]
+    assert code[f"{env['PYTHONPATH']}/alert_relay"] == REPO_ROOT / "alert_relay"
+    assert env[REPOSITORY_ENV] == "owner/name"  # from .env
+    # The token: a compose secret from a git-ignored file, never a variable in Git.
+    (secret,) = relay["secrets"]
+    assert env[TOKEN_FILE_ENV] == f"/run/secrets/{secret['source']}"
+    token_file = Path(config["secrets"][secret["source"]]["file"])
+    assert token_file == REPO_ROOT / ".secrets" / "github-dispatch-token"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(token_file)], cwd=REPO_ROOT, timeout=30
+    )
+    assert ignored.returncode == 0
+    moved = compose_config(extra_env={"GITHUB_DISPATCH_TOKEN_FILE": "/srv/token"})
+    assert moved["secrets"][secret["source"]]["file"] == "/srv/token"
+
+
+def test_without_the_relay_s_settings_the_stack_renders_and_the_relay_refuses_to_start(tmp_path):
+    """Compose interpolates every service whatever the profile: the relay's settings default
+    to empty (no ${VAR:?}), and the relay itself stops at start, naming what is missing."""
+    default, serve = (compose_config(*p)["services"] for p in ([], ["--profile", "serve"]))
+    assert default["alert-relay"] == serve["alert-relay"]
+    env = dict(serve["alert-relay"]["environment"])
+    assert env[REPOSITORY_ENV] == "" and env["RELAY_GITHUB_API_URL"] == ""
+    # The relay's own check, on the environment compose gives it (the token file not made).
+    env[TOKEN_FILE_ENV] = str(tmp_path / "github-dispatch-token")
+    with pytest.raises(ConfigError, match=f"^{REPOSITORY_ENV} is not set"):
+        Config.from_env(env)
+    env[REPOSITORY_ENV] = "owner/name"
+    with pytest.raises(ConfigError, match="cannot read the token file"):
+        Config.from_env(env)

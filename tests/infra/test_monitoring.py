@@ -15,7 +15,12 @@ import subprocess
 import pytest
 import yaml
 
-from serving.settings import LOW_CONFIDENCE, TYPED_PREDICT_BATCH_ROUTE, TYPED_PREDICT_ROUTE
+from serving.settings import (
+    FEEDBACK_OUTCOMES,
+    LOW_CONFIDENCE,
+    TYPED_PREDICT_BATCH_ROUTE,
+    TYPED_PREDICT_ROUTE,
+)
 from tests.support.monitoring import (
     DASHBOARDS,
     PROMETHEUS_CONFIG,
@@ -77,6 +82,19 @@ def test_every_alert_compares_one_signal_and_explains_itself():
         rule for rule in rules() if rule.get("record") == "job:classifier_low_confidence:ratio_30m"
     ]
     assert f'le="{LOW_CONFIDENCE}"' in low["expr"]
+    # The degradation alert, compared per model version with its own bound, starts retraining.
+    (accuracy,) = [
+        rule for rule in rules() if rule.get("alert") == "ClassifierProductionAccuracyLow"
+    ]
+    assert accuracy["labels"]["action"] == "retrain"
+    # Production accuracy counts the service's "confirmed" outcome (serving/settings.py).
+    (production,) = [
+        rule
+        for rule in rules()
+        if rule.get("record") == "model_version:classifier_production_accuracy:ratio_1d"
+    ]
+    assert f'outcome="{FEEDBACK_OUTCOMES[0]}"' in production["expr"]
+    assert "on (job, model_version)" in accuracy["expr"]
 
 
 def test_prometheus_config_is_valid_and_its_job_is_the_one_rules_select():
@@ -142,6 +160,10 @@ def test_the_dashboards_show_what_operators_need():
         "classifier_rejected_uploads_total",
         "classifier_model_info",
         "classifier_expected_predicted_share_ratio",
+        "classifier_feedback_answers_total",  # confirmed and corrected, by version and label
+        "classifier_feedback_unscored_total",
+        "classifier_expected_accuracy_ratio",
+        "model_version:classifier_production_accuracy:ratio_1d",
     ]:
         assert metric in queries, metric
     for quantile in ("0.5", "0.95", "0.99"):

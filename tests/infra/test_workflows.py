@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,10 +21,12 @@ import tomllib
 import pytest
 import yaml
 
+from alert_relay.dispatch import EVENT_TYPE, dispatch_request, parse_notification
 from tests.support.dvc import dvc, set_param
 from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
 from tests.support.images import make_image
+from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 from tests.support.processes import with_interpreter_tools
 from tests.support.pythons import LOCK_PYTHONS, supported_pythons
@@ -185,12 +188,62 @@ def test_retrain_promotes_only_after_the_merge_on_main():
 
 def test_retrain_runs_on_a_schedule_and_on_demand_and_opens_a_pr_only_on_change():
     retrain = workflow("retrain")
-    assert {"schedule", "workflow_dispatch"} <= set(retrain[True])
+    assert {"schedule", "workflow_dispatch", "repository_dispatch"} <= set(retrain[True])
+    # The relay's event (alert_relay): a degradation alert starts the retrain job.
+    assert retrain[True]["repository_dispatch"] == {"types": [EVENT_TYPE]}
     job = retrain["jobs"]["retrain"]
     (pr_step,) = [step for step in job["steps"] if "cml pr create" in step.get("run", "")]
     assert pr_step["if"] == "steps.report.outputs.metrics_changed == 'true'"
     # The report goes to the pull request just opened (its number from the URL cml printed).
     assert 'cml comment update --target="pr/${url##*/}"' in pr_step["run"]
+
+
+def test_a_dispatched_retraining_shows_the_alerts_that_started_it(tmp_path):
+    """The summary step, run as the runner runs it, on the payload the relay sends."""
+    require_tools("jq")  # on GitHub's runners too
+    job = workflow("retrain")["jobs"]["retrain"]
+    (step,) = [s for s in job["steps"] if s.get("name") == "Alerts that started this run"]
+    assert step["if"] == "github.event_name == 'repository_dispatch'"
+    # The payload reaches the script through the environment, never spliced into it.
+    assert step["env"] == {"PAYLOAD": "${{ toJSON(github.event.client_payload) }}"}
+    assert "${{" not in step["run"]
+    alert = {
+        "status": "firing",
+        "labels": {
+            "alertname": "ClassifierPredictedShareBelowTestRange",
+            "job": "dandelion-vs-grass",
+            "label": "dandelion",
+            "model_version": "1bdc7ae564d4e793",
+        },
+        "annotations": {"summary": "Only 10% of answers | are dandelion,\nbelow the range."},
+        "startsAt": "2026-05-04T10:00:00Z",
+    }
+    notification = {"version": "4", "externalURL": "http://am:9093", "alerts": [alert]}
+    request = dispatch_request(parse_notification(json.dumps(notification).encode()))
+    assert request["event_type"] == EVENT_TYPE
+    summary = tmp_path / "summary.md"
+    env = dict(os.environ, PAYLOAD=json.dumps(request["client_payload"]))
+    env["GITHUB_STEP_SUMMARY"] = str(summary)
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", step["run"]],  # GitHub's default bash flags
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == summary.read_text()  # the log shows what the summary shows
+    assert summary.read_text().splitlines() == [
+        "## Started by Alertmanager: model degraded",
+        "",
+        "| alert | labels | since | summary |",
+        "|---|---|---|---|",
+        "| ClassifierPredictedShareBelowTestRange | job=dandelion-vs-grass, label=dandelion, "
+        "model_version=1bdc7ae564d4e793 | 2026-05-04T10:00:00Z | Only 10% of answers   are "
+        "dandelion, below the range. |",
+        "",
+        "1 alert(s) firing; Alertmanager: http://am:9093",
+    ]
 
 
 def test_cml_comment_flags_are_compatible():

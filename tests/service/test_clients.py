@@ -235,7 +235,9 @@ def test_an_oversized_declared_body_is_refused_before_it_is_sent(served):
 def feedback_store(front, tmp_path):
     """The served front's feedback kept under ``tmp_path`` (not the default, in the home): a
     desk of its own, stopped on leaving; the store's directory."""
-    desk = FeedbackDesk(front.model.card, front.single, environ={"FEEDBACK_DIR": str(tmp_path)})
+    desk = FeedbackDesk(
+        front.model.card, front.single, front.scores, environ={"FEEDBACK_DIR": str(tmp_path)}
+    )
     front.feedback = desk
     desk.start()
     yield tmp_path / "store"
@@ -272,6 +274,12 @@ def test_the_client_gives_feedback_as_the_multipart_route_does(served, photos, f
     stored = json.loads(record.read_text())
     assert stored["answer_id"] == answer["answer_id"] and stored["filename"] == "green.png"
     assert stored["model_version"] == stubs.CARD.version
+    # The served model's answer for the photo, as the client got it from predict.
+    assert not answer["neither"]
+    assert (stored["served_label"], stored["served_confidence"]) == (
+        answer["label"],
+        answer["confidence"],
+    )
 
 
 # Last: a new stub front (stub_client) leaves no current instance for the served one's tests.

@@ -5,6 +5,7 @@ naming what is wrong, and never lost while the store is down (spooled, then flus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,11 +14,14 @@ import sys
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 import requests
 from prometheus_client import REGISTRY
 
+import serving.feedback
 from serving.settings import (
+    FEEDBACK_OUTCOMES,
     FLUSH_RETRY_SECONDS,
     MAX_COMMENT_CHARS,
     MAX_MODEL_VERSION_CHARS,
@@ -28,7 +32,7 @@ from serving.stores import feedback_config
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
-from tests.support.stub_service import StubService, front_restored, photo, stub_client
+from tests.support.stub_service import CARD, StubService, front_restored, photo, stub_client
 
 pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
 
@@ -51,6 +55,27 @@ def spool_entries() -> float:
 
 def flush_failures() -> float:
     return REGISTRY.get_sample_value("classifier_feedback_flush_failures_total") or 0.0
+
+
+def feedback_answers() -> dict[tuple[str, str, str], float]:
+    """classifier_feedback_answers_total in this process (the stub front's /metrics), by
+    (model_version, label, outcome)."""
+    (family,) = [m for m in REGISTRY.collect() if m.name == "classifier_feedback_answers"]
+    return {
+        (s.labels["model_version"], s.labels["label"], s.labels["outcome"]): s.value
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def unscored() -> float:
+    return REGISTRY.get_sample_value("classifier_feedback_unscored_total") or 0.0
+
+
+def grown(before: dict, after: dict) -> dict:
+    return {
+        key: after[key] - before.get(key, 0.0) for key in after if after[key] != before.get(key)
+    }
 
 
 def give(client, label="grass", colour=(20, 200, 20), **fields):
@@ -278,3 +303,93 @@ def test_sigterm_gives_the_flusher_a_last_pass_and_leaves_spooled_what_it_cannot
     # The store back just as SIGTERM comes: the last pass stores both, the left one too.
     served_until_sigterm((30, 200, 20), store_on_at_sigterm=True)
     assert len(records(endpoint)) == 2 and list(spool.iterdir()) == []
+
+
+# The stub scores P(dandelion) = mean green and novelty = 2 x mean red (neither above 1).
+DANDELION, GRASS, NEITHER = (20, 200, 20), (20, 50, 20), (200, 200, 20)
+
+
+def test_feedback_counts_the_served_answer_confirmed_or_corrected_by_version_and_label(
+    feedback_dir,
+):
+    """Each feedback counts the served model's answer for its photo, as /predict gives it
+    ("neither" included), confirmed when the label given is that answer, corrected when not;
+    under the served model's version, also when the feedback quotes another."""
+    sent = [  # (photo, label given, the model_version quoted)
+        (DANDELION, "dandelion", None),
+        (DANDELION, "grass", CARD.version),
+        (GRASS, "grass", None),
+        (GRASS, "neither", "fedcba9876543210"),  # an older model's answer
+        (NEITHER, "neither", None),
+        (NEITHER, "dandelion", None),
+        (NEITHER, "grass", None),
+    ]
+    with feedback_front() as client:
+        # Every series the rules read exists at 0 from the start, for each label the model
+        # can answer and each outcome.
+        before = feedback_answers()
+        assert {(version, label, outcome) for version, label, outcome in before} >= {
+            (CARD.version, label, outcome)
+            for label in ("grass", "dandelion", "neither")
+            for outcome in FEEDBACK_OUTCOMES
+        }
+        left_unscored = unscored()
+        answers = {}
+        for colour, label, version in sent:
+            answers[colour] = client.post("/predict", files={"image": ("a.png", photo(colour))})
+            fields = {"model_version": version} if version else {}
+            assert give(client, label, colour, **fields).status_code == 202
+        counted = grown(before, feedback_answers())
+        assert unscored() == left_unscored
+        eventually(lambda: len(local_objects(feedback_dir / "store")) == 3 + len(sent))
+    assert counted == {
+        (CARD.version, "dandelion", "confirmed"): 1,
+        (CARD.version, "dandelion", "corrected"): 1,
+        (CARD.version, "grass", "confirmed"): 1,
+        (CARD.version, "grass", "corrected"): 1,
+        (CARD.version, "neither", "confirmed"): 1,
+        (CARD.version, "neither", "corrected"): 2,
+    }
+    # Each record keeps that answer: the label (or neither) and confidence /predict gave.
+    for colour, label, _ in sent:
+        sha256 = hashlib.sha256(photo(colour)).hexdigest()
+        record = json.loads((feedback_dir / "store/records" / sha256 / f"{label}.json").read_text())
+        answer = answers[colour].json()
+        served = "neither" if answer["neither"] else answer["label"]
+        assert (record["served_label"], record["served_confidence"]) == (
+            served,
+            answer["confidence"],
+        )
+        assert record["served_model_version"] == CARD.version
+
+
+def engine_down(images):
+    raise RuntimeError("the engine is down")
+
+
+async def never_answers(images):
+    await anyio.sleep(3600)
+
+
+@pytest.mark.parametrize("failure", ["the engine fails", "the model does not answer"])
+def test_feedback_the_model_cannot_score_is_accepted_unscored(feedback_dir, monkeypatch, failure):
+    """The model fails (as the Keras engine's model service, down, makes /predict fail) or
+    does not answer in FEEDBACK_SCORING_SECONDS: the feedback is accepted and stored all the
+    same, its served fields null, counted unscored and in no outcome."""
+    with feedback_front() as client, front_restored() as front:
+        if failure == "the engine fails":
+            front.model = dataclasses.replace(front.model, score=engine_down)
+        else:
+            monkeypatch.setattr(serving.feedback, "FEEDBACK_SCORING_SECONDS", 0.5)
+            front.feedback.scores = never_answers
+        before, left_unscored = feedback_answers(), unscored()
+        started = time.monotonic()
+        given = give(client, "grass", answer_id="9b2f6c1e-3d4a-4f0b-8c7e-2a5d1e6f4b3c")
+        assert given.status_code == 202, given.text
+        assert time.monotonic() - started < 5
+        assert unscored() == left_unscored + 1 and grown(before, feedback_answers()) == {}
+        eventually(lambda: len(local_objects(feedback_dir / "store")) == 2)
+    sha256 = hashlib.sha256(photo()).hexdigest()
+    record = json.loads((feedback_dir / "store/records" / sha256 / "grass.json").read_text())
+    assert record["served_label"] is None and record["served_confidence"] is None
+    assert record["label"] == "grass" and record["served_model_version"] == CARD.version

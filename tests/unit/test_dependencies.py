@@ -19,7 +19,7 @@ from pipeline.bento import included_files
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 from tests.support.processes import python_module
 
-PACKAGES = ("stages", "pipeline", "serving")  # the project's own top-level packages
+PACKAGES = ("stages", "pipeline", "serving", "alert_relay")  # the project's own top-level packages
 
 
 def module_file(module: str) -> Path | None:

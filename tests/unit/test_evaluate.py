@@ -42,16 +42,39 @@ def test_threshold_moves_the_decision():
     assert evaluate.score_predictions(labels, scores, rule(0.7))["accuracy"] == 0.5
 
 
+def wilson_by_hand(successes: int, n: int) -> tuple[float, float]:
+    """Wilson score interval, written out: centre and half-width for z = 1.959964 (95 %)."""
+    share, z = successes / n, 1.959964
+    centre = (share + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return centre - half, centre + half
+
+
 def test_positive_share_comes_with_its_95_percent_wilson_interval():
     scores = np.array([0.9] * 29 + [0.1] * 31)  # 29 of 60 photos predicted dandelion
     result = evaluate.score_predictions(np.ones(60, dtype=int), scores, rule(0.5))
-    # Wilson score interval, written out: centre and half-width for z = 1.959964 (95 %).
-    n, share, z = 60, 29 / 60, 1.959964
-    centre = (share + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z * np.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    low, high = wilson_by_hand(29, 60)
     assert result["positive_share"] == pytest.approx(29 / 60)
-    assert result["positive_share_low"] == pytest.approx(centre - half, abs=1e-6)
-    assert result["positive_share_high"] == pytest.approx(centre + half, abs=1e-6)
+    assert result["positive_share_low"] == pytest.approx(low, abs=1e-6)
+    assert result["positive_share_high"] == pytest.approx(high, abs=1e-6)
+
+
+def test_accuracy_comes_with_its_95_percent_wilson_interval():
+    # 30 dandelions, 30 grass; 2 dandelions and 1 grass predicted wrong: 57 of 60 right.
+    labels = np.array([1] * 30 + [0] * 30)
+    scores = np.array([0.9] * 28 + [0.2] * 2 + [0.1] * 29 + [0.8])
+    result = evaluate.score_predictions(labels, scores, rule(0.5))
+    low, high = wilson_by_hand(57, 60)
+    assert result["accuracy"] == pytest.approx(57 / 60)
+    assert result["accuracy_low"] == pytest.approx(low, abs=1e-6)
+    assert result["accuracy_high"] == pytest.approx(high, abs=1e-6)
+    assert low < 57 / 60 < high < 1
+
+
+def test_a_perfect_score_has_an_upper_bound_of_one_and_a_lower_bound_below():
+    result = evaluate.score_predictions(np.array([1, 0] * 10), np.array([0.9, 0.1] * 10), rule(0.5))
+    assert result["accuracy"] == 1.0 and result["accuracy_high"] == pytest.approx(1.0)
+    assert result["accuracy_low"] == pytest.approx(wilson_by_hand(20, 20)[0], abs=1e-6)
 
 
 def test_auc_is_missing_not_zero_for_a_single_class():

@@ -13,7 +13,7 @@ import venv
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import python_code
 
-PACKAGES = ("stages", "pipeline", "serving")  # the project's own (tests/unit/test_dependencies.py)
+PACKAGES = ("stages", "pipeline", "serving", "alert_relay")  # tests/unit/test_dependencies.py
 
 # Runs in a fresh interpreter: every third-party module the project's modules import at their
 # top level is imported first, so that only what the project's own code does is compared.

@@ -250,6 +250,8 @@ def test_train_and_evaluate_mains_write_model_metrics_and_mlflow_run(
     assert set(evaluated) == {"test", "unlike"}
     test_metrics = evaluated["test"]
     assert set(test_metrics) == {"accuracy", "precision", "recall", "f1", "roc_auc"} | {
+        "accuracy_low",
+        "accuracy_high",
         "positive_share",
         "positive_share_low",
         "positive_share_high",
