@@ -50,7 +50,7 @@ def review(args: argparse.Namespace) -> str:
         lines = review.pending_lines(feedback)
         return "\n".join([*lines, f"review: {len(lines)} pending in {feedback.store}"])
     if args.action == "sheet":
-        shown = review.write_sheet(feedback, args.out, review.export_scorer(root))
+        shown = review.write_sheet(feedback, args.out, root)
         return f"review: {shown} pending in {feedback.store}" + (
             f", drawn in {args.out}" if shown else ": no sheet written"
         )

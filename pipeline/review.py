@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import io
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,11 +115,17 @@ class Feedback:
                 self.cache[key] = self.store.get(key)
         return self.cache[key]
 
+    def json_object(self, key: str) -> dict:
+        try:
+            return json.loads(self.get(key))
+        except ValueError:
+            raise ReviewError(f"the store's {key} is not a JSON object: damaged") from None
+
     def record(self, key: Key) -> dict:
-        return json.loads(self.get(record_key(*key)))
+        return self.json_object(record_key(*key))
 
     def decision(self, key: Key) -> dict | None:
-        return json.loads(self.get(decision_key(*key))) if key in self.decided else None
+        return self.json_object(decision_key(*key)) if key in self.decided else None
 
     def pending(self) -> list[Key]:
         """The records not decided yet, oldest first."""
@@ -229,21 +236,22 @@ def export_scorer(root: Path):
     return lambda photo: rule.verdict(*score(load_image(io.BytesIO(photo), size)[None])[0])
 
 
-def model_answer(record: dict, photo: bytes, scorer) -> str:
+def model_answer(record: dict, photo: bytes, scorer: Callable[[], Callable | None]) -> str:
     """A caption's model answer: the served one if the record keeps it, else the local
-    export's, else unknown."""
+    export's (``scorer()``, loaded only when needed), else unknown."""
     served = served_answer(record)
     if served is not None:
         return f"served {served}"
-    if scorer is None:
+    if scorer() is None:
         return "model: unknown"
-    verdict = scorer(photo)
+    verdict = scorer()(photo)
     neither = ", neither?" if verdict["neither"] else ""
     return f"export {verdict['label']} {verdict['confidence']:.2f}{neither}"
 
 
-def write_sheet(feedback: Feedback, out: Path, scorer) -> int:
+def write_sheet(feedback: Feedback, out: Path, root: Path) -> int:
     """The contact sheet of the pending feedback at ``out`` (PNG); how many photos it shows."""
+    scorer = functools.cache(lambda: export_scorer(root))
     pending = feedback.pending()
     images, captions = [], []
     for key in pending:

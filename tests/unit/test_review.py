@@ -4,11 +4,13 @@ command on feedback the service stored: tests/service/test_review.py."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,8 +132,8 @@ def test_what_cannot_be_accepted_is_refused_before_anything_is_written(store, tm
 
 def test_the_model_answer_is_the_served_one_when_the_record_keeps_it():
     served = {"served_label": "grass", "served_confidence": 0.8123}
-    assert review.model_answer(served, b"", scorer=None) == "served grass 0.81"
-    assert review.model_answer({}, b"", scorer=None) == "model: unknown"
+    assert review.model_answer(served, b"", scorer=lambda: None) == "served grass 0.81"
+    assert review.model_answer({}, b"", scorer=lambda: None) == "model: unknown"
 
 
 def test_a_local_store_lists_whole_objects_and_is_an_error_when_missing(store):
@@ -157,3 +159,35 @@ def test_an_s3_store_lists_past_a_page_of_1000_keys(s3, monkeypatch):
     assert store.keys("records/") == keys
     assert store.get(keys[-1]) == b""
     assert len(review.Feedback(store).records) == 1003
+
+
+@pytest.mark.slow  # seconds of TensorFlow: a small Keras model, exported for OpenVINO
+def test_without_a_served_answer_the_sheet_asks_the_local_export(tmp_path):
+    import keras
+
+    from serving.contract import MODEL_FILE
+    from stages.export import export_model
+
+    root = review_project(tmp_path / "repo")
+    assert review.export_scorer(root) is None  # no export here: the sheet says unknown
+    # P(dandelion) = sigmoid(4 (green - red)) and novelty = 4 blue, channels' means in [0, 1].
+    inputs = keras.Input((224, 224, 3))
+    means = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    probability = keras.layers.Dense(1, activation="sigmoid")(means)
+    novelty = keras.layers.Dense(1)(means)
+    model = keras.Model(inputs, keras.layers.Concatenate()([probability, novelty]))
+    model.layers[3].set_weights([np.array([[-4.0], [4.0], [0.0]]), np.zeros(1)])
+    model.layers[4].set_weights([np.array([[0.0], [0.0], [4.0]]), np.zeros(1)])
+    model.save(tmp_path / MODEL_FILE)
+    export_model(tmp_path / MODEL_FILE, root / "data/export", "openvino")
+
+    def answer(colour):
+        return review.model_answer({}, photo(colour), functools.cache(lambda: scorer))
+
+    scorer = review.export_scorer(root)
+    # green: sigmoid(4 (200 - 20) / 255) = 0.944; red the same for grass; blue: sigmoid(0) is
+    # the threshold 0.5 itself (dandelion), and novelty 4 * 200 / 255 > 1 flags it.
+    assert answer((20, 200, 20)) == "export dandelion 0.94"
+    assert answer((200, 20, 20)) == "export grass 0.94"
+    assert answer((20, 20, 200)) == "export dandelion 0.50, neither?"
+    assert review.model_answer({"served_label": "grass"}, b"", lambda: scorer) == "served grass"
