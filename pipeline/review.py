@@ -53,7 +53,6 @@ REVIEWED_CSV = Path("data/reviewed.csv")  # one row per accepted photo, in Git
 REVIEWED_COLUMNS = ("label", "filename", "sha256", "source")
 SHORT_ID = 12  # hex digits of the sha256 an id shows, at least
 ACCEPTED, REJECTED = "accepted", "rejected"
-SHEET_COLUMNS = 4
 SOURCE_PREFIX = "feedback:"  # reviewed.csv's source: where a photo came from
 # A photo's file extension, from the format Pillow reads in its bytes.
 EXTENSIONS = {"JPEG": "jpg"}
@@ -78,12 +77,12 @@ def keyed(keys: list[str], folder: str) -> set[Key]:
 
 @contextlib.contextmanager
 def reaching(store) -> Iterator[None]:
-    """A store that cannot be read (missing, down, refusing) ends the review in one line."""
+    """A store that cannot be used (missing, down, refusing) ends the review in one line."""
     try:
         yield
     except (OSError, BotoCoreError, ClientError) as error:
         raise ReviewError(
-            f"the feedback store {store} cannot be read: {error} (it comes from FEEDBACK_STORE, "
+            f"the feedback store {store} cannot be used: {error} (it comes from FEEDBACK_STORE, "
             "or FEEDBACK_DIR/store, as the service's; docs/serving.md, *Feedback*)"
         ) from None
 
@@ -107,19 +106,19 @@ class Feedback:
             self.records = keyed(store.keys(RECORDS), RECORDS)
             self.decided = keyed(store.keys(DECISIONS), DECISIONS)
         self.ids = short_ids(self.records)
-        self.cache: dict[str, bytes] = {}
+        self.objects: dict[str, dict] = {}  # records and decisions read (photos are not kept)
 
     def get(self, key: str) -> bytes:
-        if key not in self.cache:
-            with reaching(self.store):
-                self.cache[key] = self.store.get(key)
-        return self.cache[key]
+        with reaching(self.store):
+            return self.store.get(key)
 
     def json_object(self, key: str) -> dict:
-        try:
-            return json.loads(self.get(key))
-        except ValueError:
-            raise ReviewError(f"the store's {key} is not a JSON object: damaged") from None
+        if key not in self.objects:
+            try:
+                self.objects[key] = json.loads(self.get(key))
+            except ValueError:
+                raise ReviewError(f"the store's {key} is not a JSON object: damaged") from None
+        return self.objects[key]
 
     def record(self, key: Key) -> dict:
         return self.json_object(record_key(*key))
@@ -262,7 +261,7 @@ def write_sheet(feedback: Feedback, out: Path, root: Path) -> int:
         )
     if pending:
         out.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(images, captions, columns=SHEET_COLUMNS, lines=3).save(out, optimize=False)
+        contact_sheet(images, captions, lines=3).save(out, optimize=False)
     return len(pending)
 
 
@@ -382,10 +381,14 @@ def accept(
     if not plan:
         return messages, 0
     photos = {item.key[0]: feedback.photo(item.key[0]) for item in plan}  # checked first
+    filenames = {
+        item.key: f"{item.label}/{sha256}.{extension(photos[sha256], sha256)}"
+        for item in plan
+        for sha256 in [item.key[0]]
+    }
     rows = read_reviewed(root / REVIEWED_CSV)
     for item in plan:
-        sha256 = item.key[0]
-        filename = f"{item.label}/{sha256}.{extension(photos[sha256], sha256)}"
+        sha256, filename = item.key[0], filenames[item.key]
         write_whole(root / REVIEWED_DIR / filename, photos[sha256])
         # A photo accepted before keeps its row (and source): the row names the file, not the
         # feedback.

@@ -1,7 +1,7 @@
 """`dandelion review` on feedback the stub front stored (POST /predict, then POST /feedback on
 its answer), in the local directory and in an S3 bucket (moto's server): listed, drawn,
 accepted into a Git + DVC project, rejected; a rerun changes no byte; bad input and a store
-that cannot be read end in one line."""
+that cannot be used end in one line."""
 
 from __future__ import annotations
 
@@ -192,4 +192,4 @@ def test_feedback_in_a_bucket_is_reviewed_there_and_an_unreachable_store_is_one_
 
     store.off()
     line = refused(repo, "list")
-    assert "the feedback store s3://feedback-bucket/reviews/2024/ cannot be read" in line
+    assert "the feedback store s3://feedback-bucket/reviews/2024/ cannot be used" in line
