@@ -17,11 +17,6 @@ from pathlib import Path
 from pipeline.params import pipeline_paths
 from pipeline.stage import StageError
 
-COMMIT_REVIEWED = (
-    "git add data/reviewed.csv data/reviewed.dvc data/.gitignore && "
-    'git commit -m "reviewed feedback" && dvc push'
-)
-
 
 def review_parser(commands) -> None:
     review = commands.add_parser(
@@ -60,7 +55,7 @@ def review(args: argparse.Namespace) -> str:
     messages, new = review.accept(feedback, keys, args.as_label, root)
     summary = f"review: {new} accepted into {review.REVIEWED_DIR}"
     if new:
-        summary += f"; to keep them: {COMMIT_REVIEWED}"
+        summary += f"; to keep them: {review.COMMIT_HINT}"
     return "\n".join([*messages, summary])
 
 

@@ -51,6 +51,11 @@ from serving.stores import (
 REVIEWED_DIR = Path("data/reviewed")  # the accepted photos, tracked by DVC
 REVIEWED_CSV = Path("data/reviewed.csv")  # one row per accepted photo, in Git
 REVIEWED_COLUMNS = ("label", "filename", "sha256", "source")
+# What to commit and push after accepting (`dvc add` writes the .dvc file and the .gitignore).
+COMMIT_HINT = (
+    f"git add {REVIEWED_CSV} {REVIEWED_DIR}.dvc {REVIEWED_DIR.parent / '.gitignore'} && "
+    'git commit -m "reviewed feedback" && dvc push'
+)
 SHORT_ID = 12  # hex digits of the sha256 an id shows, at least
 ACCEPTED, REJECTED = "accepted", "rejected"
 SOURCE_PREFIX = "feedback:"  # reviewed.csv's source: where a photo came from

@@ -68,6 +68,11 @@ def test_an_id_names_one_record_or_is_a_clear_error(store):
         review.chosen(feedback, [feedback.ids[red]], everything=True)
 
 
+def test_a_store_url_without_a_bucket_is_a_review_error():
+    with pytest.raises(review.ReviewError, match="names no bucket"):
+        review.open_feedback({"FEEDBACK_STORE": "s3://"})
+
+
 def test_reviewed_csv_is_its_header_then_rows_sorted_by_sha256(tmp_path):
     rows = {
         sha: {"label": "grass", "filename": f"grass/{sha}.jpg", "sha256": sha, "source": "x"}
