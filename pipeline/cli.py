@@ -2,6 +2,8 @@
 
     dandelion promote    register the evaluated model if it beats the champion, and deploy
                          the champion's bento (pipeline/promote.py)
+    dandelion review     list the feedback waiting for review, draw it as a contact sheet,
+                         accept it into data/reviewed (DVC) or reject it (pipeline/review.py)
 
 ``python -m pipeline.cli promote`` is the same command.
 """
@@ -14,6 +16,48 @@ from pathlib import Path
 
 from pipeline.params import pipeline_paths
 from pipeline.stage import StageError
+
+
+def review_parser(commands) -> None:
+    review = commands.add_parser(
+        "review", help="the feedback waiting for review: list, sheet, accept, reject"
+    )
+    actions = review.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="the pending feedback, one line each")
+    sheet = actions.add_parser("sheet", help="a contact sheet (PNG) of the pending feedback")
+    sheet.add_argument("out", type=Path, metavar="OUT.png")
+    for name, verb in (("accept", "accept into data/reviewed"), ("reject", "reject")):
+        action = actions.add_parser(name, help=f"{verb} the feedback of these ids")
+        action.add_argument("ids", nargs="*", metavar="ID", help="as `review list` shows it")
+        action.add_argument("--all", action="store_true", help="every pending feedback")
+        if name == "accept":
+            action.add_argument(
+                "--as", dest="as_label", metavar="LABEL", help="accept with this class instead"
+            )
+
+
+def review(args: argparse.Namespace) -> str:
+    from pipeline import review  # DVC, boto3 and Pillow: only when reviewing
+
+    root = Path.cwd()
+    feedback = review.open_feedback()
+    if args.action == "list":
+        lines = review.pending_lines(feedback)
+        return "\n".join([*lines, f"review: {len(lines)} pending in {feedback.store}"])
+    if args.action == "sheet":
+        shown = review.write_sheet(feedback, args.out, root)
+        return f"review: {shown} pending in {feedback.store}" + (
+            f", drawn in {args.out}" if shown else ": no sheet written"
+        )
+    keys = review.chosen(feedback, args.ids, args.all)
+    if args.action == "reject":
+        return "\n".join([*review.reject(feedback, keys), f"review: {len(keys)} rejected"])
+    messages, new = review.accept(feedback, keys, args.as_label, root)
+    reviewed = review.Reviewed.of(root)
+    summary = f"review: {new} accepted into {reviewed.directory}"
+    if new:
+        summary += f"; to keep them: {reviewed.commit_hint()}"
+    return "\n".join([*messages, summary])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,16 +75,19 @@ def main(argv: list[str] | None = None) -> None:
         help="promote a model tested on another test set than the champion's without comparing "
         "their metrics (recorded on the registered version)",
     )
+    review_parser(commands)
     args = parser.parse_args(argv)
     if not Path("dvc.yaml").is_file():
         sys.exit(f"{args.command}: no dvc.yaml here: run it from the project's root")
-    if args.command == "promote":
-        from pipeline.promote import promote  # MLflow, DVC and BentoML: only when promoting
+    try:
+        if args.command == "promote":
+            from pipeline.promote import promote  # MLflow, DVC and BentoML: only when promoting
 
-        try:
             print(promote(pipeline_paths(), args.different_test_set))
-        except StageError as error:
-            sys.exit(f"promote: {error}")
+        else:
+            print(review(args))
+    except StageError as error:
+        sys.exit(f"{args.command}: {error}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 THUMBNAIL = 200  # px, each side of a photo on the contact sheet
-CAPTION_HEIGHT = 34  # px under each thumbnail: two lines of Pillow's default font
+CAPTION_LINE = 16  # px a line of Pillow's default font takes, with its spacing
+
+
+def caption_height(lines: int) -> int:
+    """px under each thumbnail for captions of ``lines`` lines."""
+    return lines * CAPTION_LINE + 2
 
 
 def confident_contradictions(
@@ -23,10 +28,12 @@ def confident_contradictions(
     return rows[np.argsort(-other_class_probability[rows], kind="stable")]
 
 
-def contact_sheet(images: list[np.ndarray], captions: list[str], columns: int = 4) -> Image.Image:
-    """Thumbnails in a grid, each with its caption underneath."""
+def contact_sheet(
+    images: list[np.ndarray], captions: list[str], columns: int = 4, lines: int = 2
+) -> Image.Image:
+    """Thumbnails in a grid, each with its caption of at most ``lines`` lines underneath."""
     rows = max(1, -(-len(images) // columns))
-    cell_height = THUMBNAIL + CAPTION_HEIGHT
+    cell_height = THUMBNAIL + caption_height(lines)
     sheet = Image.new("RGB", (columns * THUMBNAIL, rows * cell_height), "white")
     draw = ImageDraw.Draw(sheet)
     for index, (pixels, caption) in enumerate(zip(images, captions, strict=True)):

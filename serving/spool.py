@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from serving.settings import FLUSH_RETRY_SECONDS, SPOOL_MAX_BYTES, SPOOL_MAX_ENTRIES
+from serving.stores import photo_key, record_key
 
 logger = logging.getLogger("bentoml.service.dandelion")
 
@@ -46,7 +47,7 @@ def store_objects(entry: bytes) -> list[tuple[str, bytes]]:
     line, _, photo = entry.partition(b"\n")
     record = json.loads(line)
     sha256 = record["photo_sha256"]
-    return [(f"photos/{sha256}", photo), (f"records/{sha256}/{record['label']}.json", line)]
+    return [(photo_key(sha256), photo), (record_key(sha256, record["label"]), line)]
 
 
 def fsync_directory(directory: Path) -> None:

@@ -3,7 +3,8 @@
 Which one is deployment configuration, read from the environment when the service starts
 (``feedback_config``; the variables' names are serving/settings.py's). A store only ever puts
 whole objects under keys of its own prefix; the spool (serving/spool.py) calls it from the
-flusher's thread, never from a request.
+flusher's thread, never from a request. ``keys`` and ``get`` are for the review of feedback
+(``dandelion review``, pipeline/review.py), which reads the same configuration.
 """
 
 from __future__ import annotations
@@ -21,6 +22,22 @@ from serving.settings import (
     STORE_TIMEOUT_SECONDS,
 )
 
+# The store's layout (docs/serving.md, *Feedback*): a feedback's photo and record, keyed by the
+# photo's sha256 and the label given, and the review's decision on that record.
+PHOTOS, RECORDS, DECISIONS = "photos/", "records/", "reviewed/"
+
+
+def photo_key(sha256: str) -> str:
+    return f"{PHOTOS}{sha256}"
+
+
+def record_key(sha256: str, label: str) -> str:
+    return f"{RECORDS}{sha256}/{label}.json"
+
+
+def decision_key(sha256: str, label: str) -> str:
+    return f"{DECISIONS}{sha256}/{label}.json"
+
 
 class LocalStore:
     """Objects as files under ``root``, each written whole (a reader never sees half of one)."""
@@ -34,6 +51,20 @@ class LocalStore:
         partial = path.with_name(f".{path.name}.partial")
         partial.write_bytes(data)
         os.replace(partial, path)
+
+    def keys(self, under: str) -> list[str]:
+        """The keys that start with ``under`` (a folder, say ``records/``), sorted; a store
+        that does not exist is an error (FileNotFoundError), not an empty one."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no feedback store at {self.root}")
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in (self.root / under).rglob("*")
+            if path.is_file() and not path.name.startswith(".")  # a put under way
+        )
+
+    def get(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
 
     def __str__(self) -> str:
         return str(self.root)
@@ -60,6 +91,20 @@ class S3Store:
 
     def put(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}{key}", Body=data)
+
+    def keys(self, under: str) -> list[str]:
+        """The keys that start with ``under`` (a folder, say ``records/``), sorted."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=f"{self.prefix}{under}"
+        )
+        return sorted(
+            item["Key"].removeprefix(self.prefix)
+            for page in pages
+            for item in page.get("Contents", [])
+        )
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}{key}")["Body"].read()
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"

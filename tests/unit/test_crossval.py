@@ -135,7 +135,7 @@ def test_main_writes_metrics_and_a_reviewable_noise_report(tmp_path, monkeypatch
     assert float(listed["other_class_probability"]) >= 0.9
     sheet = Image.open(tmp_path / "out/label_noise.png")
     cell = label_noise.THUMBNAIL
-    assert sheet.size == (4 * cell, cell + label_noise.CAPTION_HEIGHT)
+    assert sheet.size == (4 * cell, cell + label_noise.caption_height(2))
 
 
 @pytest.mark.slow  # about 30 s: trains a backbone per fold
