@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from alert_relay.relay import (
     Config,
     RelayServer,
 )
-from tests.support.http import free_port
+from tests.support.http import free_port, in_thread
 from tests.support.monitoring import MONITORING
 from tests.support.needs import require_tools
 from tests.support.processes import running_server
@@ -95,15 +94,8 @@ def relay_process(github_url: str, root: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def relay_in_process(config: Config) -> Iterator[str]:
-    server = RelayServer(("127.0.0.1", 0), config)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with in_thread(RelayServer(("127.0.0.1", 0), config)) as url:
+        yield url
 
 
 def post_alert(alertmanager_url: str, labels: dict, annotations: dict, age: timedelta) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import http.server
 import socket
+import socketserver
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,13 @@ def serve_http(handler_class, **handler_kwargs) -> Iterator[str]:
     handler = functools.partial(handler_class, **handler_kwargs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True  # a handler still sleeping cannot block the teardown
+    with in_thread(server) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def in_thread(server: socketserver.BaseServer) -> Iterator[str]:
+    """Serve ``server`` (bound to 127.0.0.1) from a thread; yield its base URL; stop it on exit."""
     # Polled every 50 ms for shutdown (not the default 0.5 s): each teardown waits that long.
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
