@@ -116,7 +116,10 @@ def test_feedback_on_served_answers_retrains_reproducibly(
     # 2. The review: every pending feedback listed, accepted; running it again changes nothing.
     listed = dandelion(workspace, "review", "list", env=env)
     assert listed.returncode == 0, listed.stderr
-    assert len(listed.stdout.strip().splitlines()) == len(photos), listed.stdout
+    *lines, summary = listed.stdout.strip().splitlines()
+    shown = {line.split(".")[0] for line in lines}
+    assert shown == {hashlib.sha256(p).hexdigest()[: len(min(shown))] for p, _, _ in photos}
+    assert summary.startswith(f"review: {len(photos)} pending"), listed.stdout
     accepted = dandelion(workspace, "review", "accept", "--all", env=env)
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
     tracked = [PIPELINE_PATHS["reviewed_catalogue"], f"{PIPELINE_PATHS['reviewed_dir']}.dvc"]
@@ -124,7 +127,8 @@ def test_feedback_on_served_answers_retrains_reproducibly(
     again = dandelion(workspace, "review", "accept", "--all", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert {path: (workspace / path).read_bytes() for path in tracked} == before
-    assert dandelion(workspace, "review", "list", env=env).stdout.strip() == ""
+    listed = dandelion(workspace, "review", "list", env=env)
+    assert listed.stdout.startswith("review: 0 pending"), listed.stdout
     git(workspace, "add", "-A")  # and data/.gitignore, as the command's last line says
     git(workspace, "commit", "-qm", "review: accept the feedback")
 
