@@ -40,6 +40,8 @@ def review(args: argparse.Namespace) -> str:
     from pipeline import review  # DVC, boto3 and Pillow: only when reviewing
 
     root = Path.cwd()
+    if args.action in ("accept", "reject"):
+        review.check_choice(args.ids, args.all)
     feedback = review.open_feedback()
     if args.action == "list":
         lines = review.pending_lines(feedback)

@@ -441,8 +441,13 @@ def reject(feedback: Feedback, keys: list[Key]) -> list[str]:
     return messages
 
 
-def chosen(feedback: Feedback, ids: list[str], everything: bool) -> list[Key]:
-    """The records named on the command line, or every pending one."""
+def check_choice(ids: list[str], everything: bool) -> None:
+    """A decision names its feedback by id or takes --all: checked before the store is read."""
     if everything == bool(ids):
         raise ReviewError("name the feedback to decide on by id, or give --all (not both)")
+
+
+def chosen(feedback: Feedback, ids: list[str], everything: bool) -> list[Key]:
+    """The records named on the command line, or every pending one."""
+    check_choice(ids, everything)
     return feedback.pending() if everything else feedback.resolve(ids)

@@ -161,6 +161,8 @@ def test_feedback_in_the_local_store_is_listed_drawn_accepted_and_rejected_once(
 
     elsewhere = dict(os.environ, FEEDBACK_STORE=str(tmp_path / "nowhere"))
     assert "no feedback store at" in refused(repo, "list", env=elsewhere)
+    # A decision that names nothing is refused as such, before any store is looked for.
+    assert "by id, or give --all" in refused(repo, "reject", env=elsewhere)
 
 
 def test_feedback_in_a_bucket_is_reviewed_there_and_an_unreachable_store_is_one_line(s3, tmp_path):
