@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pipeline.hashing import file_sha256
 from pipeline.params import DownloadParams
+from pipeline.stage import StageError
 
 REQUIRED_COLUMNS = ("label", "filename", "sha256")
 # Fetch from here instead of download.base_url, without editing params.yaml: a mirror of the
@@ -110,3 +112,26 @@ def read_reviewed(path: Path) -> list[ReviewedEntry]:
         ):
             raise ValueError(f"{path}, line {line}: invalid row {entry}")
     return [entry for _, entry in entries]
+
+
+def reviewed_photos(
+    entries: list[ReviewedEntry], reviewed_dir: Path
+) -> list[tuple[Path, str, str]]:
+    """``(path, label, sha256)`` of every reviewed photo, each checked against its catalogue
+    row's sha256; a StageError lists those missing or different and says how to fetch them."""
+    problems = []
+    for entry in entries:
+        path = reviewed_dir / entry.filename
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif (actual := file_sha256(path)) != entry.sha256:
+            problems.append(f"{path} has sha256 {actual}, not {entry.sha256}")
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise StageError(
+            f"{len(problems)} of {len(entries)} reviewed photos are not the ones the reviewed "
+            f"catalogue lists ({shown}): run `dvc pull {reviewed_dir}.dvc` to fetch them"
+        )
+    return [(reviewed_dir / e.filename, e.label, e.sha256) for e in entries]

@@ -34,7 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import catalogue
-from pipeline.catalogue import REVIEWED_COLUMNS, read_catalogue
+from pipeline.catalogue import REVIEWED_COLUMNS, ReviewedEntry, read_catalogue, reviewed_photos
 from pipeline.hashing import sha256_of
 from pipeline.label_noise import THUMBNAIL, contact_sheet
 from pipeline.params import EvaluateParams, PreprocessParams, classes, pipeline_paths
@@ -77,7 +77,8 @@ SHORT_ID = 12  # hex digits of the sha256 an id shows, at least
 ACCEPTED, REJECTED = "accepted", "rejected"
 SOURCE_PREFIX = "feedback:"  # reviewed.csv's source: where a photo came from
 # A photo's file extension, from the format Pillow reads in its bytes.
-EXTENSIONS = {"JPEG": "jpg"}
+# Pillow reads a phone's multi-picture JPEG as MPO (serving/settings.py ACCEPTED_FORMATS).
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg"}
 KEY = re.compile(r"(?P<sha256>[0-9a-f]{64})/(?P<label>[^/]+)\.json")
 
 
@@ -272,6 +273,8 @@ def model_answer(record: dict, photo: bytes, scorer: Callable[[], Callable | Non
 
 def write_sheet(feedback: Feedback, out: Path, root: Path) -> int:
     """The contact sheet of the pending feedback at ``out`` (PNG); how many photos it shows."""
+    if out.suffix.lower() != ".png":
+        raise ReviewError(f"the contact sheet is a PNG: name it <something>.png, not {out}")
     scorer = functools.cache(lambda: export_scorer(root))
     pending = feedback.pending()
     images, captions = [], []
@@ -282,8 +285,11 @@ def write_sheet(feedback: Feedback, out: Path, root: Path) -> int:
             f"{feedback.ids[key]}\ngiven {key[1]}\n{model_answer(record, photo, scorer)}"
         )
     if pending:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(images, captions, lines=3).save(out, optimize=False)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            contact_sheet(images, captions, lines=3).save(out, optimize=False)
+        except OSError as error:
+            raise ReviewError(f"the contact sheet cannot be written to {out}: {error}") from None
     return len(pending)
 
 
@@ -321,13 +327,12 @@ def write_whole(path: Path, data: bytes) -> None:
 
 
 def extension(photo: bytes, sha256: str) -> str:
+    """The file extension of ``photo``, opened as the service opens uploads."""
     try:
-        with Image.open(io.BytesIO(photo)) as image:
+        with Image.open(io.BytesIO(photo), formats=ACCEPTED_FORMATS) as image:
             kind = image.format
     except (UnidentifiedImageError, OSError):
-        kind = None
-    if kind not in ACCEPTED_FORMATS:
-        raise ReviewError(f"photo {sha256} is not in a format the service accepts ({kind})")
+        raise ReviewError(f"photo {sha256} is not in a format the service accepts") from None
     return EXTENSIONS.get(kind, kind.lower())
 
 
@@ -336,6 +341,7 @@ class Acceptance:
     key: Key
     label: str  # the label the photo is accepted with
     source: str
+    decided: bool = False  # accepted in the store already: only its files are written again
 
 
 def plan_acceptances(
@@ -353,11 +359,16 @@ def plan_acceptances(
         name = feedback.ids[key]
         decision = feedback.decision(key)
         if decision is not None:
-            if decision["decision"] != ACCEPTED:
-                raise ReviewError(f"{name} was {decision['decision']}: a decision stands")
-            done.append(f"{name}: already accepted as {decision['label']}")
-            continue
-        label = as_label or key[1]
+            if decision.get("decision") != ACCEPTED:
+                raise ReviewError(f"{name} was {decision.get('decision')}: a decision stands")
+            if key[0] in reviewed:
+                done.append(f"{name}: already accepted as {decision.get('label')}")
+                continue
+            # Accepted in the store but not filed in this checkout (its files lost, or the
+            # acceptance made elsewhere never committed): filed again with its decided label.
+            label = decision.get("label")
+        else:
+            label = as_label or key[1]
         if label == NEITHER_LABEL:
             raise ReviewError(
                 f"{name} is labelled {NEITHER_LABEL}, which is no class of this model: "
@@ -381,17 +392,23 @@ def plan_acceptances(
         labels[sha256] = label
         record = feedback.record(key)
         source = SOURCE_PREFIX + (record.get("answer_id") or record.get("received_at", ""))
-        plan.append(Acceptance(key, label, source))
+        plan.append(Acceptance(key, label, source, decided=decision is not None))
     return plan, done
 
 
 def track_reviewed(root: Path) -> None:
     """``dvc add data/reviewed``: the same files give the same data/reviewed.dvc."""
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        repo.scm_context.quiet = True  # its advice to `git add` is in the command's last line
-        repo.add([str(Reviewed.of(root).directory)])
+    try:
+        with Repo(str(root)) as repo:
+            repo.scm_context.quiet = True  # its advice to `git add` is in the command's last line
+            repo.add([str(Reviewed.of(root).directory)])
+    except DvcException as error:  # not a DVC repository, its lock held by a running repro
+        raise ReviewError(
+            f"the photos are filed, but `dvc add` failed ({error}): run the same command again"
+        ) from None
 
 
 def accept(
@@ -410,6 +427,12 @@ def accept(
     }
     reviewed = Reviewed.of(root)
     rows = read_reviewed(root / reviewed.csv)
+    # The photos accepted before must be here: `dvc add` of a directory without them would
+    # track it without them, while the catalogue still lists them.
+    try:
+        reviewed_photos([ReviewedEntry(**row) for row in rows.values()], root / reviewed.directory)
+    except StageError as error:
+        raise ReviewError(f"nothing accepted: {error}") from None
     for item in plan:
         sha256, filename = item.key[0], filenames[item.key]
         write_whole(root / reviewed.directory / filename, photos[sha256])
@@ -422,6 +445,9 @@ def accept(
     write_whole(root / reviewed.csv, reviewed_text(rows).encode())
     track_reviewed(root)
     for item in plan:  # last: a review cut short before is done again by a rerun
+        if item.decided:
+            messages.append(f"{feedback.ids[item.key]}: accepted as {item.label}, filed again")
+            continue
         feedback.mark(item.key, ACCEPTED, item.label)
         messages.append(f"{feedback.ids[item.key]}: accepted as {item.label}")
     return messages, len(plan)

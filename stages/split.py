@@ -26,7 +26,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.catalogue import ReviewedEntry, exclusions, read_catalogue, read_reviewed
+from pipeline.catalogue import exclusions, read_catalogue, read_reviewed, reviewed_photos
 from pipeline.hashing import file_sha256, sha256_of
 from pipeline.params import SplitParams
 from pipeline.splits import EXCLUDED, PRODUCTION_TEST, SPLITS, SplitRow, write_split
@@ -106,29 +106,6 @@ def reviewed_split(sha256: str, params: SplitParams) -> str:
     if draw < params.test_ratio + params.val_ratio:
         return "val"
     return "train"
-
-
-def reviewed_photos(
-    entries: list[ReviewedEntry], reviewed_dir: Path
-) -> list[tuple[Path, str, str]]:
-    """``(path, label, sha256)`` of every reviewed photo, each checked against its catalogue
-    row's sha256; a StageError lists those missing or different and says how to fetch them."""
-    problems = []
-    for entry in entries:
-        path = reviewed_dir / entry.filename
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif (actual := file_sha256(path)) != entry.sha256:
-            problems.append(f"{path} has sha256 {actual}, not {entry.sha256}")
-    if problems:
-        shown = "; ".join(problems[:5]) + (
-            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        )
-        raise StageError(
-            f"{len(problems)} of {len(entries)} reviewed photos are not the ones the reviewed "
-            f"catalogue lists ({shown}): run `dvc pull {reviewed_dir}.dvc` to fetch them"
-        )
-    return [(reviewed_dir / e.filename, e.label, e.sha256) for e in entries]
 
 
 def original_labels(rows: list[SplitRow], ambiguous: list[str]) -> dict[str, set[str]]:

@@ -132,6 +132,7 @@ def test_feedback_in_the_local_store_is_listed_drawn_accepted_and_rejected_once(
     assert "unknown id 'ffffffffffff'" in refused(repo, "reject", "ffffffffffff")
     assert "--as rose" in refused(repo, "accept", short("blue", "neither"), "--as", "rose")
     assert "by id, or give --all" in refused(repo, "accept")
+    assert "name it <something>.png" in refused(repo, "sheet", "sheet.jpg")
     assert "accepted: a decision stands" in refused(repo, "reject", short("green", "dandelion"))
     assert tree_bytes(repo, "data") == before
 
@@ -158,6 +159,24 @@ def test_feedback_in_the_local_store_is_listed_drawn_accepted_and_rejected_once(
     assert ok(repo, "list")[0].startswith(short("red", "grass"))
     assert ok(repo, "accept", short("red", "grass"))[0].endswith("accepted as grass")
     assert tree_bytes(repo, "data") == decided and ok(repo, "list")[0].startswith("review: 0")
+
+    # Accepted in the store but not filed in this checkout (reset, say): naming it files it
+    # again. While an earlier photo is missing here (not pulled), nothing is accepted: `dvc
+    # add` would track the directory without it.
+    marks = tree_bytes(store, "reviewed")
+    rows_text = (repo / "data/reviewed.csv").read_text()
+    green_row = next(line for line in rows_text.splitlines() if sha("green") in line)
+    green_file = repo / "data/reviewed" / green_row.split(",")[1]
+    red_file = repo / f"data/reviewed/grass/{sha('red')}.png"
+    (repo / "data/reviewed.csv").write_text(rows_text.replace(green_row + "\n", ""))
+    green_file.unlink()
+    red_file.unlink()
+    missing = refused(repo, "accept", short("green", "dandelion"))
+    assert "nothing accepted" in missing and "dvc pull" in missing and "reviewed.dvc" in missing
+    red_file.write_bytes(photo(COLOURS["red"]))
+    refiled = ok(repo, "accept", short("green", "dandelion"))
+    assert refiled[0] == f"{short('green', 'dandelion')}: accepted as dandelion, filed again"
+    assert tree_bytes(repo, "data") == decided and tree_bytes(store, "reviewed") == marks
 
     elsewhere = dict(os.environ, FEEDBACK_STORE=str(tmp_path / "nowhere"))
     assert "no feedback store at" in refused(repo, "list", env=elsewhere)

@@ -96,6 +96,14 @@ def test_a_photo_is_filed_by_the_format_of_its_bytes():
     assert review.extension(jpeg.getvalue(), "x") == "jpg"
     assert review.extension(photo(fmt="PNG"), "x") == "png"
     assert review.extension(photo(fmt="WEBP"), "x") == "webp"
+    # A phone's multi-picture JPEG: Pillow reads it as MPO, the service answers it, so the
+    # review files it, as a JPEG.
+    mpo = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(
+        mpo, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))]
+    )
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    assert review.extension(mpo.getvalue(), "x") == "jpg"
     with pytest.raises(review.ReviewError, match="not in a format the service accepts"):
         review.extension(b"not a photo", "x")
 
