@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.hashing import file_sha256
 from pipeline.params import ParamsError, PreprocessParams, classes
-from pipeline.splits import SPLITS, read_split
-from pipeline.stage import arguments, summarised
+from pipeline.splits import SPLITS, SplitRow, read_split
+from pipeline.stage import StageError, arguments, summarised
 from serving.contract import load_image
 
 
@@ -33,12 +34,32 @@ def preprocess_split(
     }
 
 
+def check_photos(rows: list[SplitRow]) -> None:
+    """Each photo is the one the split file names (its sha256): the reviewed photos are read
+    from a directory no stage declares (dvc.yaml), so their bytes are checked here as well as
+    in ``split``, which may not have run in this checkout."""
+    problems = []
+    for row in rows:
+        try:
+            if file_sha256(row.path) != row.sha256:
+                problems.append(f"{row.path} is not the photo of sha256 {row.sha256}")
+        except FileNotFoundError:
+            problems.append(f"{row.path} is missing")
+    if problems:
+        raise StageError(
+            f"{len(problems)} photos are not those of the split file ({'; '.join(problems[:3])}"
+            f"{'; ...' if len(problems) > 3 else ''}): reviewed photos come with `dvc pull` "
+            "(docs/pipeline.md, *Reviewed photos*); then run `dvc repro`"
+        )
+
+
 @summarised("preprocess")
 def main(argv: list[str] | None = None) -> str:
     args = arguments(argv, __doc__, "split_csv", "out_dir")
     image_size = PreprocessParams.load().image_size
     names = classes()
     rows = read_split(args.split_csv)
+    check_photos([row for row in rows if row.split in SPLITS])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     counts, total = [], 0
     for split in SPLITS:

@@ -51,3 +51,20 @@ def test_every_split_gets_its_file_an_empty_one_too(tmp_path, monkeypatch):
     assert empty["images"].shape == (0, 16, 16, 3) and empty["labels"].shape == (0,)
     assert empty["paths"].dtype.kind == "U"  # str, as a split with photos has
     assert np.load("arrays/train.npz")["paths"].tolist() == ["0.jpg"]
+
+
+def test_a_photo_that_is_not_the_split_file_s_stops_the_stage(tmp_path):
+    rows = []
+    for name, color in (("same", (250, 220, 0)), ("changed", (30, 160, 30)), ("gone", (0, 0, 9))):
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(make_image(color=color))
+        rows.append(SplitRow(str(path), "grass", "train", file_sha256(path)))
+    preprocess.check_photos(rows)  # as split wrote them
+    (tmp_path / "changed.jpg").write_bytes(make_image(color=(1, 2, 3)))
+    (tmp_path / "gone.jpg").unlink()
+    with pytest.raises(preprocess.StageError) as refused:
+        preprocess.check_photos(rows)
+    message = str(refused.value)
+    assert message.startswith("2 photos are not those of the split file")
+    assert "changed.jpg is not the photo of sha256" in message and "gone.jpg is missing" in message
+    assert "same.jpg" not in message and "dvc pull" in message
