@@ -20,6 +20,7 @@ output=${GITHUB_OUTPUT:-/dev/null}
 
 # Photos accepted from feedback (`dandelion review accept`) are tracked by this file once the
 # first one is accepted; they are in the team's remote only, and the split stage needs them.
+# A copy of dvc.yaml's reviewed_dir (+ .dvc), kept in step by tests/infra/test_workflows.py.
 reviewed=data/reviewed.dvc
 
 if [ "$set_count" -eq 0 ] && [ "${REBUILD_WITHOUT_REMOTE:-false}" = true ]; then

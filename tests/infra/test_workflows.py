@@ -353,10 +353,12 @@ def test_pull_script_rebuilds_only_when_allowed_and_no_secret_at_all_is_set(tmp_
 
     # Once reviewed photos are tracked, a rebuild without the remote cannot reproduce the
     # pipeline: it says so at once rather than failing in the split stage.
-    (workspace / "data" / "reviewed.dvc").write_text("outs:\n- path: reviewed\n")
+    # The path is dvc.yaml's: pull.sh's copy of it (marked there) must name the same file.
+    reviewed_dvc = f"{PIPELINE_PATHS['reviewed_dir']}.dvc"
+    (workspace / reviewed_dvc).write_text("outs:\n- path: reviewed\n")
     stopped, outputs = pull(workspace, tmp_path, REBUILD_WITHOUT_REMOTE="true")
     assert stopped.returncode == 1 and outputs == ""
-    assert "the reviewed photos data/reviewed.dvc tracks" in stopped.stderr
+    assert f"the reviewed photos {reviewed_dvc} tracks" in stopped.stderr
 
 
 @pytest.mark.slow  # dvc runs: about a minute on 2 busy cores
