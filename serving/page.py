@@ -7,7 +7,10 @@ which share one ``<script>`` element (and its globals) in the order listed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from serving.settings import NEITHER_LABEL
 
 PAGE_DIR = Path(__file__).parent / "page"
 PARTS = {
@@ -18,6 +21,8 @@ PARTS = {
         "model-card.js",
     ],
 }
+# Names the scripts take from serving/settings.py, written in as JSON strings.
+CONSTANTS = {'"{{NEITHER_LABEL}}"': NEITHER_LABEL}
 
 
 def page_html() -> str:
@@ -26,4 +31,6 @@ def page_html() -> str:
         if placeholder not in html:
             raise RuntimeError(f"{PAGE_DIR / 'index.html'} lacks the line {placeholder!r}")
         html = html.replace(placeholder, "".join((PAGE_DIR / name).read_text() for name in files))
+    for placeholder, value in CONSTANTS.items():
+        html = html.replace(placeholder, json.dumps(value))
     return html

@@ -1,7 +1,8 @@
 // Feedback on a verdict: "right", or "wrong, it is …" the other class or neither, sent to
 // POST /feedback with the photo itself (the service cannot find a photo from its answer_id).
-// The label the service takes for "neither of the classes": serving/settings.py NEITHER_LABEL.
-const NEITHER_LABEL = "neither";
+// The label the service takes for "neither of the classes": serving/settings.py NEITHER_LABEL,
+// written in by serving/page.py when the page is assembled.
+const NEITHER_LABEL = "{{NEITHER_LABEL}}";
 
 // The labels a verdict can be corrected to: the other class and neither, or for a "neither"
 // verdict both classes.

@@ -147,7 +147,7 @@ function card(entry) {
     item.dataset.answerId = answer.answer_id;  // what a feedback on this verdict quotes
     // A photo unlike the training photos is "neither": its label is only the nearer class.
     body.append(
-      element("div", { className: "verdict" }, answer.neither ? "neither" : answer.label),
+      element("div", { className: "verdict" }, answer.neither ? NEITHER_LABEL : answer.label),
       element("div", { className: "confidence" }, answer.neither
         ? `nearer to ${answer.label} (${percent(answer.confidence)})`
         : `${percent(answer.confidence)} confident`),
