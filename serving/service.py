@@ -131,7 +131,7 @@ class DandelionService:
         self.metrics = model_metrics()
         self.metrics.describe(card, self.info["git_revision"], REJECTIONS)
         sample_process("front")
-        self.feedback = FeedbackDesk(card, self.single, self.scores)
+        self.feedback = FeedbackDesk(card, self.single, self.admitted_scores)
         self.typed_uploads[TYPED_FEEDBACK_ROUTE] = self.feedback.upload
         self.feedback.start()  # stores what a previous run left spooled, then new feedback
         # After the drain, the feedback flusher's last pass; what it cannot store stays spooled.
@@ -249,6 +249,12 @@ class DandelionService:
             images = await decoded(files, self.model.card.image_size, self.single.limits)
             outputs = await self.scores(np.stack(images))
         return [self.answer(row) for row in outputs]
+
+    async def admitted_scores(self, images: np.ndarray) -> np.ndarray:
+        """``scores`` in one of the predictions' places: a feedback's scoring adds no load past
+        the service's capacity (at capacity it is refused, and the feedback kept unscored)."""
+        async with self.admission.admitted():
+            return await self.scores(images)
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
         # In a worker thread, so the event loop goes on reading other requests.

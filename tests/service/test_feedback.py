@@ -25,6 +25,7 @@ from serving.settings import (
     FLUSH_RETRY_SECONDS,
     MAX_COMMENT_CHARS,
     MAX_MODEL_VERSION_CHARS,
+    MAX_PREDICTIONS_IN_FLIGHT,
     SHUTDOWN_FLUSH_SECONDS,
     SPOOL_FULL_RETRY_AFTER_SECONDS,
 )
@@ -371,14 +372,19 @@ async def never_answers(images):
     await anyio.sleep(3600)
 
 
-@pytest.mark.parametrize("failure", ["the engine fails", "the model does not answer"])
+@pytest.mark.parametrize(
+    "failure", ["the engine fails", "the model does not answer", "the service is at capacity"]
+)
 def test_feedback_the_model_cannot_score_is_accepted_unscored(feedback_dir, monkeypatch, failure):
     """The model fails (as the Keras engine's model service, down, makes /predict fail) or
-    does not answer in FEEDBACK_SCORING_SECONDS: the feedback is accepted and stored all the
-    same, its served fields null, counted unscored and in no outcome."""
+    does not answer in FEEDBACK_SCORING_SECONDS, or every prediction's place is taken (scoring
+    a feedback adds no load past capacity): the feedback is accepted and stored all the same,
+    its served fields null, counted unscored and in no outcome."""
     with feedback_front() as client, front_restored() as front:
         if failure == "the engine fails":
             front.model = dataclasses.replace(front.model, score=engine_down)
+        elif failure == "the service is at capacity":  # every prediction's place taken
+            monkeypatch.setattr(front.admission, "in_flight", MAX_PREDICTIONS_IN_FLIGHT)
         else:
             monkeypatch.setattr(serving.feedback, "FEEDBACK_SCORING_SECONDS", 0.5)
             front.feedback.scores = never_answers
