@@ -25,6 +25,7 @@ from serving.settings import (
 )
 from serving.uploads import Pace
 from tests.support import stub_service as stubs
+from tests.support.service import without_ids
 
 # BentoML's own server code (its typed endpoints) on pydantic 2.11+.
 pytestmark = pytest.mark.filterwarnings("ignore:Accessing the 'model_fields' attribute")
@@ -82,10 +83,10 @@ def test_the_sync_client_answers_as_the_multipart_routes(served, photos):
         for name in names:
             answer = client.predict(image=photos[name])
             expected = multipart(served, "/predict", "image", [photos[name]]).json()
-            assert stubs.without_ids(answer) == stubs.without_ids(expected)
+            assert without_ids(answer) == without_ids(expected)
         batch = client.predict_batch(images=[photos[name] for name in names])
     expected = multipart(served, "/predict_batch", "images", [photos[n] for n in names]).json()
-    assert stubs.without_ids(batch) == stubs.without_ids(expected)
+    assert without_ids(batch) == without_ids(expected)
     assert [p["filename"] for p in batch["predictions"]] == names
     assert [p["label"] for p in batch["predictions"]] == ["dandelion", "grass", "grass"]
     assert {p["model_version"] for p in batch["predictions"]} == {stubs.CARD.version}
@@ -100,10 +101,10 @@ def test_the_async_client_answers_as_the_multipart_routes(served, photos):
 
     one, both = asyncio.run(ask())
     expected = multipart(served, "/predict", "image", [photos["green.png"]]).json()
-    assert stubs.without_ids(one) == stubs.without_ids(expected)
+    assert without_ids(one) == without_ids(expected)
     pair = [photos["red.png"], photos["green.png"]]
     expected = multipart(served, "/predict_batch", "images", pair).json()
-    assert stubs.without_ids(both) == stubs.without_ids(expected)
+    assert without_ids(both) == without_ids(expected)
 
 
 @pytest.mark.parametrize(

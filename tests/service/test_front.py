@@ -22,6 +22,7 @@ from serving.settings import MAX_PREDICTIONS_IN_FLIGHT, SERVICE_NAME, SPOOL_MAX_
 from serving.uploads import Pace
 from tests.support.browser import headless_chromium, sent_requests
 from tests.support.needs import require_tools
+from tests.support.service import without_ids
 from tests.support.stub_service import (
     CARD,
     STUB_MODEL,
@@ -30,7 +31,6 @@ from tests.support.stub_service import (
     raw_request,
     stub_client,
     stub_served,
-    without_ids,
 )
 
 GREEN, GRASSY, RED = (20, 230, 20), (120, 60, 40), (230, 20, 20)

@@ -137,3 +137,10 @@ def answer_shape(text: str):
         return value if isinstance(value, tuple) else type(value).__name__
 
     return shape(json.loads(text, parse_float=number, parse_int=number))
+
+
+def without_ids(answer: dict) -> dict:
+    """An answer (or a batch's) without its answer_id(s), which are new for every answer."""
+    if "predictions" in answer:
+        return {**answer, "predictions": [without_ids(p) for p in answer["predictions"]]}
+    return {key: value for key, value in answer.items() if key != "answer_id"}

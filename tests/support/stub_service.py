@@ -177,10 +177,3 @@ def raw_request(client, path: str, headers: dict, pieces: list[tuple[float, byte
         return answer["status"], answer["headers"], answer["body"]
 
     return client.portal.call(call)
-
-
-def without_ids(answer: dict) -> dict:
-    """An answer (or a batch's) without its answer_id(s), which are new for every answer."""
-    if "predictions" in answer:
-        return {**answer, "predictions": [without_ids(p) for p in answer["predictions"]]}
-    return {key: value for key, value in answer.items() if key != "answer_id"}
