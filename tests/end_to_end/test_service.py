@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -69,8 +70,10 @@ def assert_serves_what_evaluate_decided(service) -> list[dict]:
     answers = served_answers(service.url, [p.photo for p in predictions])
     for prediction, body in zip(predictions, answers, strict=True):
         assert set(body) == {
-            *("label", "confidence", "probabilities", "neither", "novelty", "model_version")
+            *("label", "confidence", "probabilities", "neither", "novelty", "model_version"),
+            "answer_id",
         }
+        assert uuid.UUID(body["answer_id"]).version == 4
         assert body["label"] == prediction.predicted, (prediction, body)
         # The same export, the same engine: the score evaluate wrote (to 6 decimals), as the
         # service rounds it.
