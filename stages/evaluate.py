@@ -180,13 +180,11 @@ def main(argv: list[str] | None = None) -> str:
         metrics_by_split[PRODUCTION_TEST].update(production_metrics)
 
     with Live(str(args.live_dir), dvcyaml=False, save_dvc_exp=False) as live:
-        for name, value in test_metrics.items():
-            if value is not None:
-                live.log_metric(f"{TEST}/{name}", value, plot=False)
+        for split, split_metrics in metrics_by_split.items():
+            for name, value in split_metrics.items():
+                if value is not None:
+                    live.log_metric(f"{split}/{name}", value, plot=False)
         live.log_metric("unlike/neither_share", unlike_share, plot=False)
-        for name, value in metrics_by_split.get(PRODUCTION_TEST, {}).items():
-            if value is not None:
-                live.log_metric(f"{PRODUCTION_TEST}/{name}", value, plot=False)
         live.log_sklearn_plot(
             "confusion_matrix",
             [rule.classes[i] for i in labels],
