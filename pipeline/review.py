@@ -48,6 +48,7 @@ from serving.stores import (
     feedback_config,
     photo_key,
     record_key,
+    write_whole,
 )
 
 # What to commit and push after accepting (`dvc add` writes the .dvc file and the .gitignore).
@@ -316,16 +317,6 @@ def reviewed_text(rows: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
-def write_whole(path: Path, data: bytes) -> None:
-    """Write ``path`` unless it holds ``data`` already; a reader never sees half of it."""
-    if path.is_file() and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def extension(photo: bytes, sha256: str) -> str:
     """The file extension of ``photo``, opened as the service opens uploads."""
     try:
@@ -396,7 +387,7 @@ def plan_acceptances(
     return plan, done
 
 
-def track_reviewed(root: Path) -> None:
+def track_reviewed(root: Path, directory: Path) -> None:
     """``dvc add data/reviewed``: the same files give the same data/reviewed.dvc."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -404,7 +395,7 @@ def track_reviewed(root: Path) -> None:
     try:
         with Repo(str(root)) as repo:
             repo.scm_context.quiet = True  # its advice to `git add` is in the command's last line
-            repo.add([str(Reviewed.of(root).directory)])
+            repo.add([str(directory)])
     except DvcException as error:  # not a DVC repository, its lock held by a running repro
         raise ReviewError(
             f"the photos are filed, but `dvc add` failed ({error}): run the same command again"
@@ -443,7 +434,7 @@ def accept(
             {"label": item.label, "filename": filename, "sha256": sha256, "source": item.source},
         )
     write_whole(root / reviewed.csv, reviewed_text(rows).encode())
-    track_reviewed(root)
+    track_reviewed(root, reviewed.directory)
     for item in plan:  # last: a review cut short before is done again by a rerun
         if item.decided:
             messages.append(f"{feedback.ids[item.key]}: accepted as {item.label}, filed again")

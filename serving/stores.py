@@ -39,6 +39,16 @@ def decision_key(sha256: str, label: str) -> str:
     return f"{DECISIONS}{sha256}/{label}.json"
 
 
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` unless it holds ``data`` already; a reader never sees half of it."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
 class LocalStore:
     """Objects as files under ``root``, each written whole (a reader never sees half of one)."""
 
@@ -46,11 +56,7 @@ class LocalStore:
         self.root = root
 
     def put(self, key: str, data: bytes) -> None:
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        write_whole(self.root / key, data)
 
     def keys(self, under: str) -> list[str]:
         """The keys that start with ``under`` (a folder, say ``records/``), sorted; a store
