@@ -14,7 +14,9 @@ that is the answer it gives, or gave, for this photo. The record keeps that answ
 it confirmed or corrected (classifier_feedback_answers_total), under the served model's
 version, whatever ``model_version`` the feedback quotes. A feedback whose photo cannot be
 scored (the Keras engine's model service down or too slow) is accepted all the same, its
-served fields null, and counted unscored.
+served fields null, and counted unscored. With a challenger beside the champion (shadow or
+canary), its answer for the photo is counted too, under its own version: the two models'
+production accuracy, paired on the same photos.
 
 Accepted means spooled on disk (serving/spool.py), answered 202; the flusher puts it into
 the store. Feedback is never trusted: it enters training only after review (issue 24).
@@ -113,6 +115,7 @@ class FeedbackDesk:
         # /predict's upload rules, but not its advice to send several photos to /predict_batch.
         self.card, self.upload = card, dataclasses.replace(upload, hint=" (one per feedback)")
         self.scores = scores
+        self.challenger: tuple[ModelCard, Scores] | None = None
         self.labels = (*card.classes, NEITHER_LABEL)
         self.config = feedback_config(environ)
         self.metrics = feedback_metrics()
@@ -125,6 +128,11 @@ class FeedbackDesk:
             on_failure=self.metrics.flush_failures.inc,
             on_set_aside=self.metrics.set_aside.inc,
         )
+
+    def add_challenger(self, card: ModelCard, scores: Scores) -> None:
+        """Count the answers of the challenger of ``card`` (scored by ``scores``) as well."""
+        self.challenger = card, scores
+        self.metrics.describe(list(self.labels), card.version)
 
     def start(self) -> None:
         self.flusher.start()
@@ -167,21 +175,29 @@ class FeedbackDesk:
             self.metrics.unscored.inc()
         else:
             self.metrics.count_answer(self.card.version, served["label"], fields["label"])
+        if self.challenger is not None:
+            card, scores = self.challenger
+            theirs = await self.served_answer(np.stack(images), card, scores)
+            if theirs is not None:
+                self.metrics.count_answer(card.version, theirs["label"], fields["label"])
         self.flusher.wake()
         return {"photo_sha256": sha256, "label": fields["label"], "answer_id": fields["answer_id"]}
 
-    async def served_answer(self, images: np.ndarray) -> dict | None:
-        """The served model's answer for the one photo of ``images``, as /predict gives it:
-        ``label`` (NEITHER_LABEL when it says neither) and ``confidence``; None if the model
-        fails or takes longer than FEEDBACK_SCORING_SECONDS (logged, never the feedback's
-        fault)."""
+    async def served_answer(
+        self, images: np.ndarray, card: ModelCard | None = None, scores: Scores | None = None
+    ) -> dict | None:
+        """The served model's answer (or ``card``'s, scored by ``scores``) for the one photo
+        of ``images``, as /predict gives it: ``label`` (NEITHER_LABEL when it says neither)
+        and ``confidence``; None if the model fails or takes longer than
+        FEEDBACK_SCORING_SECONDS (logged, never the feedback's fault)."""
+        card, scores = card or self.card, scores or self.scores
         try:
             with anyio.fail_after(FEEDBACK_SCORING_SECONDS):
-                (outputs,) = await self.scores(images)
+                (outputs,) = await scores(images)
         except Exception as error:  # the model service down or overloaded, an engine failure
-            logger.warning("feedback accepted unscored: the model failed (%r)", error)
+            logger.warning("feedback: model %s failed to score (%r)", card.version, error)
             return None
-        rule = self.card.rule
+        rule = card.rule
         verdict = rounded(
             rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY])), rule.positive
         )

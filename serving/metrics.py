@@ -23,7 +23,9 @@ from serving.settings import (
     CONFIDENCE_BUCKETS,
     FEEDBACK_OUTCOMES,
     IMAGES_PER_CALL_BUCKETS,
+    NEITHER_LABEL,
     PROCESS_SAMPLE_SECONDS,
+    SHADOW_OUTCOMES,
 )
 
 
@@ -113,6 +115,95 @@ def model_metrics() -> ModelMetrics:
             "classifier_model_call_images",
             "Images scored in one engine call: the batch size.",
             buckets=IMAGES_PER_CALL_BUCKETS,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RolloutMetrics:
+    """Each model's answers, champion and challenger (served or in shadow), side by side."""
+
+    answers: object  # Counter by model_version, role, mode, label (a class, or neither)
+    confidence: object  # Histogram by model_version, role, mode
+    scoring: object  # Histogram by model_version, role, mode: engine seconds per call
+    errors: object  # Counter by model_version, role, mode: scoring calls that failed
+    comparisons: object  # Counter by model_version (the challenger's), outcome
+    shed: object  # Counter by model_version: photos the shadow had no room for
+    queue: object  # Gauge: photos waiting for the shadow
+    challenger: object  # Gauge by model_version, mode: 1 while a challenger is loaded
+
+    def describe(self, card: ModelCard, role: str, mode: str) -> None:
+        """Start every series of a model's answers at 0: each label it can answer."""
+        for label in (*card.classes, NEITHER_LABEL):
+            self.answers.labels(card.version, role, mode, label)
+        self.errors.labels(card.version, role, mode)
+
+    def describe_challenger(self, card: ModelCard, mode: str) -> None:
+        self.challenger.labels(card.version, mode).set(1)
+        for outcome in SHADOW_OUTCOMES:
+            self.comparisons.labels(card.version, outcome)
+        self.shed.labels(card.version)
+        self.queue.set(0)
+
+    def count_call(self, card: ModelCard, role: str, mode: str, verdicts, seconds: float) -> None:
+        """One scoring call of a model and the verdicts it gave."""
+        self.scoring.labels(card.version, role, mode).observe(seconds)
+        for verdict in verdicts:
+            label = NEITHER_LABEL if verdict["neither"] else verdict["label"]
+            self.answers.labels(card.version, role, mode, label).inc()
+            self.confidence.labels(card.version, role, mode).observe(verdict["confidence"])
+
+
+@functools.cache
+def rollout_metrics() -> RolloutMetrics:
+    """The per-model metrics (the challenger's rollout), created once per process."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    by_model = ["model_version", "role", "mode"]
+    return RolloutMetrics(
+        answers=Counter(
+            "classifier_model_answers",
+            "Answers of each model, by version, role (champion, challenger), mode (served to "
+            "the client, or shadow) and label (a class, or neither).",
+            [*by_model, "label"],
+        ),
+        confidence=Histogram(
+            "classifier_model_confidence_ratio",
+            "Probability of the label each model answered, per answer.",
+            by_model,
+            buckets=CONFIDENCE_BUCKETS,
+        ),
+        scoring=Histogram(
+            "classifier_model_scoring_seconds",
+            "Engine time of each model's scoring calls.",
+            by_model,
+        ),
+        errors=Counter(
+            "classifier_model_errors",
+            "Scoring calls of each model that failed (engine error, worker dead, timeout).",
+            by_model,
+        ),
+        comparisons=Counter(
+            "classifier_shadow_comparisons",
+            "Photos the challenger scored in shadow, by its version and whether its answer "
+            "(label and neither) agrees with the champion's.",
+            ["model_version", "outcome"],
+        ),
+        shed=Counter(
+            "classifier_shadow_shed",
+            "Photos not scored in shadow because the shadow's queue was full.",
+            ["model_version"],
+        ),
+        queue=Gauge(
+            "classifier_shadow_queue_images",
+            "Photos waiting to be scored in shadow.",
+            multiprocess_mode="mostrecent",
+        ),
+        challenger=Gauge(
+            "classifier_challenger_info",
+            "The challenger loaded beside the champion: its version and mode.",
+            ["model_version", "mode"],
+            multiprocess_mode="max",
         ),
     )
 

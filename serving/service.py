@@ -16,7 +16,10 @@ evaluate stage did. Importing this module reads no store and starts nothing.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import hashlib
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -42,22 +45,28 @@ from serving.api import (
     front_app,
     rounded,
 )
+from serving.challenger import Challenger, ChallengerFailed, Shadow, ShadowPhoto
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
 from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
 from serving.feedback import FeedbackDesk
 from serving.gate import TypedUploads, sent_files
-from serving.metrics import model_metrics, sample_process
+from serving.metrics import model_metrics, rollout_metrics, sample_process
 from serving.model import ServedModel, check_service, served_info, serving_scorer
 from serving.page import page_html
+from serving.prediction_log import PredictionLog
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
 from serving.settings import (
+    CLIENT_KEY_HEADER,
     FEEDBACK_ROUTE,
     MAX_BATCH_SIZE,
     MAX_LATENCY_MS,
     MODEL_SERVICE_CONNECTION,
     READY_PROBE_SECONDS,
+    SERVED_MODE,
     SERVICE_NAME,
+    SHADOW,
+    SHADOW_OUTCOMES,
     TRAFFIC,
     TYPED_FEEDBACK_ROUTE,
     TYPED_PREDICT_BATCH_ROUTE,
@@ -66,6 +75,41 @@ from serving.settings import (
 from serving.uploads import Pace, Upload, card_uploads
 
 logger = logging.getLogger("bentoml.service.dandelion")
+CHAMPION, CHALLENGER = "champion", "challenger"  # the roles (settings ROLES)
+
+
+def answer_record(
+    card: ModelCard,
+    role: str,
+    verdict: dict,
+    seconds: float,
+    shadowed: dict | None = None,
+    **fields,
+) -> dict:
+    """The prediction log's record of one model's verdict (unrounded): a served answer's,
+    with its ``answer_id``, ``photo_sha256`` and ``endpoint`` in ``fields``, or a shadow's
+    of the champion's answer ``shadowed`` (whose id, photo and endpoint it takes)."""
+    if shadowed is not None:
+        fields = {key: shadowed[key] for key in ("answer_id", "photo_sha256", "endpoint")}
+    return {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(),
+        "answer_id": fields["answer_id"],
+        "photo_sha256": fields["photo_sha256"],
+        "model_version": card.version,
+        "role": role,
+        "shadow": shadowed is not None,
+        "label": verdict["label"],
+        "score": verdict["probabilities"][card.rule.positive],
+        "novelty": verdict["novelty"],
+        "neither": verdict["neither"],
+        "confidence": verdict["confidence"],
+        "latency_seconds": seconds,
+        "endpoint": fields["endpoint"],
+    }
+
+
+def verdicts(card: ModelCard, outputs: np.ndarray) -> list[dict]:
+    return [card.rule.verdict(float(row[PROBABILITY]), float(row[NOVELTY])) for row in outputs]
 
 
 @bentoml.service(workers=1, traffic=TRAFFIC, runner_connection=MODEL_SERVICE_CONNECTION)
@@ -110,6 +154,8 @@ class DandelionService:
     batching = False  # the engine runs in this process
 
     def __init__(self, model: ServedModel | None = None) -> None:
+        # The deployment's configuration first: a mistake stops the start before any load.
+        self.log = PredictionLog.from_environ()
         if model is None:  # as BentoML starts it: the bento's one model, from its store
             model = ServedModel.stored(type(self).bento_model, self.batching)
         check_service(model.card, self.batching)
@@ -134,8 +180,55 @@ class DandelionService:
         self.feedback = FeedbackDesk(card, self.single, self.admitted_scores)
         self.typed_uploads[TYPED_FEEDBACK_ROUTE] = self.feedback.upload
         self.feedback.start()  # stores what a previous run left spooled, then new feedback
-        # After the drain, the feedback flusher's last pass; what it cannot store stays spooled.
-        self.admission.drain_on_sigterm(then=self.feedback.stop)
+        self.rollout = rollout_metrics()
+        self.rollout.describe(card, CHAMPION, SERVED_MODE)
+        self.challenger: Challenger | None = None
+        self.shadow: Shadow | None = None
+        self.serve_challenger(Challenger.from_environ(card))
+        self.log.start()
+        # After the drain: the feedback flusher's last pass (what it cannot store stays
+        # spooled), the shadow's queue, then the prediction log's.
+        self.admission.drain_on_sigterm(then=self.finish)
+
+    def serve_challenger(self, challenger: Challenger | None) -> None:
+        """Serve ``challenger`` (its worker started) beside the champion, in its mode."""
+        self.challenger = challenger
+        if challenger is None:
+            return
+        card, mode = challenger.card, challenger.mode
+        self.metrics.expected_accuracy.labels(card.version, "lower").set(
+            card.test_metrics["accuracy_low"]
+        )
+        self.metrics.expected_accuracy.labels(card.version, "upper").set(
+            card.test_metrics["accuracy_high"]
+        )
+        self.rollout.describe_challenger(card, mode)
+        self.rollout.describe(card, CHALLENGER, mode if mode == SHADOW else SERVED_MODE)
+        self.feedback.add_challenger(card, self.challenger_scores)
+        if mode == SHADOW:
+            self.shadow = Shadow(
+                challenger.worker,
+                self.shadow_scored,
+                shed=self.rollout.shed.labels(card.version).inc,
+                depth=self.rollout.queue.set,
+            )
+            self.shadow.start()
+        logger.info("challenger %s loaded, in %s mode", card.version, mode)
+
+    def finish(self, within: float) -> None:
+        """What the drain leaves ``within`` seconds for: the feedback flusher's last pass, the
+        photos queued for the shadow, the challenger's worker, the prediction log."""
+        deadline = time.monotonic() + within
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        self.feedback.stop(left())
+        if self.shadow is not None:
+            self.shadow.stop(left())
+        if self.challenger is not None:
+            self.challenger.stop()
+        self.log.stop(left())
 
     async def __is_ready__(self) -> bool:
         """/readyz: 200 once constructed (the model is loaded and warm); 503 (at once) from
@@ -176,14 +269,14 @@ class DandelionService:
     @app.post("/predict", name="predict", responses=ERRORS)
     async def predict_form(self, request: Request) -> Prediction:
         """Classify one photo, sent in the multipart field `image`."""
-        _, (answer,) = await self.read_and_classify(request, self.single)
+        _, (answer,) = await self.read_and_classify(request, self.single, "predict")
         return answer
 
     @app.post("/predict_batch", name="predict_batch", responses=ERRORS)
     async def predict_batch_form(self, request: Request) -> BatchPredictions:
         """Classify several photos, each in a multipart field `images`: one answer per file,
         in the order sent, or (if any file is bad) a 4xx naming it and no answers."""
-        return batch_answer(*await self.read_and_classify(request, self.batch))
+        return batch_answer(*await self.read_and_classify(request, self.batch, "predict_batch"))
 
     @app.post(FEEDBACK_ROUTE, name="feedback", status_code=202, responses=FEEDBACK_ERRORS)
     async def give_feedback(self, request: Request) -> FeedbackReceipt:
@@ -196,7 +289,7 @@ class DandelionService:
     async def predict(self, image: Path) -> Prediction:
         """Classify one photo: `POST /predict`, for BentoML's clients."""
         try:
-            (answer,) = await self.classify(sent_files([image]))
+            (answer,) = await self.classify(sent_files([image]), "predict", self.client_key())
         except Rejection as rejection:  # as is: BentoML would reshape a raised error
             return rejection_response(rejection)
         return Prediction(**answer)
@@ -206,9 +299,16 @@ class DandelionService:
         """Classify several photos: `POST /predict_batch`, for BentoML's clients."""
         files = sent_files(images)
         try:
-            return BatchPredictions(**batch_answer(files, await self.classify(files)))
+            answers = await self.classify(files, "predict_batch", self.client_key())
+            return BatchPredictions(**batch_answer(files, answers))
         except Rejection as rejection:
             return rejection_response(rejection)
+
+    def client_key(self) -> str | None:
+        """The CLIENT_KEY_HEADER of the typed endpoint's request being answered. (Not a
+        `bentoml.Context` parameter: BentoML would then answer with the context's status, and
+        our errors' statuses would be lost.)"""
+        return self.bento_service.context.request.headers.get(CLIENT_KEY_HEADER)
 
     # Named apart from the FastAPI route's `give_feedback` and from `self.feedback`, the desk.
     @bentoml.api(route=TYPED_FEEDBACK_ROUTE)
@@ -235,20 +335,128 @@ class DandelionService:
             return rejection_response(rejection)
         return JSONResponse(receipt, status_code=202)
 
-    async def read_and_classify(self, request: Request, upload: Upload) -> tuple[list, list]:
+    async def read_and_classify(
+        self, request: Request, upload: Upload, endpoint: str
+    ) -> tuple[list, list]:
         """The files ``upload`` reads from ``request`` and their answers, or Rejection."""
         async with (
             self.admission.accepted(request.headers, upload),
             upload.read(request, self.pace) as files,
         ):
-            return files, await self.classify(files)
+            key = request.headers.get(CLIENT_KEY_HEADER)
+            return files, await self.classify(files, endpoint, key)
 
-    async def classify(self, files: list[SentFile]) -> list[dict]:
-        """An answer for each file (all or none), once admitted."""
+    async def classify(
+        self, files: list[SentFile], endpoint: str, client_key: str | None = None
+    ) -> list[dict]:
+        """An answer for each file (all or none), once admitted: the champion's, or in canary
+        mode the challenger's for its share (by ``client_key``, else by photo). Each answer is
+        logged; in shadow mode the champion's photos are queued for the challenger."""
+        digests: list[bytes] = [b""] * len(files)
+        kept: list[bytes | None] = [None] * len(files)  # the photos, if the log keeps them
+
+        def hashed(index: int, file: SentFile) -> SentFile:
+            async def read() -> bytes:
+                data = await file.read()
+                digests[index] = hashlib.sha256(data).digest()
+                if self.log.keep_photos:
+                    kept[index] = data
+                return data
+
+            return SentFile(file.filename, read)
+
         async with self.admission.admitted():
-            images = await decoded(files, self.model.card.image_size, self.single.limits)
-            outputs = await self.scores(np.stack(images))
-        return [self.answer(row) for row in outputs]
+            sent = [hashed(index, file) for index, file in enumerate(files)]
+            images = np.stack(await decoded(sent, self.model.card.image_size, self.single.limits))
+            canary = self.challenger.canary if self.challenger is not None else None
+            by_challenger = [
+                canary is not None and canary.challenger_answers(client_key, digest)
+                for digest in digests
+            ]
+            served: list = [None] * len(files)  # (card, role, verdict, engine seconds)
+            champion = [i for i, theirs in enumerate(by_challenger) if not theirs]
+            challenger = [i for i, theirs in enumerate(by_challenger) if theirs]
+            if challenger:
+                try:
+                    outputs, seconds = await anyio.to_thread.run_sync(
+                        self.challenger.worker.score, images[challenger]
+                    )
+                except ChallengerFailed as failure:  # the champion answers instead
+                    logger.warning("canary answered by the champion: %s", failure)
+                    self.rollout.errors.labels(
+                        self.challenger.card.version, CHALLENGER, SERVED_MODE
+                    ).inc()
+                    champion = sorted(champion + challenger)
+                else:
+                    self.count(
+                        self.challenger.card,
+                        CHALLENGER,
+                        SERVED_MODE,
+                        challenger,
+                        outputs,
+                        seconds,
+                        served,
+                    )
+            if champion:
+                try:
+                    outputs, seconds = await self.scored(images[champion])
+                except Exception:
+                    self.rollout.errors.labels(self.model.card.version, CHAMPION, SERVED_MODE).inc()
+                    raise
+                self.count(
+                    self.model.card, CHAMPION, SERVED_MODE, champion, outputs, seconds, served
+                )
+        answers, shadowed = [], []
+        for index, (card, role, verdict, seconds) in enumerate(served):
+            answer = self.answer(card, verdict)
+            answers.append(answer)
+            record = answer_record(
+                card,
+                role,
+                verdict,
+                seconds,
+                answer_id=answer["answer_id"],
+                photo_sha256=digests[index].hex(),
+                endpoint=endpoint,
+            )
+            self.log.record(record, kept[index])
+            if role == CHAMPION:
+                shadowed.append(ShadowPhoto(images[index], record))
+        if self.shadow is not None and shadowed:
+            self.shadow.offer(shadowed)
+        return answers
+
+    def count(
+        self, card: ModelCard, role: str, mode: str, indices: list, outputs, seconds, served
+    ) -> None:
+        """Count one scoring call's verdicts on /metrics, into ``served`` at ``indices``."""
+        given = verdicts(card, outputs)
+        self.rollout.count_call(card, role, mode, given, seconds)
+        for index, verdict in zip(indices, given, strict=True):
+            served[index] = (card, role, verdict, seconds)
+
+    def shadow_scored(self, photos: list[ShadowPhoto], outputs, seconds: float) -> None:
+        """The challenger's scores of photos the champion answered (None: its call failed):
+        counted, compared with the champion's answers, and logged as shadow records."""
+        card = self.challenger.card
+        if outputs is None:
+            self.rollout.errors.labels(card.version, CHALLENGER, SHADOW).inc()
+            return
+        given = verdicts(card, outputs)
+        self.rollout.count_call(card, CHALLENGER, SHADOW, given, seconds)
+        for photo, verdict in zip(photos, given, strict=True):
+            champion = photo.answer
+            agree = (verdict["label"], verdict["neither"]) == (
+                champion["label"],
+                champion["neither"],
+            )
+            self.rollout.comparisons.labels(card.version, SHADOW_OUTCOMES[not agree]).inc()
+            self.log.record(answer_record(card, CHALLENGER, verdict, seconds, shadowed=champion))
+
+    async def challenger_scores(self, images: np.ndarray) -> np.ndarray:
+        """The challenger's outputs for ``images`` (for the feedback desk); ChallengerFailed."""
+        outputs, _ = await anyio.to_thread.run_sync(self.challenger.worker.score, images)
+        return outputs
 
     async def admitted_scores(self, images: np.ndarray) -> np.ndarray:
         """``scores`` in one of the predictions' places: a feedback's scoring adds no load past
@@ -257,12 +465,22 @@ class DandelionService:
             return await self.scores(images)
 
     async def scores(self, images: np.ndarray) -> np.ndarray:
-        # In a worker thread, so the event loop goes on reading other requests.
-        return await anyio.to_thread.run_sync(self.model.score, images, limiter=inference_limiter())
+        outputs, _ = await self.scored(images)
+        return outputs
 
-    def answer(self, outputs: np.ndarray) -> dict:
-        card = self.model.card
-        verdict = card.rule.verdict(float(outputs[PROBABILITY]), float(outputs[NOVELTY]))
+    async def scored(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """The champion's outputs for ``images``, and the engine's seconds."""
+
+        def timed() -> tuple[np.ndarray, float]:
+            started = time.perf_counter()
+            outputs = self.model.score(images)
+            return outputs, time.perf_counter() - started
+
+        # In a worker thread, so the event loop goes on reading other requests.
+        return await anyio.to_thread.run_sync(timed, limiter=inference_limiter())
+
+    def answer(self, card: ModelCard, verdict: dict) -> dict:
+        """The answer of ``card``'s model that gave ``verdict``, counted."""
         self.metrics.count_answer(verdict)
         return {
             **rounded(verdict, card.rule.positive),
@@ -291,7 +509,14 @@ class BatchingDandelionService(DandelionService.inner):
         except Exception:  # not listening yet, timed out, restarting: not ready
             return False
 
-    async def scores(self, images: np.ndarray) -> np.ndarray:
+    async def scored(self, images: np.ndarray) -> tuple[np.ndarray, float]:
+        """The model service's outputs, and the seconds its call took (its batching's wait
+        included: the engine's own time is the model service's)."""
+        started = time.perf_counter()
+        outputs = await self.batched_scores(images)
+        return outputs, time.perf_counter() - started
+
+    async def batched_scores(self, images: np.ndarray) -> np.ndarray:
         # One retry, as a defence: classifying is idempotent, so asking again is safe. Every
         # retry is counted on /metrics (classifier_model_call_retries_total); it should stay 0.
         for attempt in (1, 2):

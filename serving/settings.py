@@ -221,3 +221,50 @@ PREDICTION_LOG_MAX_BYTES = 1024**3
 # While the store fails, the uploader tries again this often; each call gives up after
 # STORE_TIMEOUT_SECONDS, as the feedback flusher's.
 PREDICTION_LOG_UPLOAD_RETRY_SECONDS = 5.0
+
+# --- the challenger (serving/challenger.py; docs/serving.md, *Challenger: shadow and canary*) -
+
+# A second model beside the champion, named by the deployment when the service starts (never a
+# model param: which model challenges which is a rollout's decision, not a training's).
+# CHALLENGER: a bento tag in BentoML's store (dandelion-vs-grass:<version>) or a bento archive.
+CHALLENGER_ENV = "CHALLENGER"
+# CHALLENGER_MODE: shadow (the default: it scores every photo the champion answers, and
+# answers none) or canary (it answers CANARY_PERCENT of the requests).
+CHALLENGER_MODE_ENV = "CHALLENGER_MODE"
+SHADOW, CANARY = "shadow", "canary"
+CHALLENGER_MODES = (SHADOW, CANARY)
+# A shadow answer agrees with the champion's when both label and neither are the same.
+SHADOW_OUTCOMES = ("agree", "disagree")
+CANARY_PERCENT_ENV = "CANARY_PERCENT"
+# Who answers, and how, in the model metrics' labels (classifier_model_*): each answer is a
+# role's, served to the client or scored in shadow.
+ROLES = ("champion", "challenger")
+SERVED_MODE = "served"
+# The canary split is sticky: a client that sends this header always gets the same model; a
+# request without it is split by the photo's sha256, so the same photo gets the same model.
+CLIENT_KEY_HEADER = "X-Client-Key"
+# The split's buckets: a hash's first 8 bytes modulo this, below CANARY_PERCENT x 100 to the
+# challenger. Hundredths of a percent: finer than any share a rollout would choose.
+CANARY_BUCKETS = 10_000
+# Photos waiting for the shadow at most. The shadow scores off the request path; past this it
+# sheds (classifier_shadow_shed_total) rather than queue behind a champion it cannot keep up
+# with: a few seconds of a busy service's photos, and at most this many decoded photos
+# (150 KB each at 224 px) in memory.
+SHADOW_QUEUE_PHOTOS = 64
+# Photos the shadow sends its worker in one call, from what its queue holds: fewer round trips
+# when it falls behind, and never more than the champion's own batches.
+SHADOW_CALL_PHOTOS = 8
+# The challenger's engine runs in a child process, its own CPU priority apart from the front's.
+# In shadow mode at the lowest priority (nice +19): it takes only the CPU the champion leaves,
+# so it slows the champion little, and sheds when there is none (docs/benchmarks.md, *Shadow*).
+# A canary answers clients: it runs at the front's priority.
+SHADOW_NICENESS = 19
+# One call of the challenger's worker gives up after this (the worker is then restarted): far
+# above an engine call, well within the traffic timeout, so that a canary request whose
+# challenger hangs is still answered by the champion in time.
+CHALLENGER_CALL_SECONDS = 10.0
+# Loading the challenger's engine in its worker (OpenVINO: a second or two; Keras: more).
+CHALLENGER_START_SECONDS = 120.0
+# A worker that died is started again after this, doubling at each failure up to the most:
+# a challenger whose export is gone does not restart in a busy loop.
+CHALLENGER_RESTART_SECONDS = (1.0, 60.0)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import mlflow
 import pytest
 
 from serving.contract import MODEL_NAME
+from serving.settings import PREDICTION_LOG_DIR_ENV
 from tests.support.dvc import dvc, pipeline_env, prepare_keras_home
 from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
@@ -66,6 +68,16 @@ def pytest_collection_modifyitems(items):
     ]
     if misfiled:
         raise pytest.UsageError(f"mark slow (they need ../shared or the pipeline): {misfiled}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prediction_log_dir(tmp_path_factory) -> Iterator[Path]:
+    """Every service the tests start (in process or `bentoml serve`, whose environment is
+    this one's) logs its answers here, never into the home directory's default."""
+    path = tmp_path_factory.mktemp("prediction-log")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PREDICTION_LOG_DIR_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
