@@ -10,6 +10,7 @@ runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import threading
@@ -62,6 +63,29 @@ def stub_scorer(images: np.ndarray) -> np.ndarray:
 
 
 STUB_MODEL = ServedModel(f"{MODEL_NAME}:{CARD.version}", CARD, stub_scorer)
+
+# The stub challenger: the same stub engine at a higher threshold, as a challenger that
+# evaluate's threshold made (photos whose mean green is from 0.5 to 0.7 flip to grass).
+CHALLENGER_CARD = dataclasses.replace(CARD, version="fedcba9876543210", threshold=0.7)
+# The stub challenger's "export directories": how its engine behaves.
+STUB_EXPORT, SLOW_EXPORT = "stub", "slow"
+SLOW_CALL_SECONDS = 0.5
+
+
+def stub_engine(directory: str):
+    """Stands in for serving.engines.load_engine in the challenger's worker process: the stub
+    scorer, taking SLOW_CALL_SECONDS a call for SLOW_EXPORT; no engine at all for another
+    directory (as an export that is gone)."""
+    if directory not in (STUB_EXPORT, SLOW_EXPORT):
+        raise FileNotFoundError(directory)
+    if directory == STUB_EXPORT:
+        return stub_scorer
+
+    def slow(images: np.ndarray) -> np.ndarray:
+        time.sleep(SLOW_CALL_SECONDS)
+        return stub_scorer(images)
+
+    return slow
 
 
 def photo(colour=(20, 200, 20), size=(40, 30), fmt="PNG") -> bytes:
