@@ -1,7 +1,8 @@
 """Shadow benchmark: the champion's speed with a challenger in shadow, and without, same run.
 
-Two `bentoml serve` of the champion's bento on 127.0.0.1, from a temporary BentoML store: one
-alone, one with CHALLENGER set to the challenger's bento archive (CHALLENGER_MODE=shadow). The
+Two `bentoml serve` of this checkout's service on 127.0.0.1, serving the model of the
+champion's bento from a temporary BentoML store: one alone, one with CHALLENGER set to the
+challenger's bento archive (CHALLENGER_MODE=shadow). The
 levels alternate between the two servers (alone, then with shadow, at each concurrency), each
 with the test photos of the champion's evaluate (results/evaluate/predictions.csv, photos from
 the shared dataset mirror). For the shadow server it also reads /metrics after each level:
@@ -31,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.load_benchmark import load, tree_cpu_seconds
 from pipeline.bento import bento_version_of
+from serving.engines import SERVICES
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
@@ -90,10 +92,13 @@ def main() -> None:
         for name, server_env in servers.items():
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "bentoml", "serve", tag]
+            # This checkout's code (a bento would serve the code it was built with).
+            command = [sys.executable, "-m", "bentoml", "serve", SERVICES["openvino"]]
             command += ["--host", "127.0.0.1", "--port", str(port)]
             processes[name] = stack.enter_context(
-                running_server(command, urls[name], scratch / f"{name}.log", env=server_env)
+                running_server(
+                    command, urls[name], scratch / f"{name}.log", env=server_env, cwd=REPO_ROOT
+                )
             )
             asyncio.run(load(f"{urls[name]}/predict", photos, 4, 32))  # warm-up
         time.sleep(5)  # the warm-up's shadow finished

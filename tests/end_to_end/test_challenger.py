@@ -157,7 +157,7 @@ def test_the_canary_answers_its_share_with_evaluate_s_labels(
     reproduced, challenger_workspace, tmp_path
 ):
     env = imported_home(
-        reproduced, [reproduced.workspace, challenger_workspace], tmp_path / "bentoml_home"
+        reproduced, [challenger_workspace, reproduced.workspace], tmp_path / "bentoml_home"
     )
     champion_tag = bento_version_of(reproduced.workspace / PIPELINE_PATHS["bento_archive"])
     challenger_tag = bento_version_of(challenger_workspace / PIPELINE_PATHS["bento_archive"])
