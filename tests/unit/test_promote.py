@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline import promote
 from pipeline.params import PromoteParams
+from tests.support.paths import PARAMS_FILE
 from tests.support.processes import dandelion
 
 NAME = "gate-test"
@@ -39,7 +40,11 @@ def gate(
         bento or f"bento-of-{run_id}",
         {"accuracy": accuracy, "f1": accuracy},
         test_set,
-        PromoteParams(metric="accuracy", min_improvement=min_improvement),
+        PromoteParams(
+            metric="accuracy",
+            min_improvement=min_improvement,
+            live=PromoteParams.load(PARAMS_FILE).live,
+        ),
         {"git_revision": "abc123"},
         different_test_set=different,
     )
