@@ -307,12 +307,13 @@ def prometheus_queries(champion: str, challenger: str, window: str) -> dict[str,
     return queries
 
 
-def query(url: str, expr: str) -> list[dict]:
-    """The result of the instant query ``expr`` at ``url``; LiveEvidenceError if it fails."""
+def query(url: str, expr: str, at: float | None = None) -> list[dict]:
+    """The result of the instant query ``expr`` at ``url``, evaluated at the Unix time ``at``
+    (default: now); LiveEvidenceError if it fails."""
     try:
         response = requests.get(
             f"{url.rstrip('/')}/api/v1/query",
-            params={"query": expr},
+            params={"query": expr, **({} if at is None else {"time": at})},
             timeout=PROMETHEUS_TIMEOUT_SECONDS,
         )
     except requests.RequestException as error:
@@ -347,17 +348,19 @@ def _scalar(result: list[dict]) -> float | None:
     return values[0] if values and math.isfinite(values[0]) else None
 
 
-def prometheus_evidence(url: str, champion: str, challenger: str, window: str) -> Evidence:
+def prometheus_evidence(
+    url: str, champion: str, challenger: str, window: str, at: float | None = None
+) -> Evidence:
     """The evidence for ``challenger`` served beside ``champion`` (model versions), from the
-    Prometheus at ``url``, over the last ``window``."""
+    Prometheus at ``url``, over the ``window`` before the Unix time ``at`` (default: now)."""
     queries = prometheus_queries(champion, challenger, window)
-    results = {name: query(url, expr) for name, expr in queries.items()}
+    results = {name: query(url, expr, at) for name, expr in queries.items()}
     models = {}
     for role, version in ((CHAMPION, champion), (CHALLENGER, challenger)):
         if not results[f"{role}_answers"]:
             raise LiveEvidenceError(
                 f"Prometheus at {url} has no {ANSWERS} series for version {version} as {role} "
-                f"in the last {window}; it has: {served_versions(url, window)}. "
+                f"in the last {window}; it has: {served_versions(url, window, at)}. "
                 + (
                     f"Serve it beside the champion first (CHALLENGER={version}, "
                     "docs/serving.md), for at least the window"
@@ -384,9 +387,10 @@ def prometheus_evidence(url: str, champion: str, challenger: str, window: str) -
     )
 
 
-def served_versions(url: str, window: str) -> str:
+def served_versions(url: str, window: str, at: float | None) -> str:
     """The (version, role) pairs with answers in the window, for an error message."""
-    result = query(url, f"group by (model_version, role) (increase({ANSWERS}[{window}]))")
+    expr = f"group by (model_version, role) (last_over_time({ANSWERS}[{window}]))"
+    result = query(url, expr, at)
     pairs = sorted(
         f"{series['metric'].get('model_version')} as {series['metric'].get('role')}"
         for series in result
