@@ -48,6 +48,11 @@ CONFIRMED, CORRECTED = FEEDBACK_OUTCOMES
 PREDICTION_LOG_S3_ENDPOINT_ENV = "PREDICTION_LOG_S3_ENDPOINT_URL"
 LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
 
+# Where `dandelion promote --live prometheus` asks, unless --prometheus-url says otherwise.
+PROMETHEUS_URL_ENV = "PROMETHEUS_URL"
+DEFAULT_PROMETHEUS_URL = "http://localhost:9090"
+PROMETHEUS, LOG = "prometheus", "log"  # the sources of `--live`
+
 QUANTILE = 0.95  # the latency compared: p95 of the scoring time
 PROMETHEUS_TIMEOUT_SECONDS = 30  # a query over a day of a few series answers well within it
 
@@ -134,6 +139,25 @@ class Decision:
             f"promoting challenger {challenger.version} over champion {champion.version}"
         )
 
+    def metrics(self) -> dict[str, float]:
+        """The measured numbers, as MLflow metrics (``live_...``); those not measured left out."""
+        numbers = {}
+        for model in (self.evidence.champion, self.evidence.challenger):
+            feedback = model.feedback or {}
+            numbers |= {
+                f"live_{model.role}_answers": model.total,
+                f"live_{model.role}_p95_seconds": model.p95_seconds,
+                f"live_{model.role}_error_rate": model.error_rate,
+                f"live_{model.role}_accuracy": feedback.get(CONFIRMED, 0) / sum(feedback.values())
+                if sum(feedback.values())
+                else None,
+            }
+        compared = sum(self.evidence.comparisons.values())
+        numbers["live_agreement"] = (
+            self.evidence.comparisons.get(AGREE, 0) / compared if compared else None
+        )
+        return {name: float(value) for name, value in numbers.items() if value is not None}
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
@@ -142,6 +166,19 @@ class Decision:
             "evidence": self.evidence.to_dict(),
             "thresholds": self.thresholds.to_dict(),
         }
+
+
+@dataclass(frozen=True)
+class LiveSource:
+    """Where the evidence is read: ``prometheus`` and its URL, or ``log`` and its location."""
+
+    kind: str
+    location: str
+
+    def evidence(self, champion: str, challenger: str, window: str) -> Evidence:
+        if self.kind == PROMETHEUS:
+            return prometheus_evidence(self.location, champion, challenger, window)
+        return log_evidence(read_log(self.location), self.location, champion, challenger, window)
 
 
 def wilson(successes: int, trials: int):
@@ -274,8 +311,7 @@ def accuracy_check(
     passed = champion_accuracy <= high
     return Check(
         name,
-        f"{challenger_accuracy:.4f} [{low:.4f}, {high:.4f}] "
-        f"(champion {champion_accuracy:.4f})",
+        f"{challenger_accuracy:.4f} [{low:.4f}, {high:.4f}] (champion {champion_accuracy:.4f})",
         "champion's <= challenger's upper bound",
         passed,
         "" if passed else "the challenger is less accurate in production",
