@@ -4,6 +4,8 @@
                          the champion's bento (pipeline/promote.py)
     dandelion review     list the feedback waiting for review, draw it as a contact sheet,
                          accept it into data/reviewed (DVC) or reject it (pipeline/review.py)
+    dandelion replay     score the photos a prediction log kept again, with a bento or an
+                         export, beside the logged answers (pipeline/replay.py)
 
 ``python -m pipeline.cli promote`` is the same command.
 """
@@ -88,6 +90,39 @@ def live_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     args.live_source = LiveSource(args.live, location) if args.live else None
 
 
+def replay_parser(commands) -> None:
+    replay = commands.add_parser(
+        "replay", help="score a prediction log's kept photos again with a bento or an export"
+    )
+    replay.add_argument("log", metavar="LOG", help="the log's directory, or s3://bucket/prefix")
+    replay.add_argument(
+        "--with",
+        dest="model",
+        type=Path,
+        required=True,
+        metavar="BENTO_OR_EXPORT",
+        help="a bento archive (.bento), or an export directory (data/export)",
+    )
+    replay.add_argument(
+        "--out", type=Path, default=Path("replay.csv"), help="one row per logged record (CSV)"
+    )
+    replay.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="with an export: the params.yaml its decision rule and input size come from",
+    )
+
+
+def replay(args: argparse.Namespace) -> None:
+    from pipeline.replay import replay  # an engine and boto3: only when replaying
+
+    try:
+        print(replay(args.log, args.model, args.out, args.params))
+    except StageError as error:
+        sys.exit(f"replay: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dandelion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,9 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the prediction log: its directory, or s3://bucket/prefix (for --live log)",
     )
     review_parser(commands)
+    replay_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "promote":
         live_options(promote_command, args)
+    if args.command == "replay":  # from anywhere: it reads no dvc.yaml
+        return replay(args)
     if not Path("dvc.yaml").is_file():
         sys.exit(f"{args.command}: no dvc.yaml here: run it from the project's root")
     try:

@@ -225,3 +225,79 @@ def feedback_metrics() -> FeedbackMetrics:
             "too slow): it counts in no outcome.",
         ),
     )
+
+
+# Why a record never reached the log (serving/prediction_log.py): the buffer was full; the
+# record could not be written (not JSON, a disk error); it was deleted from disk to keep the
+# bounds before any store had it; or the service stopped before it was written.
+PREDICTION_LOG_DROP_REASONS = ("buffer_full", "unwritable", "evicted", "stopped")
+# What became of a photo given to the log to keep: kept on disk, or not (no room within the
+# bounds, a disk error, or bytes that are not the record's photo_sha256).
+PREDICTION_LOG_PHOTO_OUTCOMES = ("kept", "dropped")
+
+
+@dataclass(frozen=True)
+class PredictionLogMetrics:
+    records: object  # Counter by outcome: written
+    dropped: object  # Counter by reason (PREDICTION_LOG_DROP_REASONS)
+    photos: object  # Counter by outcome (PREDICTION_LOG_PHOTO_OUTCOMES)
+    uploaded: object  # Counter: files (records, photos) put into the store
+    upload_failures: object  # Counter: store calls of the uploader that failed
+    disk_files: object  # Gauge: the log's files on disk (records and photos)
+    disk_bytes: object  # Gauge: their bytes
+
+    def describe(self) -> None:
+        """Start every series at 0."""
+        self.records.labels("written")
+        for reason in PREDICTION_LOG_DROP_REASONS:
+            self.dropped.labels(reason)
+        for outcome in PREDICTION_LOG_PHOTO_OUTCOMES:
+            self.photos.labels(outcome)
+
+    def on_disk(self, files: int, size: int) -> None:
+        self.disk_files.set(files)
+        self.disk_bytes.set(size)
+
+
+@functools.cache
+def prediction_log_metrics() -> PredictionLogMetrics:
+    """The prediction log's metrics, created once per process."""
+    from prometheus_client import Counter, Gauge
+
+    return PredictionLogMetrics(
+        records=Counter(
+            "classifier_prediction_log_records",
+            "Answers written to the prediction log, by outcome.",
+            ["outcome"],
+        ),
+        dropped=Counter(
+            "classifier_prediction_log_dropped",
+            "Answers the prediction log lost, by reason (buffer_full, unwritable, evicted, "
+            "stopped).",
+            ["reason"],
+        ),
+        photos=Counter(
+            "classifier_prediction_log_photos",
+            "Photos given to the prediction log to keep, by outcome (kept, dropped).",
+            ["outcome"],
+        ),
+        uploaded=Counter(
+            "classifier_prediction_log_uploaded_files",
+            "Files of the prediction log (closed record files, photos) put into its store.",
+        ),
+        upload_failures=Counter(
+            "classifier_prediction_log_upload_failures",
+            "Attempts to put the prediction log's files into its store that failed (they stay "
+            "on disk, within its bounds, and are tried again).",
+        ),
+        disk_files=Gauge(
+            "classifier_prediction_log_disk_files",
+            "Files of the prediction log on disk (records and kept photos).",
+            multiprocess_mode="mostrecent",
+        ),
+        disk_bytes=Gauge(
+            "classifier_prediction_log_disk_bytes",
+            "Bytes of the prediction log on disk (records and kept photos).",
+            multiprocess_mode="mostrecent",
+        ),
+    )

@@ -175,3 +175,49 @@ FEEDBACK_OUTCOMES = ("confirmed", "corrected")
 # On SIGTERM, after the open requests, the flusher gets at most this long (within the drain's
 # DRAIN_SECONDS) to store what the spool holds; the rest stays spooled, for the next start.
 SHUTDOWN_FLUSH_SECONDS = 10.0
+
+# --- the prediction log (docs/serving.md, *Prediction log*) --------------------------------
+
+# Where answers are logged is the deployment's choice, read from these environment variables
+# when the service starts (serving/prediction_log.py). PREDICTION_LOG: the sinks, "files",
+# "s3" or both ("files,s3"), or "off". Files by default: a log needs no store to be useful,
+# and the disk it may use is bounded below.
+PREDICTION_LOG_ENV = "PREDICTION_LOG"
+PREDICTION_LOG_SINKS = ("files", "s3")
+PREDICTION_LOG_OFF = "off"
+DEFAULT_PREDICTION_LOG = "files"
+# The log's directory: its files, and with the s3 sink alone the files not yet uploaded. A
+# deployment mounts a volume there to keep the log across restarts.
+PREDICTION_LOG_DIR_ENV = "PREDICTION_LOG_DIR"
+DEFAULT_PREDICTION_LOG_DIR = "~/dandelion-predictions"
+# PREDICTION_LOG_STORE: s3://bucket/prefix (required by the s3 sink); credentials from
+# boto3's standard chain, PREDICTION_LOG_S3_ENDPOINT_URL for an S3-compatible server (MinIO).
+# Its own variables, not FEEDBACK_STORE's: a log of every answer and a few reviewed photos
+# have other owners, retention and access.
+PREDICTION_LOG_STORE_ENV = "PREDICTION_LOG_STORE"
+PREDICTION_LOG_S3_ENDPOINT_ENV = "PREDICTION_LOG_S3_ENDPOINT_URL"
+# "1" keeps each answered photo (by sha256), so that `dandelion replay` can score it again;
+# "0", the default: users' photos are not kept unless the deployment says so (privacy).
+PREDICTION_LOG_KEEP_PHOTOS_ENV = "PREDICTION_LOG_KEEP_PHOTOS"
+PREDICTION_LOG_KEEP_PHOTOS_VALUES = {"0": False, "1": True}
+# Records (and photos) wait for the writer thread in memory, at most this many and this many
+# bytes: past either a record is dropped and counted, since logging must never slow or fail
+# an answer. 10,000 records are a minute of the measured peak throughput (docs/benchmarks.md)
+# with the writer stalled; 64 MiB hold a few photos at the upload limit besides.
+PREDICTION_LOG_BUFFER_RECORDS = 10_000
+PREDICTION_LOG_BUFFER_BYTES = 64 * 1024**2
+# What a record counts for in that byte bound (a record's line is about 400 bytes), on top of
+# its photo: estimated, so that record() serialises nothing on the request path.
+PREDICTION_LOG_RECORD_BYTES = 512
+# A file is closed (and then uploaded whole) past this size or this age, whichever comes
+# first: the age bound gets a quiet service's answers into the store within the hour.
+PREDICTION_LOG_FILE_BYTES = 16 * 1024**2
+PREDICTION_LOG_FILE_SECONDS = 3600.0
+# The log's directory holds at most this many closed files and this many bytes (records and
+# kept photos): past either the oldest go, counted as dropped unless a store has them. 1 GiB
+# is about 2.5 million records without photos.
+PREDICTION_LOG_MAX_FILES = 1000
+PREDICTION_LOG_MAX_BYTES = 1024**3
+# While the store fails, the uploader tries again this often; each call gives up after
+# STORE_TIMEOUT_SECONDS, as the feedback flusher's.
+PREDICTION_LOG_UPLOAD_RETRY_SECONDS = 5.0

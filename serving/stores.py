@@ -116,6 +116,16 @@ class S3Store:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
+def s3_location(url: str, variable: str) -> tuple[str, str]:
+    """The bucket and key prefix ("" or ending in /) of ``s3://bucket/prefix``; ValueError
+    naming ``variable`` (where the URL was given) if it is not one."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket:
+        raise ValueError(f"{variable}={url!r} is not s3://bucket/prefix: it names no bucket")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
 @dataclass(frozen=True)
 class FeedbackConfig:
     """Where the spool is, and the store's URL: s3://bucket/prefix or a directory."""
@@ -127,11 +137,7 @@ class FeedbackConfig:
     def store(self) -> LocalStore | S3Store:
         if not self.store_url.startswith("s3://"):
             return LocalStore(Path(self.store_url).expanduser())
-        bucket, _, prefix = self.store_url.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise ValueError(f"{FEEDBACK_STORE_ENV}={self.store_url!r} names no bucket")
-        prefix = prefix.strip("/")
-        return S3Store(bucket, f"{prefix}/" if prefix else "", self.endpoint_url)
+        return S3Store(*s3_location(self.store_url, FEEDBACK_STORE_ENV), self.endpoint_url)
 
 
 def feedback_config(environ: Mapping[str, str]) -> FeedbackConfig:
