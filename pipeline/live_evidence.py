@@ -16,14 +16,11 @@ has no shadow comparisons) is shown as not measured and does not decide.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import requests
@@ -44,9 +41,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"  # label role
 SERVED, SHADOW = "served", "shadow"  # label mode
 AGREE, DISAGREE = "agree", "disagree"  # label outcome of the comparisons
 CONFIRMED, CORRECTED = FEEDBACK_OUTCOMES
-# The prediction log in S3: the endpoint of an S3-compatible server, as the service reads it.
-PREDICTION_LOG_S3_ENDPOINT_ENV = "PREDICTION_LOG_S3_ENDPOINT_URL"
-LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 # Where `dandelion promote --live prometheus` asks, unless --prometheus-url says otherwise.
 PROMETHEUS_URL_ENV = "PROMETHEUS_URL"
@@ -438,42 +432,30 @@ def served_versions(url: str, window: str, at: float | None) -> str:
 
 
 def read_log(location: str, environ: Mapping[str, str] = os.environ) -> Iterator[dict]:
-    """Every record of the prediction log at ``location``: a directory, or
-    ``s3://bucket/prefix`` (its files named ``*.jsonl`` or ``*.jsonl.gz``, in any folder)."""
-    from serving.stores import LocalStore, S3Store
+    """Every record of the prediction log at ``location`` (its directory, or
+    ``s3://bucket/prefix``; serving/prediction_log.py), its time parsed."""
+    from serving.prediction_log import read_records
 
-    if location.startswith("s3://"):
-        bucket, _, prefix = location.removeprefix("s3://").partition("/")
-        if not bucket:
-            raise LiveEvidenceError(f"--log {location} names no bucket")
-        prefix = prefix.strip("/")
-        store = S3Store(
-            bucket, f"{prefix}/" if prefix else "", environ.get(PREDICTION_LOG_S3_ENDPOINT_ENV)
+    try:
+        for record in read_records(location, environ):
+            yield parse_time(record, location)
+    except (FileNotFoundError, ValueError) as error:
+        raise LiveEvidenceError(
+            f"the prediction log at {location} cannot be read: {error}"
+        ) from None
+
+
+def parse_time(record: dict, location: str) -> dict:
+    """``record`` with its time as a datetime; a record without a UTC time is an error."""
+    try:
+        time = datetime.fromisoformat(record["time"])
+    except (KeyError, TypeError, ValueError):
+        time = None
+    if time is None or time.tzinfo is None:
+        raise LiveEvidenceError(
+            f"the prediction log at {location} has a record without a UTC time: {record}"
         )
-    else:
-        store = LocalStore(Path(location).expanduser())
-    try:
-        keys = [key for key in store.keys("") if key.endswith(LOG_SUFFIXES)]
-    except FileNotFoundError:
-        raise LiveEvidenceError(f"no prediction log at {location}") from None
-    for key in keys:
-        data = store.get(key)
-        text = (gzip.decompress(data) if key.endswith(".gz") else data).decode()
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                yield parse_record(line, f"{key}, line {number}")
-
-
-def parse_record(line: str, where: str) -> dict:
-    """One JSON-lines record, its time parsed; a line that is not one is an error naming it."""
-    try:
-        record = json.loads(line)
-        record["time"] = datetime.fromisoformat(record["time"])
-        if record["time"].tzinfo is None:
-            raise ValueError(f"time {record['time']} has no UTC offset")
-    except (ValueError, KeyError, TypeError) as error:
-        raise LiveEvidenceError(f"the prediction log's {where} is not a record: {error}") from None
-    return record
+    return {**record, "time": time}
 
 
 def log_evidence(

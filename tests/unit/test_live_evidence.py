@@ -5,7 +5,6 @@ Prometheus: tests/infra/test_live_evidence_prometheus.py)."""
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +20,7 @@ from pipeline.live_evidence import (
     wilson,
 )
 from pipeline.params import LivePromoteParams
+from tests.support.live_evidence import write_prediction_log
 
 THRESHOLDS = LivePromoteParams(
     window="1d",
@@ -166,14 +166,10 @@ def record(answer_id, version, role, label, shadow=False, neither=False, latency
     }
 
 
-def write_log(directory, records, name="predictions-0001.jsonl"):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 def test_the_log_gives_answers_agreement_and_latency(tmp_path):
     """Four champion answers, three shadowed; one shadow disagrees on the label, one on the
-    neither flag; records of another version and before the window do not count."""
+    neither flag; records of another version and before the window do not count. Written by
+    the service's own writer (serving/prediction_log.py)."""
     champion = [
         record(f"a{i}", "v1", "champion", "dandelion", latency=0.01 * (i + 1)) for i in range(4)
     ]
@@ -186,14 +182,7 @@ def test_the_log_gives_answers_agreement_and_latency(tmp_path):
         record("a9", "v0", "champion", "grass"),  # an older champion
         record("a8", "v2", "challenger", "grass", shadow=True, age_h=30),  # before the window
     ]
-    write_log(tmp_path / "log", champion[:2] + shadows[:1])
-    # Rotated and gzipped, in a folder: read too.
-    (tmp_path / "log" / "2026-12-06").mkdir()
-    data = "".join(json.dumps(r) + "\n" for r in champion[2:] + shadows[1:] + noise)
-    (tmp_path / "log" / "2026-12-06" / "predictions-0002.jsonl.gz").write_bytes(
-        gzip.compress(data.encode())
-    )
-    (tmp_path / "log" / "notes.txt").write_text("not a log file")
+    write_prediction_log(tmp_path / "log", champion + shadows + noise)
     records = list(read_log(str(tmp_path / "log")))
     assert len(records) == 9
     found = log_evidence(records, str(tmp_path / "log"), "v1", "v2", "1d", now=NOW)
@@ -211,15 +200,17 @@ def test_the_log_gives_answers_agreement_and_latency(tmp_path):
     }
 
 
-def test_the_log_without_the_challenger_or_with_a_broken_line_is_an_error(tmp_path):
-    write_log(tmp_path, [record("a0", "v1", "champion", "grass")])
+def test_the_log_without_the_challenger_or_unreadable_is_an_error(tmp_path):
+    write_prediction_log(tmp_path, [record("a0", "v1", "champion", "grass")])
     records = list(read_log(str(tmp_path)))
-    with pytest.raises(
-        LiveEvidenceError, match="no answer of version v2 as challenger in the last 1d"
-    ):
+    with pytest.raises(LiveEvidenceError, match="no answer of version v2 as challenger in the"):
         log_evidence(records, str(tmp_path), "v1", "v2", "1d", now=NOW)
-    (tmp_path / "predictions-0002.jsonl").write_text('{"time": "2026-12-06T11:00:00+00:00", "ans')
-    with pytest.raises(LiveEvidenceError, match=r"predictions-0002.jsonl, line 1 is not a record"):
+    (log_file,) = (tmp_path / "records").glob("*.jsonl")
+    log_file.write_text(log_file.read_text() + "not json\n")
+    with pytest.raises(LiveEvidenceError, match=r"cannot be read: .*line 2: not JSON"):
         list(read_log(str(tmp_path)))
-    with pytest.raises(LiveEvidenceError, match="no prediction log at"):
+    with pytest.raises(LiveEvidenceError, match="cannot be read: no prediction log in"):
         list(read_log(str(tmp_path / "missing")))
+    log_file.write_text('{"time": "2026-12-06T11:00:00", "answer_id": "a0"}\n')
+    with pytest.raises(LiveEvidenceError, match="has a record without a UTC time"):
+        list(read_log(str(tmp_path)))

@@ -4,7 +4,6 @@ answers (the command on the reproduced pipeline: tests/end_to_end/test_promotion
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import keras
@@ -14,6 +13,7 @@ from mlflow import MlflowClient
 
 from pipeline import promote
 from pipeline.params import PromoteParams
+from tests.support.live_evidence import write_prediction_log
 from tests.support.paths import PARAMS_FILE
 from tests.support.processes import dandelion
 
@@ -187,8 +187,7 @@ def shadow_log(directory, champion: str, challenger: str, photos: int, disagree:
                 "label": "dandelion" if i < disagree else "grass",
             }
         )
-    directory.mkdir()
-    (directory / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write_prediction_log(directory, lines)
     return promote.LiveSource("log", str(directory))
 
 
