@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,31 @@ def review(args: argparse.Namespace) -> str:
     return "\n".join([*messages, summary])
 
 
+def live_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.live_source``: where `promote --live` reads its evidence, or None; a usage
+    error when the options do not go together."""
+    from pipeline.live_evidence import (
+        DEFAULT_PROMETHEUS_URL,
+        LOG,
+        PROMETHEUS,
+        PROMETHEUS_URL_ENV,
+        LiveSource,
+    )
+
+    if args.live != LOG and args.log:
+        parser.error("--log DIR_OR_S3 is the source of --live log")
+    if args.live != PROMETHEUS and args.prometheus_url:
+        parser.error("--prometheus-url is the source of --live prometheus")
+    if args.live == LOG and not args.log:
+        parser.error("--live log needs --log DIR_OR_S3, the prediction log")
+    location = (
+        args.log
+        if args.live == LOG
+        else args.prometheus_url or os.environ.get(PROMETHEUS_URL_ENV) or DEFAULT_PROMETHEUS_URL
+    )
+    args.live_source = LiveSource(args.live, location) if args.live else None
+
+
 def replay_parser(commands) -> None:
     replay = commands.add_parser(
         "replay", help="score a prediction log's kept photos again with a bento or an export"
@@ -112,9 +138,29 @@ def main(argv: list[str] | None = None) -> None:
         help="promote a model tested on another test set than the champion's without comparing "
         "their metrics (recorded on the registered version)",
     )
+    promote_command.add_argument(
+        "--live",
+        choices=("prometheus", "log"),
+        help="also require live evidence that the model, served as challenger beside the "
+        "champion, passes promote.live in params.yaml (docs/pipeline.md, Promotion on live "
+        "evidence), read from Prometheus or from the prediction log",
+    )
+    promote_command.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="the Prometheus that scrapes the service (default: $PROMETHEUS_URL, else "
+        "http://localhost:9090)",
+    )
+    promote_command.add_argument(
+        "--log",
+        metavar="DIR_OR_S3",
+        help="the prediction log: its directory, or s3://bucket/prefix (for --live log)",
+    )
     review_parser(commands)
     replay_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "promote":
+        live_options(promote_command, args)
     if args.command == "replay":  # from anywhere: it reads no dvc.yaml
         return replay(args)
     if not Path("dvc.yaml").is_file():
@@ -123,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "promote":
             from pipeline.promote import promote  # MLflow, DVC and BentoML: only when promoting
 
-            print(promote(pipeline_paths(), args.different_test_set))
+            print(promote(pipeline_paths(), args.different_test_set, args.live_source))
         else:
             print(review(args))
     except StageError as error:
