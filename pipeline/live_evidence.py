@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import requests
-from scipy.stats import binomtest
 
+from pipeline.intervals import wilson
 from pipeline.params import LivePromoteParams, duration_seconds
 from pipeline.stage import StageError
 from serving.settings import FEEDBACK_OUTCOMES
@@ -173,11 +173,6 @@ class LiveSource:
         if self.kind == PROMETHEUS:
             return prometheus_evidence(self.location, champion, challenger, window)
         return log_evidence(read_log(self.location), self.location, champion, challenger, window)
-
-
-def wilson(successes: int, trials: int):
-    """The 95 % Wilson score interval of ``successes`` in ``trials``, as evaluate's."""
-    return binomtest(successes, trials).proportion_ci(method="wilson")
 
 
 def _share(value: float | None) -> str:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pipeline.intervals import wilson
 from pipeline.live_evidence import (
     Evidence,
     LiveEvidenceError,
@@ -17,7 +18,6 @@ from pipeline.live_evidence import (
     decide,
     log_evidence,
     read_log,
-    wilson,
 )
 from pipeline.params import LivePromoteParams
 from tests.support.live_evidence import write_prediction_log
