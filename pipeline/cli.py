@@ -4,6 +4,8 @@
                          the champion's bento (pipeline/promote.py)
     dandelion review     list the feedback waiting for review, draw it as a contact sheet,
                          accept it into data/reviewed (DVC) or reject it (pipeline/review.py)
+    dandelion replay     score the photos a prediction log kept again, with a bento or an
+                         export, beside the logged answers (pipeline/replay.py)
 
 ``python -m pipeline.cli promote`` is the same command.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +65,64 @@ def review(args: argparse.Namespace) -> str:
     return "\n".join([*messages, summary])
 
 
+def live_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.live_source``: where `promote --live` reads its evidence, or None; a usage
+    error when the options do not go together."""
+    from pipeline.live_evidence import (
+        DEFAULT_PROMETHEUS_URL,
+        LOG,
+        PROMETHEUS,
+        PROMETHEUS_URL_ENV,
+        LiveSource,
+    )
+
+    if args.live != LOG and args.log:
+        parser.error("--log DIR_OR_S3 is the source of --live log")
+    if args.live != PROMETHEUS and args.prometheus_url:
+        parser.error("--prometheus-url is the source of --live prometheus")
+    if args.live == LOG and not args.log:
+        parser.error("--live log needs --log DIR_OR_S3, the prediction log")
+    location = (
+        args.log
+        if args.live == LOG
+        else args.prometheus_url or os.environ.get(PROMETHEUS_URL_ENV) or DEFAULT_PROMETHEUS_URL
+    )
+    args.live_source = LiveSource(args.live, location) if args.live else None
+
+
+def replay_parser(commands) -> None:
+    replay = commands.add_parser(
+        "replay", help="score a prediction log's kept photos again with a bento or an export"
+    )
+    replay.add_argument("log", metavar="LOG", help="the log's directory, or s3://bucket/prefix")
+    replay.add_argument(
+        "--with",
+        dest="model",
+        type=Path,
+        required=True,
+        metavar="BENTO_OR_EXPORT",
+        help="a bento archive (.bento), or an export directory (data/export)",
+    )
+    replay.add_argument(
+        "--out", type=Path, default=Path("replay.csv"), help="one row per logged record (CSV)"
+    )
+    replay.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="with an export: the params.yaml its decision rule and input size come from",
+    )
+
+
+def replay(args: argparse.Namespace) -> None:
+    from pipeline.replay import replay  # an engine and boto3: only when replaying
+
+    try:
+        print(replay(args.log, args.model, args.out, args.params))
+    except StageError as error:
+        sys.exit(f"replay: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dandelion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,15 +138,38 @@ def main(argv: list[str] | None = None) -> None:
         help="promote a model tested on another test set than the champion's without comparing "
         "their metrics (recorded on the registered version)",
     )
+    promote_command.add_argument(
+        "--live",
+        choices=("prometheus", "log"),
+        help="also require live evidence that the model, served as challenger beside the "
+        "champion, passes promote.live in params.yaml (docs/pipeline.md, Promotion on live "
+        "evidence), read from Prometheus or from the prediction log",
+    )
+    promote_command.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="the Prometheus that scrapes the service (default: $PROMETHEUS_URL, else "
+        "http://localhost:9090)",
+    )
+    promote_command.add_argument(
+        "--log",
+        metavar="DIR_OR_S3",
+        help="the prediction log: its directory, or s3://bucket/prefix (for --live log)",
+    )
     review_parser(commands)
+    replay_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "promote":
+        live_options(promote_command, args)
+    if args.command == "replay":  # from anywhere: it reads no dvc.yaml
+        return replay(args)
     if not Path("dvc.yaml").is_file():
         sys.exit(f"{args.command}: no dvc.yaml here: run it from the project's root")
     try:
         if args.command == "promote":
             from pipeline.promote import promote  # MLflow, DVC and BentoML: only when promoting
 
-            print(promote(pipeline_paths(), args.different_test_set))
+            print(promote(pipeline_paths(), args.different_test_set, args.live_source))
         else:
             print(review(args))
     except StageError as error:

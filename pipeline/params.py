@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -58,7 +59,8 @@ class Section:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.name = cls.__name__.removesuffix("Params").lower()
+        # A section nested in another names itself with its path (``promote.live``).
+        cls.name = cls.__dict__.get("name") or cls.__name__.removesuffix("Params").lower()
         dataclasses.dataclass(frozen=True)(cls)
 
     @classmethod
@@ -72,10 +74,13 @@ class Section:
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise ParamsError(f"{where}: {cls.name}.{key} is not a parameter{hint}")
+        values = dict(values)
         for key, field in fields.items():
             if key not in values:
                 if field.default is dataclasses.MISSING:
                     raise ParamsError(f"{where}: {cls.name}.{key} is missing")
+            elif isinstance(hints[key], type) and issubclass(hints[key], Section):
+                values[key] = hints[key].from_dict(values[key], where)
             elif not _accepts(hints[key], values[key]):
                 expected = getattr(hints[key], "__name__", str(hints[key]))
                 raise ParamsError(
@@ -188,11 +193,64 @@ class ServeParams(Section):
     max_batch_files: int
 
 
+# A Prometheus duration (https://prometheus.io/docs/prometheus/latest/querying/basics/): units
+# from the largest to the smallest, each at most once, as PromQL's range selectors take it.
+DURATION_UNITS = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
+_DURATION = re.compile("".join(rf"(?:(\d+){unit})?" for unit in DURATION_UNITS) + "$")
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in the Prometheus duration ``text`` (``1d``, ``12h``, ``1h30m``); ParamsError
+    when it is not one, or is zero."""
+    match = _DURATION.match(text) if text else None
+    counts = match.groups() if match else (None,) * len(DURATION_UNITS)
+    seconds = sum(
+        int(n) * DURATION_UNITS[u] for n, u in zip(counts, DURATION_UNITS, strict=True) if n
+    )
+    if not seconds:
+        raise ParamsError(
+            f"{text!r} is not a Prometheus duration longer than 0 (such as 1d, 12h or 1h30m)"
+        )
+    return seconds
+
+
+class LivePromoteParams(Section):
+    """The live-evidence gate of `dandelion promote --live` (pipeline/live_evidence.py)."""
+
+    name: ClassVar[str] = "promote.live"
+    window: str
+    min_answers: int
+    min_agreement: float
+    latency_tolerance: float
+    error_tolerance: float
+    production_accuracy: bool
+    min_feedback: int
+
+    def __post_init__(self) -> None:
+        try:
+            duration_seconds(self.window)
+        except ParamsError as error:
+            raise ParamsError(f"{self.name}.window: {error}") from None
+        for key in ("min_answers", "min_feedback"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"{self.name}.{key} must be at least 1, not {getattr(self, key)}")
+        for key in ("min_agreement", "error_tolerance"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ParamsError(
+                    f"{self.name}.{key} is a share: between 0 and 1, not {getattr(self, key)}"
+                )
+        if self.latency_tolerance < 0:
+            raise ParamsError(
+                f"{self.name}.latency_tolerance must be 0 or more, not {self.latency_tolerance}"
+            )
+
+
 class PromoteParams(Section):
-    """The champion gate of `dandelion promote`."""
+    """The champion gate of `dandelion promote`, and its live-evidence gate (``live``)."""
 
     metric: str
     min_improvement: float
+    live: LivePromoteParams
 
 
 def pipeline_paths(dvc_yaml: Path | str = "dvc.yaml") -> dict[str, str]:

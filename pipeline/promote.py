@@ -21,6 +21,13 @@ outside Git and DVC, and what ``dvc repro`` produces must not depend on them.
    accepts promoting it without comparison, which its version records in the tag
    ``promoted_without_comparison``. The production test metrics are never compared: that set
    grows with every reviewed photo, so two models' numbers on it are on different photos.
+   With ``--live prometheus|log`` (``live``), the test gate is not enough: the candidate must
+   first have been served as challenger beside the champion, and its live evidence
+   (pipeline/live_evidence.py, thresholds ``promote.live``) must pass every check. That
+   gate comes first: a refusal stops promotion with the checks table, whatever the test
+   metrics say; evidence that passes still leaves the decision to the test gate. Both
+   decisions are recorded: the live one on the candidate's run (``live_evidence/`` artifact,
+   ``live_*`` metrics and tags), and on the registered version when it is promoted.
 3. Deploys the champion: imports its bento into BentoML's store (``$BENTOML_HOME``) and makes
    it what ``bentoml serve dandelion-vs-grass:latest`` serves.
 
@@ -33,6 +40,7 @@ import json
 import logging
 import subprocess
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -42,8 +50,9 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import bentoml_store
 from pipeline.bento import bento_version_of, included_files, model_card
+from pipeline.live_evidence import Decision, LiveSource, decide
 from pipeline.logs import dropped
-from pipeline.params import PromoteParams
+from pipeline.params import LivePromoteParams, PromoteParams
 from pipeline.splits import PRODUCTION_TEST, TEST, read_split, split_digest
 from pipeline.stage import StageError
 from pipeline.tracking import MODEL_SHA256_TAG, training_run, use_project_store
@@ -54,6 +63,9 @@ BENTO_TAG = "bento"  # registered version tag: the version of the bento that shi
 BENTO_ARTIFACTS = "bento"  # run artifact folder holding the bento archive
 TEST_SET_TAG = "test_set_sha256"  # registered version tag: the test split its metrics are on
 WITHOUT_COMPARISON_TAG = "promoted_without_comparison"  # why its metrics were not compared
+LIVE_ARTIFACTS = "live_evidence"  # run artifact folder: each live decision, as JSON
+LIVE_DECISION_TAG = "live_decision"  # run tag: passed or refused (the latest decision)
+LIVE_EVIDENCE_TAG = "live_evidence"  # run and registered version tag: that decision's artifact
 
 
 class PromotionError(StageError):
@@ -130,6 +142,48 @@ def promote_if_better(
     return client.get_model_version(name, version.version), True
 
 
+def live_gate(
+    client: MlflowClient,
+    name: str,
+    run_id: str,
+    candidate: str,
+    source: LiveSource,
+    thresholds: LivePromoteParams,
+) -> tuple[Decision, str] | None:
+    """The live evidence of the bento version ``candidate`` served as challenger beside the
+    champion, decided and logged to the run ``run_id`` (the decision, and its artifact's path
+    in the run); PromotionError with the checks table when it does not support promoting it.
+    None when the candidate is already champion: there is nothing to prove."""
+    champion = current_champion(client, name)
+    if champion is not None and champion.tags.get(BENTO_TAG) == candidate:
+        return None
+    if champion is None:
+        raise PromotionError(
+            "there is no champion yet: live evidence compares a challenger with the champion "
+            "it would replace; promote the first model without --live"
+        )
+    evidence = source.evidence(champion.tags[BENTO_TAG], candidate, thresholds.window)
+    decision = decide(evidence, thresholds)
+    path = log_decision(client, run_id, decision)
+    if not decision.passed:
+        raise PromotionError(f"{decision.summary()}: not promoted\n{decision.table()}")
+    return decision, path
+
+
+def log_decision(client: MlflowClient, run_id: str, decision: Decision) -> str:
+    """Record ``decision`` on the candidate's training run: the whole of it (evidence,
+    thresholds, checks) as a JSON artifact, its numbers as ``live_*`` metrics, its verdict as
+    tags. Returns the artifact's path in the run."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = f"{LIVE_ARTIFACTS}/{decision.evidence.challenger.version}-{stamp}.json"
+    client.log_dict(run_id, decision.to_dict(), path)
+    for name, value in decision.metrics().items():
+        client.log_metric(run_id, name, value)
+    client.set_tag(run_id, LIVE_DECISION_TAG, "passed" if decision.passed else "refused")
+    client.set_tag(run_id, LIVE_EVIDENCE_TAG, path)
+    return path
+
+
 def check_up_to_date() -> None:
     from dvc.repo import Repo
 
@@ -178,9 +232,12 @@ def deploy(champion: ModelVersion, local_archive: Path) -> str:
     return tag
 
 
-def promote(paths: dict[str, str], different_test_set: bool = False) -> str:
-    """Gate, register and deploy; return a one-line summary. ``different_test_set``: promote
-    without comparison a model tested on another test set than the champion's."""
+def promote(
+    paths: dict[str, str], different_test_set: bool = False, live: LiveSource | None = None
+) -> str:
+    """Gate, register and deploy; return a summary. ``different_test_set``: promote
+    without comparison a model tested on another test set than the champion's. ``live``:
+    require live evidence from there first (``live_gate``)."""
     check_up_to_date()
     model_dir = Path(paths["model_dir"])
     model_file = model_dir / MODEL_FILE
@@ -202,6 +259,16 @@ def promote(paths: dict[str, str], different_test_set: bool = False) -> str:
         )
     client = MlflowClient()
     gate = PromoteParams.load()
+    decided = live and live_gate(client, MODEL_NAME, run.info.run_id, card.version, live, gate.live)
+    decision = decided[0] if decided else None
+    live_tags = (
+        {
+            LIVE_EVIDENCE_TAG: f"runs:/{run.info.run_id}/{decided[1]}",
+            "live_summary": decided[0].summary(),
+        }
+        if decided
+        else {}
+    )
     champion, promoted = promote_if_better(
         client,
         MODEL_NAME,
@@ -214,6 +281,7 @@ def promote(paths: dict[str, str], different_test_set: bool = False) -> str:
             MODEL_SHA256_TAG: card.model_sha256,
             "dvc_md5": card.dvc_md5,  # of the served export, as on the service's /metrics
             "git_revision": git_revision(),
+            **live_tags,
             # For information only: never compared (the set grows as photos are reviewed).
             **{
                 f"{PRODUCTION_TEST}_{key}": str(value)
@@ -238,6 +306,7 @@ def promote(paths: dict[str, str], different_test_set: bool = False) -> str:
         f"{float(champion.tags['test_' + gate.metric]):.4f} + {gate.min_improvement})"
     )
     return (
-        f"promote: bento {MODEL_NAME}:{card.version} {verdict}; champion is version "
+        (f"promote: {decision.summary()}\n{decision.table()}\n" if decision else "")
+        + f"promote: bento {MODEL_NAME}:{card.version} {verdict}; champion is version "
         f"{champion.version}, serving {deployed} as {MODEL_NAME}:latest"
     )

@@ -233,8 +233,12 @@ class PredictionLog:
                 return
             if not self.keep_photos:
                 photo = None
-            size = self.bounds.record_bytes + (len(photo) if photo else 0)
             with self.buffer_lock:
+                size = self.bounds.record_bytes + (len(photo) if photo else 0)
+                if photo and self.buffered_bytes + size > self.bounds.buffer_bytes:
+                    # The record without its photo rather than neither.
+                    photo, size = None, self.bounds.record_bytes
+                    self.count_photo("dropped")
                 if self.buffered_bytes + size <= self.bounds.buffer_bytes:
                     try:
                         self.buffer.put_nowait((record, photo, size))
@@ -285,6 +289,11 @@ class PredictionLog:
 
         prediction_log_metrics().dropped.labels(reason).inc(records)
 
+    def count_photo(self, outcome: str) -> None:
+        from serving.metrics import prediction_log_metrics
+
+        prediction_log_metrics().photos.labels(outcome).inc()
+
     def write_loop(self) -> None:
         from serving.metrics import prediction_log_metrics
 
@@ -305,7 +314,7 @@ class PredictionLog:
                 self.count_dropped("stopped")
                 continue
             if photo is not None:
-                metrics.photos.labels("kept" if self.keep_photo(record, photo) else "dropped").inc()
+                self.count_photo("kept" if self.keep_photo(record, photo) else "dropped")
             if self.write_record(record):
                 metrics.records.labels("written").inc()
             if self.handle is not None and (
@@ -512,7 +521,7 @@ class PredictionLog:
             try:
                 self.store.put(key, data)
             except Exception as error:  # the store is down, refuses, times out
-                logger.warning("prediction log: uploading %s to %s failed: %r", key, self, error)
+                logger.warning("prediction log: uploading %s failed: %r", key, error)
                 metrics.upload_failures.inc()
                 return False
             metrics.uploaded.inc()

@@ -27,10 +27,10 @@ import mlflow
 import numpy as np
 from dvclive import Live
 from PIL import Image, ImageDraw, ImageFont
-from scipy.stats import binomtest
 from sklearn import metrics
 
 from pipeline.hashing import file_sha256
+from pipeline.intervals import wilson
 from pipeline.logs import import_tensorflow_quietly
 from pipeline.params import EvaluateParams, classes
 from pipeline.splits import PRODUCTION_TEST, TEST
@@ -39,11 +39,6 @@ from pipeline.tracking import training_run, use_project_store
 from serving.contract import MODEL_FILE, NOVELTY, PREDICTIONS_FILE, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
 from serving.settings import MAX_BATCH_SIZE
-
-
-def wilson(successes: int, trials: int):
-    """The 95 % Wilson score interval of ``successes`` in ``trials`` (``.low``, ``.high``)."""
-    return binomtest(successes, trials).proportion_ci(method="wilson")
 
 
 def score_predictions(labels: np.ndarray, scores: np.ndarray, rule: DecisionRule) -> dict:

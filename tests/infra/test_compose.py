@@ -59,6 +59,9 @@ def _compose_config(binary: str, extra_args: tuple[str, ...], env_items: tuple) 
         "ALERTMANAGER_",
         "RELAY_",
         "GITHUB_DISPATCH_",
+        "PREDICTION",
+        "CHALLENGER",
+        "CANARY_",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env.update(env_items)
@@ -273,8 +276,9 @@ def test_feedback_is_spooled_on_a_volume_the_service_owns_and_stored_in_the_stac
     assert classifier["depends_on"]["feedback-spool"]["condition"] == (
         "service_completed_successfully"
     )
-    assert named_volumes(owner) == {spool_dir: volume} and owner["user"] == "root"
-    assert owner["entrypoint"] == ["chown", "bentoml:bentoml", spool_dir]
+    assert named_volumes(owner)[spool_dir] == volume and owner["user"] == "root"
+    assert owner["entrypoint"][:2] == ["chown", "bentoml:bentoml"]
+    assert spool_dir in owner["entrypoint"][2:]
     # The store: a bucket the bootstrap makes, on MinIO, with the credentials MinIO (and so
     # the DVC remote and MLflow) use.
     store = urlparse(env[FEEDBACK_STORE_ENV])
@@ -359,3 +363,93 @@ def test_without_the_relay_s_settings_the_stack_renders_and_the_relay_refuses_to
     env[REPOSITORY_ENV] = "owner/name"
     with pytest.raises(ConfigError, match="cannot read the token file"):
         Config.from_env(env)
+
+
+# The prediction log's and the challenger's settings (docs/serving.md). The names are the
+# service's (serving/settings.py).
+PREDICTION_LOG_SETTINGS = (
+    "PREDICTION_LOG",
+    "PREDICTION_LOG_DIR",
+    "PREDICTION_LOG_STORE",
+    "PREDICTION_LOG_S3_ENDPOINT_URL",
+    "PREDICTION_LOG_KEEP_PHOTOS",
+)
+CHALLENGER_OVERRIDE = REPO_ROOT / "docker-compose.challenger.yml"
+
+
+def test_answers_are_logged_to_files_on_a_volume_the_service_owns_and_to_the_stack_s_bucket():
+    config = compose_config("--env-file", str(REPO_ROOT / ".env.example"))
+    services = config["services"]
+    classifier, owner = services["classifier"], services["feedback-spool"]
+    log, directory, store, endpoint, photos = (
+        classifier["environment"][name] for name in PREDICTION_LOG_SETTINGS
+    )
+    assert log.split(",") == ["files", "s3"]
+    assert photos == "0"  # photos are not kept unless asked (privacy)
+    # Rotating files on a named volume, given to the image's user before the service starts.
+    volume = named_volumes(classifier)[directory]
+    assert volume in config["volumes"] and volume != named_volumes(classifier)["/feedback"]
+    assert named_volumes(owner)[directory] == volume and directory in owner["entrypoint"][2:]
+    # A bucket the bootstrap makes, on MinIO, with the credentials the feedback store uses.
+    bucket = urlparse(store)
+    assert bucket.scheme == "s3" and bucket.path.strip("/")
+    assert bucket.netloc == services["create-buckets"]["environment"]["PREDICTIONS_BUCKET"]
+    assert '"local/$$PREDICTIONS_BUCKET"' in " ".join(services["create-buckets"]["command"])
+    assert endpoint == classifier["environment"][FEEDBACK_S3_ENDPOINT_ENV]
+    # Off, or files only, from .env.
+    off = compose_config(extra_env={"PREDICTION_LOG": "off"})["services"]["classifier"]
+    assert off["environment"]["PREDICTION_LOG"] == "off"
+
+
+def with_challenger(extra_env: dict[str, str]) -> dict:
+    base = str(REPO_ROOT / "docker-compose.yml")
+    return compose_config(
+        "-f", base, "-f", str(CHALLENGER_OVERRIDE), "--profile", "serve", extra_env=extra_env
+    )
+
+
+def test_the_challenger_override_mounts_a_bento_archive_and_sets_shadow_or_canary():
+    archive = "./bentos/dandelion-vs-grass.bento"
+    served = compose_config("--profile", "serve")["services"]
+    shadow = with_challenger({"CHALLENGER_BENTO": archive})["services"]
+    # Only the service changes, and only by the challenger's settings and its archive.
+    for stack in (served, shadow):
+        for service in stack.values():
+            service["volumes"] = sorted(service.get("volumes", []))  # merged in no fixed order
+            # Debian's docker-compose (1.29) drops pull_policy from the files it merges; the
+            # Compose plugin (`docker compose`) keeps it.
+            service.pop("pull_policy", None)
+    assert {name for name in served if served[name] != shadow[name]} == {"classifier"}
+    env = shadow["classifier"]["environment"]
+    assert {k: v for k, v in env.items() if k not in served["classifier"]["environment"]} == {
+        "CHALLENGER": "/challenger/challenger.bento",
+        "CHALLENGER_MODE": "shadow",
+        "CANARY_PERCENT": "10",
+    }
+    (mounted,) = [
+        volume
+        for volume in shadow["classifier"]["volumes"]
+        if volume not in served["classifier"]["volumes"]
+    ]
+    host, container, mode = mounted.split(":")
+    assert Path(host) == (REPO_ROOT / archive).resolve() and container == env["CHALLENGER"]
+    assert mode == "ro"
+    canary = with_challenger(
+        {"CHALLENGER_BENTO": archive, "CHALLENGER_MODE": "canary", "CANARY_PERCENT": "25"}
+    )["services"]["classifier"]["environment"]
+    assert (canary["CHALLENGER_MODE"], canary["CANARY_PERCENT"]) == ("canary", "25")
+
+
+def test_the_challenger_override_without_an_archive_stops_before_starting_anything():
+    (binary,) = require_tools("docker-compose")
+    env = {k: v for k, v in os.environ.items() if k != "CHALLENGER_BENTO"}
+    result = subprocess.run(
+        [binary, "-f", "docker-compose.yml", "-f", CHALLENGER_OVERRIDE.name, "config"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "set CHALLENGER_BENTO to the challenger's .bento file" in result.stderr

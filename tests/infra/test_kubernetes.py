@@ -32,6 +32,8 @@ KUSTOMIZE_DIRS = {
     "base": REPO_ROOT / "deploy/kubernetes/base",
     "production": REPO_ROOT / "deploy/kubernetes/overlays/production",
     "inflight-autoscaling": REPO_ROOT / "deploy/kubernetes/overlays/inflight-autoscaling",
+    "challenger": REPO_ROOT / "deploy/kubernetes/overlays/challenger",
+    "canary-replicas": REPO_ROOT / "deploy/kubernetes/overlays/canary-replicas",
 }
 # One version at or below 1.31 (still in wide use), one current.
 KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", "1.37.0"]
@@ -56,14 +58,25 @@ def render(directory) -> str:
     return rendered.stdout
 
 
+def by_kind(text: str) -> dict[str, dict]:
+    """{kind: resource} of a rendering: the service's own (named classifier), not a canary's."""
+    documents = list(yaml.safe_load_all(text))
+    return {d["kind"]: d for d in documents if d["kind"] == "Namespace"} | {
+        d["kind"]: d for d in documents if d["metadata"]["name"] == "classifier"
+    }
+
+
+def deployments(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment"]
+
+
 @pytest.fixture(scope="module", params=sorted(KUSTOMIZE_DIRS))
 def rendered(request, tmp_path_factory) -> tuple[str, object, dict]:
     """(name, rendered file, {kind: resource}) of each kustomization."""
     text = render(KUSTOMIZE_DIRS[request.param])
     path = tmp_path_factory.mktemp("k8s") / f"{request.param}.yaml"
     path.write_text(text)
-    resources = {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
-    return request.param, path, resources
+    return request.param, path, by_kind(text)
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -95,8 +108,12 @@ def test_pod_monitor_matches_the_prometheus_operator_schema(rendered):
 
 
 def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered):
-    _, _, resources = rendered
-    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    _, path, _ = rendered
+    for deployment in deployments(path.read_text()):  # a canary's too
+        check_pod(deployment["spec"]["template"]["spec"])
+
+
+def check_pod(pod: dict) -> None:
     (container,) = pod["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": 3000}  # BentoML's port
@@ -121,14 +138,21 @@ def test_the_pod_is_probed_limited_unprivileged_and_drains_its_requests(rendered
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    for each in [container, *pod.get("initContainers", [])]:
+        assert each["securityContext"]["allowPrivilegeEscalation"] is False
+        assert each["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert set(each["resources"]["limits"]) == {"cpu", "memory"}
 
 
 def test_feedback_is_spooled_on_a_volume_above_the_spool_s_bound_and_stored_with_secret_keys(
     rendered,
 ):
-    _, _, resources = rendered
-    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    _, path, _ = rendered
+    for deployment in deployments(path.read_text()):
+        check_feedback(deployment["spec"]["template"]["spec"])
+
+
+def check_feedback(pod: dict) -> None:
     (container,) = pod["containers"]
     env = {variable["name"]: variable for variable in container["env"]}
     assert env[FEEDBACK_STORE_ENV]["value"].startswith("s3://")
@@ -204,3 +228,72 @@ def test_production_overlay_sets_namespace_image_and_restricted_pod_security():
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert ":" in container["image"]  # the overlay pins a tag
     assert {"name": "GIT_REVISION", "value": "unknown"} in container["env"]
+
+
+# The challenger's settings (docs/serving.md, *Challenger: shadow and canary*): the names are
+# the service's (serving/settings.py).
+CHALLENGER_SETTINGS = ("CHALLENGER", "CHALLENGER_MODE", "CANARY_PERCENT")
+
+
+def test_the_challenger_overlay_gives_the_service_the_challenger_s_bento_from_its_image():
+    production = by_kind(render(KUSTOMIZE_DIRS["production"]))["Deployment"]
+    deployment = by_kind(render(KUSTOMIZE_DIRS["challenger"]))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    # The champion's image as in production; the challenger's, another tag, packs its bento.
+    (champion,) = production["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == champion["image"]
+    assert init["image"].split(":")[0] == champion["image"].split(":")[0]
+    assert init["image"] != champion["image"]
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    archive, mode, percent = (env[name] for name in CHALLENGER_SETTINGS)
+    assert archive.endswith(".bento") and mode in {"shadow", "canary"}
+    assert 0 <= float(percent) <= 100
+    # The archive is written by the init container on a volume the service reads, not writes.
+    script = init["command"][-1]
+    assert archive in script and "BENTO_PATH" in script and '"w:xz"' in script
+    written = {m["name"]: m for m in init["volumeMounts"] if archive.startswith(m["mountPath"])}
+    read = {m["name"]: m for m in container["volumeMounts"] if archive.startswith(m["mountPath"])}
+    ((volume, mount),) = read.items()
+    assert volume in written and mount["readOnly"] is True and "readOnly" not in written[volume]
+    (source,) = [v for v in pod["volumes"] if v["name"] == volume]
+    assert "emptyDir" in source
+    # The packing script is Python that compiles (it runs in the challenger's image).
+    compile(script, "challenger-bento", "exec")
+    # Two models in one process: more memory than the champion alone.
+    assert container["resources"]["limits"]["memory"] != champion["resources"]["limits"]["memory"]
+
+
+def test_the_replica_canary_splits_one_service_across_two_deployments_by_pod_count():
+    text = render(KUSTOMIZE_DIRS["canary-replicas"])
+    resources = by_kind(text)
+    stable, canary = deployments(text)
+    assert (stable["metadata"]["name"], canary["metadata"]["name"]) == (
+        "classifier",
+        "classifier-canary",
+    )
+    labels = [d["spec"]["template"]["metadata"]["labels"] for d in (stable, canary)]
+    selectors = [d["spec"]["selector"]["matchLabels"] for d in (stable, canary)]
+    # Each Deployment selects its own pods only; the Service, the PDB and the PodMonitor both.
+    for selector, own, other in ((selectors[0], *labels), (selectors[1], *labels[::-1])):
+        assert selector.items() <= own.items() and not selector.items() <= other.items()
+    for shared in (
+        resources["Service"]["spec"]["selector"],
+        resources["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        resources["PodMonitor"]["spec"]["selector"]["matchLabels"],
+    ):
+        assert all(shared.items() <= pod_labels.items() for pod_labels in labels)
+    # Same job for both (the rules and dashboards select it; model_version tells them apart).
+    monitor = resources["PodMonitor"]["spec"]
+    assert {pod_labels[monitor["jobLabel"]] for pod_labels in labels} == {PROMETHEUS_JOB}
+    # The champion's image scaled by the HPA, the challenger's in one pod: 10-20 % canary.
+    images = [d["spec"]["template"]["spec"]["containers"][0]["image"] for d in (stable, canary)]
+    assert images[0] != images[1]
+    hpa = resources["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "classifier"
+    assert [d["kind"] for d in yaml.safe_load_all(text)].count("HorizontalPodAutoscaler") == 1
+    assert canary["spec"]["replicas"] == 1
+    shares = [1 / (pods + 1) for pods in (hpa["minReplicas"], hpa["maxReplicas"])]
+    assert shares == [0.2, 0.1]
+    assert canary["metadata"]["namespace"] == stable["metadata"]["namespace"]

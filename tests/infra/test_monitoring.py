@@ -97,6 +97,35 @@ def test_every_alert_compares_one_signal_and_explains_itself():
     assert "on (job, model_version)" in accuracy["expr"]
 
 
+def test_per_version_rules_keep_the_versions_apart_and_roll_back_rather_than_retrain():
+    """A canary is a minority of answers: its signals are grouped by model_version (never
+    summed with the champion's), and its alerts go to people, not to retraining."""
+    versioned = [rule for rule in rules() if rule.get("record", "").startswith("model_version:")]
+    for rule in versioned:
+        assert "model_version" in rule["expr"].split("by (", 1)[1].split(")")[0], rule["record"]
+    (low,) = [
+        r for r in versioned if r["record"] == "model_version:classifier_low_confidence:ratio_30m"
+    ]
+    assert f'le="{LOW_CONFIDENCE}"' in low["expr"]
+    recorded = {rule["record"] for rule in versioned}
+    per_version = [
+        rule
+        for rule in rules()
+        if "alert" in rule and any(name in rule["expr"] for name in recorded)
+    ]
+    assert {rule["alert"] for rule in per_version} >= {
+        "ClassifierModelVersionErrors",
+        "ClassifierModelVersionSlowScoring",
+        "ClassifierModelVersionManyLowConfidenceAnswers",
+        "ClassifierShadowDisagrees",
+        "ClassifierShadowShedding",
+        "ClassifierProductionAccuracyLow",
+    }
+    for rule in per_version:
+        if rule["alert"] != "ClassifierProductionAccuracyLow":
+            assert "action" not in rule["labels"], rule["alert"]
+
+
 def test_prometheus_config_is_valid_and_its_job_is_the_one_rules_select():
     (promtool,) = require_tools("promtool")
     checked = subprocess.run(
@@ -164,13 +193,29 @@ def test_the_dashboards_show_what_operators_need():
         "classifier_feedback_unscored_total",
         "classifier_expected_accuracy_ratio",
         "model_version:classifier_production_accuracy:ratio_1d",
+        # Per model version, with a challenger (shadow or canary) or a replica canary.
+        "classifier_challenger_info",
+        "classifier_model_answers_total",
+        "classifier_model_errors_total",
+        "classifier_model_scoring_seconds_bucket",
+        "classifier_shadow_comparisons_total",
+        "model_version:classifier_shadow_agreement:ratio_1h",
+        "model_version:classifier_shadow_shed:ratio_rate15m",
+        "classifier_shadow_queue_images",
     ]:
         assert metric in queries, metric
+    for quantile in ("0.5", "0.95"):
+        assert f"histogram_quantile({quantile}, sum by (le, model_version, role, mode)" in queries
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in queries
     # The latency panels show every prediction route: the multipart ones and their typed twins.
     routes = {"/predict", "/predict_batch", TYPED_PREDICT_ROUTE, TYPED_PREDICT_BATCH_ROUTE}
-    latencies = [expr for _, expr in dashboard_queries() if "histogram_quantile" in expr]
+    latencies = [
+        expr
+        for _, expr in dashboard_queries()
+        if "bentoml_service_request_duration_seconds_bucket" in expr
+    ]
+    assert latencies
     for expr in latencies:
         (selected,) = re.findall(r'endpoint=~"([^"]*)"', expr)
         assert set(selected.split("|")) == routes, expr

@@ -16,6 +16,13 @@ RULES_TESTS = MONITORING / "rules" / "classifier.test.yml"
 PROVISIONING = MONITORING / "grafana" / "provisioning"
 DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
 COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
+# Series the service has only while a challenger is loaded (CHALLENGER): their labels carry
+# the challenger's version, unknown before it is.
+CHALLENGER_METRICS = (
+    "classifier_challenger_info",
+    "classifier_shadow_comparisons_total",
+    "classifier_shadow_shed_total",
+)
 
 
 def scrape_job() -> dict:
@@ -27,6 +34,15 @@ def scrape_job() -> dict:
 def rules() -> list[dict]:
     groups = yaml.safe_load(RULES_FILE.read_text())["groups"]
     return [rule for group in groups for rule in group["rules"]]
+
+
+def needs_challenger(expr: str) -> bool:
+    """Whether ``expr`` reads a challenger's series, directly or through recorded rules."""
+    reads = set(CHALLENGER_METRICS)
+    for rule in rules():  # recording rules read only raw series or earlier records
+        if "record" in rule and any(name in rule["expr"] for name in reads):
+            reads.add(rule["record"])
+    return any(name in expr for name in reads)
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

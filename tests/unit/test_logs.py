@@ -3,6 +3,7 @@ and one line instead of a traceback for an expected failure."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from stages.download import download_dataset
 from tests.support.http import serve_directory
 from tests.support.images import make_image
 from tests.support.logs import NOISE_MARKERS, TIMED_LAST_LINE
-from tests.support.paths import REPO_ROOT
+from tests.support.paths import PARAMS_FILE, REPO_ROOT
 
 # As TensorFlow 2.21's libraries write them while they load (timestamps and thread ids vary).
 ABSL_PREFACE = (
@@ -211,7 +212,9 @@ def test_registering_the_trained_model_prints_no_misleading_mlflow_warning(mlflo
     with mlflow.start_run() as run:  # as train logs it
         mlflow.keras.log_model(model, name="model", pip_requirements=["keras"])
     capfd.readouterr()
-    gate = PromoteParams(metric="accuracy", min_improvement=0.0)
+    gate = dataclasses.replace(
+        PromoteParams.load(PARAMS_FILE), metric="accuracy", min_improvement=0.0
+    )
     version, promoted = promote_if_better(
         mlflow.MlflowClient(), "logs", run.info.run_id, "b1", {"accuracy": 0.9}, "0" * 64, gate, {}
     )

@@ -16,10 +16,19 @@ import pytest
 import yaml
 
 from pipeline import params
-from pipeline.params import ParamsError, Section, SplitParams, TrainParams
+from pipeline.params import (
+    LivePromoteParams,
+    ParamsError,
+    PromoteParams,
+    Section,
+    SplitParams,
+    TrainParams,
+    duration_seconds,
+)
 from tests.support.paths import PARAMS_FILE, REPO_ROOT
 
-SECTIONS = Section.__subclasses__()
+# Top-level sections; a nested one (promote.live) is read whole by its parent.
+SECTIONS = [section for section in Section.__subclasses__() if "." not in section.name]
 
 
 def test_every_section_of_params_yaml_is_read_whole_by_its_object():
@@ -63,6 +72,54 @@ def test_a_missing_key_or_section_is_named():
     with pytest.raises(ParamsError, match="split must be a mapping"):
         SplitParams.from_dict(None)
     assert SplitParams.from_dict({"seed": 1, "val_ratio": 0, "test_ratio": 0}).val_ratio == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"window": "1 day"}, "promote.live.window: '1 day' is not a Prometheus duration"),
+        ({"window": "0d"}, "promote.live.window: '0d' is not a Prometheus duration longer than 0"),
+        ({"min_answers": 0}, "promote.live.min_answers must be at least 1, not 0"),
+        ({"min_agreement": 1.5}, "promote.live.min_agreement is a share: between 0 and 1"),
+        ({"error_tolerance": -0.1}, "promote.live.error_tolerance is a share"),
+        ({"latency_tolerance": -1}, "promote.live.latency_tolerance must be 0 or more, not -1"),
+        ({"production_accuracy": "yes"}, "promote.live.production_accuracy must be bool"),
+        ({"windows": "1d"}, "promote.live.windows is not a parameter (did you mean window?)"),
+    ],
+)
+def test_the_live_gate_of_promote_names_a_wrong_key_or_value(change, message):
+    promote = yaml.safe_load(PARAMS_FILE.read_text())["promote"]
+    values = {**promote, "live": {**promote["live"], **change}}
+    with pytest.raises(ParamsError) as raised:
+        PromoteParams.from_dict(values)
+    assert str(raised.value).startswith(f"params.yaml: {message}"), str(raised.value)
+
+
+def test_the_live_gate_of_promote_is_required_and_read_as_its_own_object():
+    promote = yaml.safe_load(PARAMS_FILE.read_text())["promote"]
+    assert isinstance(PromoteParams.load(PARAMS_FILE).live, LivePromoteParams)
+    live = promote.pop("live")
+    with pytest.raises(ParamsError, match=r"^params.yaml: promote.live is missing$"):
+        PromoteParams.from_dict(promote)
+    del live["min_feedback"]
+    with pytest.raises(ParamsError, match=r"^params.yaml: promote.live.min_feedback is missing$"):
+        PromoteParams.from_dict({**promote, "live": live})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1d", 86400), ("12h", 43200), ("1h30m", 5400), ("90s", 90), ("1w", 604800), ("500ms", 0.5)],
+)
+def test_windows_are_prometheus_durations(text, seconds):
+    assert duration_seconds(text) == seconds
+
+
+def test_no_stage_of_the_pipeline_depends_on_promotes_params():
+    """promote is read after `dvc repro`: tuning it must not make the pipeline stale."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for param in stage.get("params", []):
+            assert not str(param).startswith("promote"), (name, param)
 
 
 def test_a_stage_reading_a_misspelt_key_ends_in_one_line(tmp_path):

@@ -3,6 +3,7 @@ answers (the command on the reproduced pipeline: tests/end_to_end/test_promotion
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -12,6 +13,8 @@ from mlflow import MlflowClient
 
 from pipeline import promote
 from pipeline.params import PromoteParams
+from tests.support.live_evidence import write_prediction_log
+from tests.support.paths import PARAMS_FILE
 from tests.support.processes import dandelion
 
 NAME = "gate-test"
@@ -39,7 +42,11 @@ def gate(
         bento or f"bento-of-{run_id}",
         {"accuracy": accuracy, "f1": accuracy},
         test_set,
-        PromoteParams(metric="accuracy", min_improvement=min_improvement),
+        PromoteParams(
+            metric="accuracy",
+            min_improvement=min_improvement,
+            live=PromoteParams.load(PARAMS_FILE).live,
+        ),
         {"git_revision": "abc123"},
         different_test_set=different,
     )
@@ -159,3 +166,94 @@ def test_the_command_says_what_it_does_and_where_to_run_it(tmp_path):
     elsewhere = dandelion(tmp_path, "promote", env=dict(os.environ))
     assert elsewhere.returncode == 1
     assert elsewhere.stderr == "promote: no dvc.yaml here: run it from the project's root\n"
+
+
+def shadow_log(directory, champion: str, challenger: str, photos: int, disagree: int):
+    """A prediction log of ``photos`` champion answers, each shadowed by the challenger,
+    ``disagree`` of them on another label."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC).isoformat()
+    lines = []
+    for i in range(photos):
+        base = {"time": now, "answer_id": f"a{i}", "neither": False, "latency_seconds": 0.01}
+        lines.append({**base, "model_version": champion, "role": "champion", "label": "grass"})
+        lines.append(
+            {
+                **base,
+                "model_version": challenger,
+                "role": "challenger",
+                "shadow": True,
+                "label": "dandelion" if i < disagree else "grass",
+            }
+        )
+    write_prediction_log(directory, lines)
+    return promote.LiveSource("log", str(directory))
+
+
+LIVE = dataclasses.replace(PromoteParams.load(PARAMS_FILE).live, min_answers=20, min_agreement=0.9)
+
+
+def test_live_evidence_that_falls_short_refuses_with_the_checks_and_is_recorded(client, tmp_path):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    candidate = logged_run(0.95)
+    source = shadow_log(tmp_path / "log", first.tags["bento"], "v2", photos=20, disagree=3)
+    with pytest.raises(promote.PromotionError) as refused:
+        promote.live_gate(client, NAME, candidate, "v2", source, LIVE)
+    message = str(refused.value)
+    assert message.startswith(
+        f"live evidence (prediction log {tmp_path / 'log'}, last 1d) does not support "
+        f"promoting challenger v2 over champion {first.tags['bento']}: not promoted\n"
+    )
+    assert "agreement            0.8500 (17 of 20)" in message and "FAIL" in message
+    run = client.get_run(candidate)
+    assert run.data.tags["live_decision"] == "refused"
+    assert run.data.metrics["live_agreement"] == 0.85
+    assert run.data.metrics["live_challenger_answers"] == 20
+    (artifact,) = client.list_artifacts(candidate, "live_evidence")
+    assert artifact.path == run.data.tags["live_evidence"]
+    recorded = mlflow.artifacts.load_dict(f"runs:/{candidate}/{artifact.path}")
+    assert recorded["passed"] is False and recorded["evidence"]["comparisons"] == {
+        "agree": 17,
+        "disagree": 3,
+    }
+    assert recorded["thresholds"]["min_agreement"] == 0.9
+    assert client.get_model_version_by_alias(NAME, "champion").version == first.version
+
+
+def test_live_evidence_that_passes_leaves_the_decision_to_the_test_gate(client, tmp_path):
+    first, _ = gate(client, logged_run(0.90), 0.90)
+    candidate = logged_run(0.95)
+    source = shadow_log(tmp_path / "log", first.tags["bento"], "v2", photos=20, disagree=2)
+    decision, path = promote.live_gate(client, NAME, candidate, "v2", source, LIVE)
+    assert decision.passed and client.get_run(candidate).data.tags["live_decision"] == "passed"
+    assert path.startswith("live_evidence/v2-") and path.endswith(".json")
+    # The candidate is not yet champion: the test gate still decides.
+    _, promoted = gate(client, candidate, 0.95, bento="v2")
+    assert promoted
+    # Once it is champion, there is nothing to prove: no evidence is read.
+    assert (
+        promote.live_gate(
+            client, NAME, candidate, "v2", promote.LiveSource("log", "/nowhere"), LIVE
+        )
+        is None
+    )
+
+
+def test_live_evidence_needs_a_champion_to_compare_with(client, tmp_path):
+    with pytest.raises(promote.PromotionError, match="there is no champion yet"):
+        promote.live_gate(client, NAME, logged_run(0.9), "v2", promote.LiveSource("log", "x"), LIVE)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--live", "log"], "--live log needs --log DIR_OR_S3, the prediction log"),
+        (["--log", "dir"], "--log DIR_OR_S3 is the source of --live log"),
+        (["--live", "log", "--prometheus-url", "u"], "--prometheus-url is the source of"),
+        (["--live", "grafana"], "argument --live: invalid choice: 'grafana'"),
+    ],
+)
+def test_the_live_options_go_together(tmp_path, options, error):
+    refused = dandelion(tmp_path, "promote", *options, env=dict(os.environ))
+    assert refused.returncode == 2 and error in refused.stderr, refused.stderr

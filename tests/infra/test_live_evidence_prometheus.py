@@ -1,0 +1,210 @@
+"""The live evidence of `dandelion promote --live prometheus` read from a real Prometheus
+(Debian's `prometheus`) scraping a loopback exporter of the service's per-model metrics for a
+champion and a challenger version: every count comes back exactly as the exporter counted it.
+(The service itself, served with a challenger, feeds a real Prometheus in the end-to-end tests.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from pipeline.live_evidence import (
+    LiveEvidenceError,
+    decide,
+    prometheus_evidence,
+    prometheus_queries,
+)
+from pipeline.params import LivePromoteParams
+from tests.support.http import free_port
+from tests.support.needs import require_tools
+from tests.support.processes import running_server
+
+CHAMPION, CHALLENGER = "champion-v1", "challenger-v2"
+MODELS = ((CHAMPION, "champion", "served"), (CHALLENGER, "challenger", "shadow"))
+JOB = "dandelion-vs-grass"
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Exporter:
+    """The design's per-model metrics, in a registry of their own, served on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        by_model = ["model_version", "role", "mode"]
+        self.answers = Counter(
+            "classifier_model_answers", "", [*by_model, "label"], registry=self.registry
+        )
+        self.errors = Counter("classifier_model_errors", "", by_model, registry=self.registry)
+        self.scoring = Histogram(
+            "classifier_model_scoring_seconds",
+            "",
+            by_model,
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.comparisons = Counter(
+            "classifier_shadow_comparisons",
+            "",
+            ["model_version", "outcome"],
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "classifier_feedback_answers",
+            "",
+            ["model_version", "label", "outcome"],
+            registry=self.registry,
+        )
+        # Every series at 0 before the first scrape, as the service creates them at start-up:
+        # increase() then counts from that 0.
+        for version, role, mode in MODELS:
+            for label in ("grass", "dandelion"):
+                self.answers.labels(version, role, mode, label)
+                for outcome in ("confirmed", "corrected"):
+                    self.feedback.labels(version, label, outcome)
+            self.errors.labels(version, role, mode)
+            self.scoring.labels(version, role, mode)
+        for outcome in ("agree", "disagree"):
+            self.comparisons.labels(CHALLENGER, outcome)
+
+    def traffic(self) -> None:
+        """300 photos: the champion serves them, in 0.008 s each, and fails once; the
+        challenger shadows them in 0.02 s, fails twice, and agrees on 270; feedback on 45."""
+        for i in range(300):
+            label = ("grass", "dandelion")[i % 2]
+            self.answers.labels(CHAMPION, "champion", "served", label).inc()
+            self.scoring.labels(CHAMPION, "champion", "served").observe(0.008)
+            self.answers.labels(CHALLENGER, "challenger", "shadow", label).inc()
+            self.scoring.labels(CHALLENGER, "challenger", "shadow").observe(0.02)
+            self.comparisons.labels(CHALLENGER, "agree" if i % 10 else "disagree").inc()
+        self.errors.labels(CHAMPION, "champion", "served").inc()
+        self.errors.labels(CHALLENGER, "challenger", "shadow").inc(2)
+        self.feedback.labels(CHAMPION, "grass", "confirmed").inc(40)
+        self.feedback.labels(CHAMPION, "dandelion", "corrected").inc(5)
+        self.feedback.labels(CHALLENGER, "grass", "confirmed").inc(38)
+        self.feedback.labels(CHALLENGER, "dandelion", "corrected").inc(7)
+
+
+@contextlib.contextmanager
+def exporting(exporter: Exporter) -> Iterator[str]:
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=exporter.registry)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def instant(url: str, expr: str) -> list[dict]:
+    body = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def wait_for(url: str, expr: str, timeout: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := instant(url, expr):
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"no data for {expr} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory) -> Iterator[tuple[str, Exporter]]:
+    """Debian's prometheus on 127.0.0.1, scraping the exporter four times a second."""
+    (binary,) = require_tools("prometheus")
+    root = tmp_path_factory.mktemp("prometheus")
+    exporter = Exporter()
+    with exporting(exporter) as target:
+        job = {"job_name": JOB, "static_configs": [{"targets": [target]}]}
+        # Scraped often, so that the test waits a fraction of a second for each scrape.
+        config = {"global": {"scrape_interval": "250ms"}, "scrape_configs": [job]}
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+        with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
+            wait_for(url, "up == 1")  # a first scrape, of every series at 0
+            exporter.traffic()
+            wait_for(
+                url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 300'
+            )
+            yield url, exporter  # fmt: skip
+
+
+def latest_scrape(url: str) -> float:
+    """When the exporter was last scraped: evaluating there, increase() has nothing to
+    extrapolate past the last sample, so it counts exactly what the counters grew by."""
+    (series,) = instant(url, f'timestamp(up{{job="{JOB}"}})')
+    return float(series["value"][1])
+
+
+def test_the_evidence_is_what_the_service_counted(prometheus):
+    url, _ = prometheus
+    evidence = prometheus_evidence(url, CHAMPION, CHALLENGER, "1d", at=latest_scrape(url))
+    champion, challenger = evidence.champion, evidence.challenger
+    assert champion.answers == {"served": 300} and challenger.answers == {"shadow": 300}
+    assert (champion.errors, challenger.errors) == (1, 2)
+    assert evidence.comparisons == {"agree": 270, "disagree": 30}
+    assert champion.feedback == {"confirmed": 40, "corrected": 5}
+    assert challenger.feedback == {"confirmed": 38, "corrected": 7}
+    # histogram_quantile interpolates within the bucket holding the 95th percentile.
+    assert champion.p95_seconds == pytest.approx(0.005 + 0.95 * 0.005)
+    assert challenger.p95_seconds == pytest.approx(0.01 + 0.95 * 0.015)
+    assert evidence.source == f"Prometheus {url}" and evidence.window == "1d"
+
+    thresholds = LivePromoteParams(
+        window="1d",
+        min_answers=300,
+        min_agreement=0.9,
+        latency_tolerance=1.6,  # 0.02425 s is within 2.6 x 0.00975 s
+        error_tolerance=0.01,
+        production_accuracy=True,
+        min_feedback=45,
+    )
+    assert decide(evidence, thresholds).passed, decide(evidence, thresholds).table()
+    strict = LivePromoteParams(**{**thresholds.to_dict(), "latency_tolerance": 0.1})
+    assert [c.name for c in decide(evidence, strict).refused] == ["p95 scoring time"]
+
+
+def test_every_evidence_query_is_valid_promql(prometheus):
+    url, _ = prometheus
+    for name, expr in prometheus_queries(CHAMPION, CHALLENGER, "1d").items():
+        assert instant(url, expr), name  # each has data here
+
+
+def test_a_version_prometheus_never_saw_is_named_with_what_it_has(prometheus):
+    url, _ = prometheus
+    with pytest.raises(LiveEvidenceError) as refused:
+        prometheus_evidence(url, CHAMPION, "v-unknown", "1d")
+    message = str(refused.value)
+    assert message.startswith(
+        f"Prometheus at {url} has no classifier_model_answers_total series for version "
+        "v-unknown as challenger in the last 1d; it has: "
+        f"{CHALLENGER} as challenger, {CHAMPION} as champion. Serve it beside the champion"
+    ), message
+    with pytest.raises(
+        LiveEvidenceError, match="no classifier_model_answers_total series for version"
+    ):
+        prometheus_evidence(url, CHALLENGER, CHALLENGER, "1d")  # never served as champion
+
+
+def test_an_unreachable_prometheus_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(LiveEvidenceError) as refused:
+        prometheus_evidence(url, CHAMPION, CHALLENGER, "1d")
+    assert str(refused.value).startswith(f"Prometheus at {url} cannot be reached (ConnectionError)")
