@@ -39,6 +39,25 @@ class ServedModel:
         return cls(str(stored.tag), card, score)
 
 
+def bento_pinned(reference, service):
+    """``reference`` (an unversioned ``bentoml.models.BentoModel``) pinned to the model its
+    bento was built with, when ``service`` (a ``bentoml.Service``) is served from a bento.
+
+    BentoML resolves an unversioned reference to the store's latest model of that name when it
+    serves a bento from the local store (its ``on_load_bento`` pins Hugging Face models only),
+    so importing another bento after this one would make this bento serve the other's model
+    under its own code and card. From source (``bentoml serve serving.service:...``) there is
+    no bento: the store's latest model is meant.
+    """
+    bento = getattr(service, "bento", None)
+    if bento is None:
+        return reference
+    for info in bento.info.all_models:
+        if info.tag.name == reference.tag.name:
+            return type(reference)(info.tag)
+    raise RuntimeError(f"the bento {bento.tag} lists no model '{reference.tag.name}'")
+
+
 def check_service(card: ModelCard, batching: bool) -> None:
     """Refuse a card whose engine the other front service serves (engines.py SERVICES)."""
     if BATCHING[card.engine] != batching:

@@ -52,7 +52,7 @@ from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
 from serving.feedback import FeedbackDesk
 from serving.gate import TypedUploads, sent_files
 from serving.metrics import model_metrics, rollout_metrics, sample_process
-from serving.model import ServedModel, check_service, served_info, serving_scorer
+from serving.model import ServedModel, bento_pinned, check_service, served_info, serving_scorer
 from serving.page import page_html
 from serving.prediction_log import PredictionLog
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
@@ -118,10 +118,11 @@ class Classifier:
 
     def __init__(self) -> None:
         sample_process("model")
-        card = ModelCard.from_metadata(self.bento_model.info.metadata)
+        model = bento_pinned(type(self).bento_model, Classifier)
+        card = ModelCard.from_metadata(model.info.metadata)
         # Warmed up: otherwise the batcher's latency estimate starts out far too high and
         # it sheds requests.
-        self.score = serving_scorer(self.bento_model.path, card.image_size)
+        self.score = serving_scorer(model.path, card.image_size)
 
     # Adaptive batching, the reason this service exists (serving/engines.py BATCHING): the
     # batcher groups concurrent requests; max_latency_ms bounds how long one may wait.
@@ -145,6 +146,7 @@ def front_service(inner: type) -> bentoml.Service:
     service = bentoml.asgi_app(app, path="/")(service)
     service.add_asgi_middleware(JsonErrors)
     service.add_asgi_middleware(TypedUploads)
+    inner.service = service  # for its bento (serving/model.py bento_pinned)
     return service
 
 
@@ -157,7 +159,8 @@ class DandelionService:
         # The deployment's configuration first: a mistake stops the start before any load.
         self.log = PredictionLog.from_environ()
         if model is None:  # as BentoML starts it: the bento's one model, from its store
-            model = ServedModel.stored(type(self).bento_model, self.batching)
+            reference = bento_pinned(type(self).bento_model, type(self).service)
+            model = ServedModel.stored(reference, self.batching)
         check_service(model.card, self.batching)
         self.model, card = model, model.card
         self.single, self.batch = card_uploads(card)

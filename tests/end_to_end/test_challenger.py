@@ -156,8 +156,10 @@ def test_shadow_agreement_is_evaluate_s_and_a_dead_worker_leaves_the_champion_an
 def test_the_canary_answers_its_share_with_evaluate_s_labels(
     reproduced, challenger_workspace, tmp_path
 ):
+    # The challenger imported last: the store's latest model is then the challenger's, and
+    # the champion's bento must still serve its own (serving/model.py bento_pinned).
     env = imported_home(
-        reproduced, [challenger_workspace, reproduced.workspace], tmp_path / "bentoml_home"
+        reproduced, [reproduced.workspace, challenger_workspace], tmp_path / "bentoml_home"
     )
     champion_tag = bento_version_of(reproduced.workspace / PIPELINE_PATHS["bento_archive"])
     challenger_tag = bento_version_of(challenger_workspace / PIPELINE_PATHS["bento_archive"])
