@@ -111,7 +111,7 @@ class Canary:
         """Whether the challenger answers this photo: by the client's key when it sent one
         (each client always gets the same model), else by the photo (each photo does)."""
         digest = hashlib.sha256(client_key.encode()).digest() if client_key else photo_sha256
-        return bucket(digest) < round(self.percent * CANARY_BUCKETS / 100)
+        return bucket(digest) < self.percent * CANARY_BUCKETS / 100
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -187,6 +187,10 @@ def check_challenger(champion: ModelCard, challenger: ModelCard) -> None:
         problems.append(
             f"image_size {challenger.image_size}, not the champion's {champion.image_size}"
         )
+    if challenger.engine != champion.engine:
+        # The champion's bento installs its own engine's packages only (engines.py
+        # ENGINE_PACKAGES): another engine would fail to load in its image.
+        problems.append(f"engine {challenger.engine}, not the champion's {champion.engine}")
     if challenger.version == champion.version:
         problems.append(f"the champion's own version ({champion.version})")
     if problems:
@@ -332,15 +336,21 @@ class Worker:
     def stop(self) -> None:
         self.stopping.set()
         self.down.set()
-        with self.lock:
-            if self.connection is not None:
+        # Bounded: a call under way holds the lock for at most call_seconds; past that the
+        # process is killed without waiting for it.
+        held = self.lock.acquire(timeout=self.call_seconds)
+        try:
+            if held and self.connection is not None:
                 self.connection.close()  # the worker reads EOF and exits
                 self.connection = None
             if self.process is not None:
-                self.process.join(5)
+                self.process.join(5 if held else 0)
                 if self.process.is_alive():
                     self.process.kill()
                     self.process.join()
+        finally:
+            if held:
+                self.lock.release()
         if self.keeper is not None:
             self.keeper.join(5)
 
@@ -442,7 +452,10 @@ class Shadow:
                     outputs, seconds = self.worker.score(np.stack([p.image for p in photos]))
                 except ChallengerFailed:
                     outputs, seconds = None, 0.0
-                self.scored(photos, outputs, seconds)
+                try:
+                    self.scored(photos, outputs, seconds)
+                except Exception:  # a bug in counting must not end the shadow for good
+                    logger.exception("shadow: the challenger's scores could not be counted")
             if len(photos) < len(batch):  # stop() was called: what was queued before is done
                 return
 

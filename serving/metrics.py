@@ -137,6 +137,8 @@ class RolloutMetrics:
         for label in (*card.classes, NEITHER_LABEL):
             self.answers.labels(card.version, role, mode, label)
         self.errors.labels(card.version, role, mode)
+        self.scoring.labels(card.version, role, mode)
+        self.confidence.labels(card.version, role, mode)
 
     def describe_challenger(self, card: ModelCard, mode: str) -> None:
         self.challenger.labels(card.version, mode).set(1)
@@ -146,12 +148,21 @@ class RolloutMetrics:
         self.queue.set(0)
 
     def count_call(self, card: ModelCard, role: str, mode: str, verdicts, seconds: float) -> None:
-        """One scoring call of a model and the verdicts it gave."""
-        self.scoring.labels(card.version, role, mode).observe(seconds)
+        """One scoring call of a model, the verdicts it gave and its ``seconds`` per image
+        (per_image): observed once per image, so that calls of one photo (the champion's
+        /predict) and of several (a batch, the shadow's calls) compare."""
+        scoring = self.scoring.labels(card.version, role, mode)
         for verdict in verdicts:
+            scoring.observe(seconds)
             label = NEITHER_LABEL if verdict["neither"] else verdict["label"]
             self.answers.labels(card.version, role, mode, label).inc()
             self.confidence.labels(card.version, role, mode).observe(verdict["confidence"])
+
+
+def per_image(seconds: float, images: int) -> float:
+    """A scoring call's ``seconds`` per image, as classifier_model_scoring_seconds and the
+    prediction log's ``latency_seconds`` give it."""
+    return seconds / max(images, 1)
 
 
 @functools.cache
@@ -175,12 +186,14 @@ def rollout_metrics() -> RolloutMetrics:
         ),
         scoring=Histogram(
             "classifier_model_scoring_seconds",
-            "Engine time of each model's scoring calls.",
+            "Engine time per image of each model: a scoring call's time over its images, "
+            "observed once per image.",
             by_model,
         ),
         errors=Counter(
             "classifier_model_errors",
-            "Scoring calls of each model that failed (engine error, worker dead, timeout).",
+            "Images each model failed to score (engine error, worker dead, timeout), counted "
+            "per image as the answers are.",
             by_model,
         ),
         comparisons=Counter(

@@ -45,18 +45,26 @@ from serving.api import (
     front_app,
     rounded,
 )
-from serving.challenger import Challenger, ChallengerFailed, Shadow, ShadowPhoto
+from serving.challenger import (
+    Challenger,
+    ChallengerFailed,
+    Shadow,
+    ShadowPhoto,
+    challenger_config,
+)
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
 from serving.decoding import SentFile, decoded
 from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
 from serving.feedback import FeedbackDesk
 from serving.gate import TypedUploads, sent_files
-from serving.metrics import model_metrics, rollout_metrics, sample_process
+from serving.metrics import model_metrics, per_image, rollout_metrics, sample_process
 from serving.model import ServedModel, bento_pinned, check_service, served_info, serving_scorer
 from serving.page import page_html
 from serving.prediction_log import PredictionLog
 from serving.resources import inference_limiter, return_freed_memory_to_the_system
 from serving.settings import (
+    CHALLENGER,
+    CHAMPION,
     CLIENT_KEY_HEADER,
     FEEDBACK_ROUTE,
     MAX_BATCH_SIZE,
@@ -75,7 +83,6 @@ from serving.settings import (
 from serving.uploads import Pace, Upload, card_uploads
 
 logger = logging.getLogger("bentoml.service.dandelion")
-CHAMPION, CHALLENGER = "champion", "challenger"  # the roles (settings ROLES)
 
 
 def answer_record(
@@ -158,6 +165,7 @@ class DandelionService:
     def __init__(self, model: ServedModel | None = None) -> None:
         # The deployment's configuration first: a mistake stops the start before any load.
         self.log = PredictionLog.from_environ()
+        challenger_config()  # read again when the champion is loaded (Challenger.from_environ)
         if model is None:  # as BentoML starts it: the bento's one model, from its store
             reference = bento_pinned(type(self).bento_model, type(self).service)
             model = ServedModel.stored(reference, self.batching)
@@ -220,18 +228,19 @@ class DandelionService:
 
     def finish(self, within: float) -> None:
         """What the drain leaves ``within`` seconds for: the feedback flusher's last pass, the
-        photos queued for the shadow, the challenger's worker, the prediction log."""
+        photos queued for the shadow, the prediction log (records of answers given: they come
+        before the shadow's), then the challenger's worker."""
         deadline = time.monotonic() + within
 
         def left() -> float:
             return max(deadline - time.monotonic(), 0.0)
 
         self.feedback.stop(left())
-        if self.shadow is not None:
-            self.shadow.stop(left())
-        if self.challenger is not None:
-            self.challenger.stop()
+        if self.shadow is not None:  # half of what is left: the log's records come first
+            self.shadow.stop(left() / 2)
         self.log.stop(left())
+        if self.challenger is not None:  # last: nothing needs its worker any more
+            self.challenger.stop()
 
     async def __is_ready__(self) -> bool:
         """/readyz: 200 once constructed (the model is loaded and warm); 503 (at once) from
@@ -388,7 +397,7 @@ class DandelionService:
                     logger.warning("canary answered by the champion: %s", failure)
                     self.rollout.errors.labels(
                         self.challenger.card.version, CHALLENGER, SERVED_MODE
-                    ).inc()
+                    ).inc(len(challenger))
                     champion = sorted(champion + challenger)
                 else:
                     self.count(
@@ -404,7 +413,9 @@ class DandelionService:
                 try:
                     outputs, seconds = await self.scored(images[champion])
                 except Exception:
-                    self.rollout.errors.labels(self.model.card.version, CHAMPION, SERVED_MODE).inc()
+                    self.rollout.errors.labels(self.model.card.version, CHAMPION, SERVED_MODE).inc(
+                        len(champion)
+                    )
                     raise
                 self.count(
                     self.model.card, CHAMPION, SERVED_MODE, champion, outputs, seconds, served
@@ -424,7 +435,8 @@ class DandelionService:
             )
             self.log.record(record, kept[index])
             if role == CHAMPION:
-                shadowed.append(ShadowPhoto(images[index], record))
+                # A copy: a view would keep the request's whole batch of pixels queued.
+                shadowed.append(ShadowPhoto(images[index].copy(), record))
         if self.shadow is not None and shadowed:
             self.shadow.offer(shadowed)
         return answers
@@ -434,6 +446,7 @@ class DandelionService:
     ) -> None:
         """Count one scoring call's verdicts on /metrics, into ``served`` at ``indices``."""
         given = verdicts(card, outputs)
+        seconds = per_image(seconds, len(given))
         self.rollout.count_call(card, role, mode, given, seconds)
         for index, verdict in zip(indices, given, strict=True):
             served[index] = (card, role, verdict, seconds)
@@ -443,9 +456,10 @@ class DandelionService:
         counted, compared with the champion's answers, and logged as shadow records."""
         card = self.challenger.card
         if outputs is None:
-            self.rollout.errors.labels(card.version, CHALLENGER, SHADOW).inc()
+            self.rollout.errors.labels(card.version, CHALLENGER, SHADOW).inc(len(photos))
             return
         given = verdicts(card, outputs)
+        seconds = per_image(seconds, len(given))
         self.rollout.count_call(card, CHALLENGER, SHADOW, given, seconds)
         for photo, verdict in zip(photos, given, strict=True):
             champion = photo.answer

@@ -234,11 +234,13 @@ CHALLENGER_MODE_ENV = "CHALLENGER_MODE"
 SHADOW, CANARY = "shadow", "canary"
 CHALLENGER_MODES = (SHADOW, CANARY)
 # A shadow answer agrees with the champion's when both label and neither are the same.
-SHADOW_OUTCOMES = ("agree", "disagree")
+AGREE, DISAGREE = "agree", "disagree"
+SHADOW_OUTCOMES = (AGREE, DISAGREE)
 CANARY_PERCENT_ENV = "CANARY_PERCENT"
 # Who answers, and how, in the model metrics' labels (classifier_model_*): each answer is a
 # role's, served to the client or scored in shadow.
-ROLES = ("champion", "challenger")
+CHAMPION, CHALLENGER = "champion", "challenger"
+ROLES = (CHAMPION, CHALLENGER)
 SERVED_MODE = "served"
 # The canary split is sticky: a client that sends this header always gets the same model; a
 # request without it is split by the photo's sha256, so the same photo gets the same model.

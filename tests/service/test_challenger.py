@@ -160,6 +160,8 @@ def test_a_bad_mode_or_share_is_refused_with_its_reason(environ, message):
         ({"classes": ["dandelion", "grass"]}, "classes ['dandelion', 'grass'], not the champion's"),
         ({"image_size": 64}, "image_size 64, not the champion's 32"),
         ({"version": CARD.version}, "the champion's own version"),
+        # The champion's bento installs only its own engine's packages.
+        ({"engine": "keras"}, "engine keras, not the champion's openvino"),
     ],
 )
 def test_a_challenger_unlike_the_champion_is_refused(change, message):
