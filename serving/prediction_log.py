@@ -402,28 +402,42 @@ class PredictionLog:
             except OSError as error:
                 logger.error("prediction log: closing %s failed (%r)", self.open_path, error)
             self.handle = self.open_path = None
+            self.close_stale_files()  # what another host left (see there)
             self.make_room(0)
         self.upload_wanted.set()
 
     def close_stale_files(self) -> None:
-        """Close the files this host's processes left open when they stopped (a pid that no
-        longer runs, or this process's own pid from an earlier start)."""
+        """Close the files processes left open when they stopped: this host's whose pid no
+        longer runs (or is this process's own, from an earlier start), and another host's
+        untouched for twice the files' age bound. A writer that runs closes its file within
+        that bound, busy or idle; a container recreated on the same volume gets another host
+        name, and its predecessor's last file would otherwise stay open, never uploaded."""
         for path in sorted(self.open_files()):
             try:
                 host, pid, _ = path.name.split("-", 1)[1].rsplit("-", 2)
                 pid = int(pid)
             except ValueError:  # not a name this log gives: not ours to close
                 continue
-            if host != self.host or (pid != self.pid and process_alive(pid)):
+            if host != self.host:
+                try:
+                    untouched = time.time() - path.stat().st_mtime
+                except FileNotFoundError:  # closed by its writer meanwhile
+                    continue
+                if untouched <= 2 * self.bounds.file_seconds:
+                    continue
+            elif pid != self.pid and process_alive(pid):
                 continue
-            data = path.read_bytes()
-            if not whole_lines(data):
-                path.unlink()
-                continue
-            if len(whole_lines(data)) != len(data):
-                with open(path, "r+b") as handle:
-                    handle.truncate(len(whole_lines(data)))
-            os.replace(path, path.with_suffix(""))
+            try:
+                data = path.read_bytes()
+                if not whole_lines(data):
+                    path.unlink()
+                    continue
+                if len(whole_lines(data)) != len(data):
+                    with open(path, "r+b") as handle:
+                        handle.truncate(len(whole_lines(data)))
+                os.replace(path, path.with_suffix(""))
+            except OSError as error:  # another process closed it first, or the disk fails
+                logger.warning("prediction log: closing stale %s failed (%r)", path, error)
 
     # --- the disk's bounds --------------------------------------------------------------------
 
