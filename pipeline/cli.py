@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dandelion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    # The sources' names, defined with the readers (NumPy, SciPy, requests: no MLflow yet).
+    from pipeline.live_evidence import DEFAULT_PROMETHEUS_URL, LOG, PROMETHEUS, PROMETHEUS_URL_ENV
+
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     promote_command = commands.add_parser(
         "promote",
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     promote_command.add_argument(
         "--live",
-        choices=("prometheus", "log"),
+        choices=(PROMETHEUS, LOG),
         help="also require live evidence that the model, served as challenger beside the "
         "champion, passes promote.live in params.yaml (docs/pipeline.md, Promotion on live "
         "evidence), read from Prometheus or from the prediction log",
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     promote_command.add_argument(
         "--prometheus-url",
         metavar="URL",
-        help="the Prometheus that scrapes the service (default: $PROMETHEUS_URL, else "
-        "http://localhost:9090)",
+        help=f"the Prometheus that scrapes the service (default: ${PROMETHEUS_URL_ENV}, else "
+        f"{DEFAULT_PROMETHEUS_URL})",
     )
     promote_command.add_argument(
         "--log",

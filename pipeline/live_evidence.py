@@ -28,18 +28,23 @@ import requests
 from pipeline.intervals import wilson
 from pipeline.params import LivePromoteParams, duration_seconds
 from pipeline.stage import StageError
-from serving.settings import FEEDBACK_OUTCOMES
+from serving.settings import (
+    AGREE,
+    CHALLENGER,
+    CHAMPION,
+    DISAGREE,
+    FEEDBACK_OUTCOMES,
+    SERVED_MODE,
+    SHADOW,
+)
 
-# The service's per-model metrics and their labels' values (the issue-25 design; the service
-# defines them in serving/metrics.py and serving/settings.py).
+# The service's per-model metrics (serving/metrics.py), whose labels' values are settings'.
 ANSWERS = "classifier_model_answers_total"
 ERRORS = "classifier_model_errors_total"
 SCORING = "classifier_model_scoring_seconds"
 COMPARISONS = "classifier_shadow_comparisons_total"
 FEEDBACK = "classifier_feedback_answers_total"
-CHAMPION, CHALLENGER = "champion", "challenger"  # label role
-SERVED, SHADOW = "served", "shadow"  # label mode
-AGREE, DISAGREE = "agree", "disagree"  # label outcome of the comparisons
+SERVED = SERVED_MODE
 CONFIRMED, CORRECTED = FEEDBACK_OUTCOMES
 
 # Where `dandelion promote --live prometheus` asks, unless --prometheus-url says otherwise.
@@ -228,7 +233,18 @@ def agreement_check(evidence: Evidence, thresholds: LivePromoteParams) -> Check:
 
 
 def latency_check(champion: ModelEvidence, challenger: ModelEvidence, tolerance: float) -> Check:
+    """The served answers' scoring time per image. A shadow's is not compared: it runs at the
+    lowest CPU priority, so on a busy service its time counts the waits for a core too, and
+    it is measured only once the challenger answers clients (canary)."""
     name = f"p{round(QUANTILE * 100)} scoring time"
+    if challenger.p95_seconds is None and challenger.answers.get(SHADOW):
+        return Check(
+            name,
+            "-",
+            f"<= champion's x {1 + tolerance:g}",
+            None,
+            "a shadow's time is not compared (lowest CPU priority): measured in canary",
+        )
     if champion.p95_seconds is None or challenger.p95_seconds is None:
         missing = [m.role for m in (champion, challenger) if m.p95_seconds is None]
         return Check(
@@ -319,9 +335,9 @@ def prometheus_queries(champion: str, challenger: str, window: str) -> dict[str,
         selector = f'model_version="{version}", role="{role}"'
         queries[f"{role}_answers"] = f"sum by (mode) (increase({ANSWERS}{{{selector}}}[{window}]))"
         queries[f"{role}_errors"] = f"sum(increase({ERRORS}{{{selector}}}[{window}]))"
-        queries[f"{role}_p95"] = (
+        queries[f"{role}_p95"] = (  # served answers only: see latency_check
             f"histogram_quantile({QUANTILE}, sum by (le) "
-            f"(increase({SCORING}_bucket{{{selector}}}[{window}])))"
+            f'(increase({SCORING}_bucket{{{selector}, mode="{SERVED}"}}[{window}])))'
         )
         queries[f"{role}_feedback"] = (
             f'sum by (outcome) (increase({FEEDBACK}{{model_version="{version}"}}[{window}]))'
@@ -475,7 +491,14 @@ def log_evidence(
             continue
         shadow = bool(record.get("shadow"))
         answers[role][SHADOW if shadow else SERVED] += 1
-        latencies[role].append(float(record["latency_seconds"]))
+        if not shadow:  # served answers only: see latency_check
+            try:
+                latencies[role].append(float(record["latency_seconds"]))
+            except (KeyError, TypeError, ValueError):
+                raise LiveEvidenceError(
+                    f"the prediction log at {source} has a record of answer "
+                    f"{record.get('answer_id')} without a number in latency_seconds"
+                ) from None
         answer = (record.get("label"), bool(record.get("neither")))
         if role == CHAMPION:
             champion_answers[record.get("answer_id")] = answer

@@ -181,20 +181,26 @@ def replay(
         raise ReplayError(str(error)) from None
     total, agreed, by_version = 0, 0, Counter()
     agreed_by_version, unreplayed = Counter(), []
-    with opened_model(model_path, params) as model:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, COLUMNS)
-            writer.writeheader()
-            for row in replay_rows(log, model):
-                writer.writerow(row)
-                total += 1
-                if row["note"]:
-                    unreplayed.append(row)
-                    continue
-                by_version[row["model_version"]] += 1
-                agreed_by_version[row["model_version"]] += row["agree"]
-                agreed += row["agree"]
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        with opened_model(model_path, params) as model:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, COLUMNS)
+                writer.writeheader()
+                for row in replay_rows(log, model):
+                    writer.writerow(row)
+                    total += 1
+                    if row["note"]:
+                        unreplayed.append(row)
+                        continue
+                    by_version[row["model_version"]] += 1
+                    agreed_by_version[row["model_version"]] += row["agree"]
+                    agreed += row["agree"]
+    # An unreadable export, a damaged log line, a store that fails: said, not a traceback.
+    except (OSError, ValueError, BotoCoreError, ClientError) as error:
+        raise ReplayError(f"{source}: {error}") from None
     replayed = total - len(unreplayed)
     lines = [
         f"replay: {total} records of {log}, replayed with {model.name}, rows in {out}",

@@ -1,5 +1,5 @@
 """The live evidence of `dandelion promote --live prometheus` read from a real Prometheus
-(Debian's `prometheus`) scraping a loopback exporter of the service's per-model metrics for a
+(Debian's `prometheus`) scraping a loopback exporter of the service's own per-model metrics for a
 champion and a challenger version: every count comes back exactly as the exporter counted it.
 (The service itself, served with a challenger, feeds a real Prometheus in the end-to-end tests.)
 """
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 import yaml
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from pipeline.live_evidence import (
     LiveEvidenceError,
@@ -22,67 +22,59 @@ from pipeline.live_evidence import (
     prometheus_queries,
 )
 from pipeline.params import LivePromoteParams
+from serving.metrics import feedback_metrics, rollout_metrics
+from serving.settings import FEEDBACK_OUTCOMES, SHADOW_OUTCOMES
 from tests.support.http import free_port
 from tests.support.needs import require_tools
 from tests.support.processes import running_server
 
 CHAMPION, CHALLENGER = "champion-v1", "challenger-v2"
-MODELS = ((CHAMPION, "champion", "served"), (CHALLENGER, "challenger", "shadow"))
+# The challenger shadows, then answers a canary share: only served answers are timed.
+MODELS = (
+    (CHAMPION, "champion", "served"),
+    (CHALLENGER, "challenger", "shadow"),
+    (CHALLENGER, "challenger", "served"),
+)
 JOB = "dandelion-vs-grass"
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Exporter:
-    """The design's per-model metrics, in a registry of their own, served on 127.0.0.1."""
+    """The service's own per-model and feedback metrics (serving/metrics.py, this process's
+    registry), for two versions no other test uses, served on 127.0.0.1: a renamed metric or
+    label breaks this test as it would break the gate."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        by_model = ["model_version", "role", "mode"]
-        self.answers = Counter(
-            "classifier_model_answers", "", [*by_model, "label"], registry=self.registry
-        )
-        self.errors = Counter("classifier_model_errors", "", by_model, registry=self.registry)
-        self.scoring = Histogram(
-            "classifier_model_scoring_seconds",
-            "",
-            by_model,
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-        self.comparisons = Counter(
-            "classifier_shadow_comparisons",
-            "",
-            ["model_version", "outcome"],
-            registry=self.registry,
-        )
-        self.feedback = Counter(
-            "classifier_feedback_answers",
-            "",
-            ["model_version", "label", "outcome"],
-            registry=self.registry,
-        )
+        self.registry = REGISTRY
+        rollout, feedback = rollout_metrics(), feedback_metrics()
+        self.answers, self.errors, self.scoring = rollout.answers, rollout.errors, rollout.scoring
+        self.comparisons, self.feedback = rollout.comparisons, feedback.answers
         # Every series at 0 before the first scrape, as the service creates them at start-up:
         # increase() then counts from that 0.
         for version, role, mode in MODELS:
             for label in ("grass", "dandelion"):
                 self.answers.labels(version, role, mode, label)
-                for outcome in ("confirmed", "corrected"):
+                for outcome in FEEDBACK_OUTCOMES:
                     self.feedback.labels(version, label, outcome)
             self.errors.labels(version, role, mode)
             self.scoring.labels(version, role, mode)
-        for outcome in ("agree", "disagree"):
+        for outcome in SHADOW_OUTCOMES:
             self.comparisons.labels(CHALLENGER, outcome)
 
     def traffic(self) -> None:
         """300 photos: the champion serves them, in 0.008 s each, and fails once; the
-        challenger shadows them in 0.02 s, fails twice, and agrees on 270; feedback on 45."""
+        challenger shadows them, fails twice, and agrees on 270; then it answers 100 as a
+        canary, in 0.02 s each; feedback on 45 of each."""
         for i in range(300):
             label = ("grass", "dandelion")[i % 2]
             self.answers.labels(CHAMPION, "champion", "served", label).inc()
             self.scoring.labels(CHAMPION, "champion", "served").observe(0.008)
             self.answers.labels(CHALLENGER, "challenger", "shadow", label).inc()
-            self.scoring.labels(CHALLENGER, "challenger", "shadow").observe(0.02)
+            self.scoring.labels(CHALLENGER, "challenger", "shadow").observe(0.5)  # not compared
             self.comparisons.labels(CHALLENGER, "agree" if i % 10 else "disagree").inc()
+        for i in range(100):
+            label = ("grass", "dandelion")[i % 2]
+            self.answers.labels(CHALLENGER, "challenger", "served", label).inc()
+            self.scoring.labels(CHALLENGER, "challenger", "served").observe(0.02)
         self.errors.labels(CHAMPION, "champion", "served").inc()
         self.errors.labels(CHALLENGER, "challenger", "shadow").inc(2)
         self.feedback.labels(CHAMPION, "grass", "confirmed").inc(40)
@@ -141,7 +133,7 @@ def prometheus(tmp_path_factory) -> Iterator[tuple[str, Exporter]]:
             wait_for(url, "up == 1")  # a first scrape, of every series at 0
             exporter.traffic()
             wait_for(
-                url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 300'
+                url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 400'
             )
             yield url, exporter  # fmt: skip
 
@@ -157,7 +149,8 @@ def test_the_evidence_is_what_the_service_counted(prometheus):
     url, _ = prometheus
     evidence = prometheus_evidence(url, CHAMPION, CHALLENGER, "1d", at=latest_scrape(url))
     champion, challenger = evidence.champion, evidence.challenger
-    assert champion.answers == {"served": 300} and challenger.answers == {"shadow": 300}
+    assert champion.answers == {"served": 300}
+    assert challenger.answers == {"served": 100, "shadow": 300}
     assert (champion.errors, challenger.errors) == (1, 2)
     assert evidence.comparisons == {"agree": 270, "disagree": 30}
     assert champion.feedback == {"confirmed": 40, "corrected": 5}

@@ -87,7 +87,11 @@ def challenger(**changes):
         ({"champion": model("champion", "v1", served=50)}, "champion answers", "too few"),
         ({"agree": 179, "disagree": 21}, "agreement", "differently too often"),
         ({"challenger": challenger(p95=0.0111)}, "p95 scoring time", "slower"),
-        ({"challenger": challenger(p95=None)}, "p95 scoring time", "no scoring time observed"),
+        (
+            {"challenger": challenger(shadow=0, served=200, p95=None)},
+            "p95 scoring time",
+            "no scoring time observed",
+        ),
         ({"challenger": challenger(errors=3)}, "error rate", "fails more often"),
         # 70 of 100: its Wilson upper bound (0.7811) is below the champion's 0.9.
         ({"challenger": challenger(confirmed=70, corrected=30)}, "production accuracy", "less"),
@@ -168,29 +172,31 @@ def record(answer_id, version, role, label, shadow=False, neither=False, latency
 
 def test_the_log_gives_answers_agreement_and_latency(tmp_path):
     """Four champion answers, three shadowed; one shadow disagrees on the label, one on the
-    neither flag; records of another version and before the window do not count. Written by
+    neither flag; one canary answer; records of another version and before the window do not
+    count. Written by
     the service's own writer (serving/prediction_log.py)."""
     champion = [
         record(f"a{i}", "v1", "champion", "dandelion", latency=0.01 * (i + 1)) for i in range(4)
     ]
-    shadows = [
-        record("a0", "v2", "challenger", "dandelion", shadow=True, latency=0.02),
-        record("a1", "v2", "challenger", "grass", shadow=True, latency=0.02),
-        record("a2", "v2", "challenger", "dandelion", shadow=True, neither=True, latency=0.02),
+    shadows = [  # their time is not compared (lowest CPU priority): see latency_check
+        record("a0", "v2", "challenger", "dandelion", shadow=True, latency=0.5),
+        record("a1", "v2", "challenger", "grass", shadow=True, latency=0.5),
+        record("a2", "v2", "challenger", "dandelion", shadow=True, neither=True, latency=0.5),
     ]
+    canary = [record("c0", "v2", "challenger", "grass", latency=0.03)]  # answered a client
     noise = [
         record("a9", "v0", "champion", "grass"),  # an older champion
         record("a8", "v2", "challenger", "grass", shadow=True, age_h=30),  # before the window
     ]
-    write_prediction_log(tmp_path / "log", champion + shadows + noise)
+    write_prediction_log(tmp_path / "log", champion + shadows + canary + noise)
     records = list(read_log(str(tmp_path / "log")))
-    assert len(records) == 9
+    assert len(records) == 10
     found = log_evidence(records, str(tmp_path / "log"), "v1", "v2", "1d", now=NOW)
     assert found.champion.answers == {"served": 4, "shadow": 0}
-    assert found.challenger.answers == {"served": 0, "shadow": 3}
+    assert found.challenger.answers == {"served": 1, "shadow": 3}
     assert found.comparisons == {"agree": 1, "disagree": 2}
     assert found.champion.p95_seconds == pytest.approx(0.0385)  # numpy's linear quantile
-    assert found.challenger.p95_seconds == pytest.approx(0.02)
+    assert found.challenger.p95_seconds == pytest.approx(0.03)
     assert found.champion.errors is None and found.champion.feedback is None
     decision = decide(found, dataclasses.replace(THRESHOLDS, min_answers=3, min_agreement=0.3))
     assert decision.passed, decision.table()
@@ -214,3 +220,12 @@ def test_the_log_without_the_challenger_or_unreadable_is_an_error(tmp_path):
     log_file.write_text('{"time": "2026-12-06T11:00:00", "answer_id": "a0"}\n')
     with pytest.raises(LiveEvidenceError, match="has a record without a UTC time"):
         list(read_log(str(tmp_path)))
+
+
+def test_a_shadow_s_latency_is_not_measured_and_does_not_decide():
+    """Only served answers are timed: a shadow-only challenger (at the lowest CPU priority)
+    has no p95, which is "not measured", not a refusal."""
+    decision = decide(evidence(challenger=challenger(p95=None)), THRESHOLDS)
+    latency = check(decision, "p95 scoring time")
+    assert latency.passed is None and "canary" in latency.reason
+    assert decision.passed
