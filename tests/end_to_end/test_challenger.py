@@ -8,6 +8,7 @@ exactly evaluate's labels."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import shutil
 import signal
@@ -19,9 +20,18 @@ import pytest
 import requests
 
 from pipeline.bento import bento_version_of
+from pipeline.live_evidence import decide, prometheus_evidence
+from pipeline.params import PromoteParams
 from serving.contract import DecisionRule
 from tests.end_to_end.test_scrape import scrape
 from tests.support.dvc import dvc, set_param, stages_run
+from tests.support.monitoring import (
+    dashboard_queries,
+    last_scrape,
+    needs_challenger,
+    scraping,
+    wait_until,
+)
 from tests.support.paths import PIPELINE_PATHS
 from tests.support.processes import python_module
 from tests.support.service import evaluated_predictions, served_answers, serving
@@ -118,7 +128,10 @@ def test_shadow_agreement_is_evaluate_s_and_a_dead_worker_leaves_the_champion_an
     assert 0 < disagree < 10, (agree, disagree)  # a few photos changed sides
     photos = [p.photo for p in evaluated_predictions(reproduced.workspace)]
 
-    with serving(champion_version, reproduced.workspace, env, tmp_path) as service:
+    with (
+        serving(champion_version, reproduced.workspace, env, tmp_path) as service,
+        scraping(service.url, tmp_path / "prometheus") as prometheus,
+    ):
         compared = {
             outcome: ("classifier_shadow_comparisons_total", challenger_version, outcome)
             for outcome in ("agree", "disagree")
@@ -134,6 +147,35 @@ def test_shadow_agreement_is_evaluate_s_and_a_dead_worker_leaves_the_champion_an
         assert (count("agree"), count("disagree")) == (agree, disagree)
         shed = ("classifier_shadow_shed_total", {"model_version": challenger_version})
         assert sample(service.url, shed[0], **shed[1]) == 0
+
+        # The same evidence through a real Prometheus, as `dandelion promote --live
+        # prometheus` reads it, and the live gate's agreement check on it.
+        everything = (
+            f'sum(classifier_shadow_comparisons_total{{model_version="{challenger_version}"}})'
+        )
+        wait_until(prometheus, f"{everything} == {len(photos)}")
+        evidence = prometheus_evidence(
+            prometheus,
+            champion_version.split(":")[1],
+            challenger_version,
+            "1h",
+            at=last_scrape(prometheus),
+        )
+        assert evidence.comparisons == {"agree": agree, "disagree": disagree}
+        assert evidence.champion.answers == {"served": len(photos)}
+        assert evidence.challenger.answers == {"shadow": len(photos)}
+        assert evidence.champion.errors == evidence.challenger.errors == 0
+        measured = agree / len(photos)
+        live = PromoteParams.load(reproduced.workspace / "params.yaml").live
+        for bound, passes in ((measured, True), (measured + 0.01, False)):
+            thresholds = dataclasses.replace(live, min_answers=len(photos), min_agreement=bound)
+            (check,) = [c for c in decide(evidence, thresholds).checks if c.name == "agreement"]
+            assert check.passed is passes, check
+        # The dashboards' queries of a challenger's series have data now (the end-to-end
+        # scrape test serves the bento alone, where they have none).
+        for _, expr in dashboard_queries():
+            if needs_challenger(expr):
+                wait_until(prometheus, expr)
 
         # The challenger's worker killed mid-run: every photo still gets the champion's answer,
         # the challenger's failure is counted, and its worker comes back.

@@ -3,11 +3,19 @@ queries, and PromQL comparisons made to return 0 or 1 (``with_bool``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import requests
 import yaml
 
+from tests.support.http import free_port
+from tests.support.needs import require_tools
 from tests.support.paths import REPO_ROOT
+from tests.support.processes import running_server
 
 MONITORING = REPO_ROOT / "deploy" / "monitoring"
 PROMETHEUS_CONFIG = MONITORING / "prometheus.yml"
@@ -84,3 +92,59 @@ def with_bool(expr: str) -> str:
     """``a > b`` as ``a > bool b``: 0 or 1 for every series the alert compares, firing or not."""
     at = top_level_comparison(expr)
     return f"{expr[:at]} bool{expr[at:]}"
+
+
+@contextlib.contextmanager
+def scraping(service_url: str, root: Path, interval: str = "250ms") -> Iterator[str]:
+    """Debian's prometheus on 127.0.0.1 with the project's rules, scraping ``service_url`` as
+    the project's job every ``interval``; its URL, once it has scraped a first time (counters
+    only grow in Prometheus's eyes after a first sample)."""
+    (binary,) = require_tools("prometheus")
+    job = scrape_job()
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(RULES_FILE)],
+        "scrape_configs": [
+            {
+                "job_name": job["job_name"],
+                "metrics_path": job["metrics_path"],
+                "static_configs": [{"targets": [service_url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        binary,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
+        wait_until(url, f'up{{job="{job["job_name"]}"}} == 1')
+        yield url
+
+
+def instant(url: str, expr: str) -> list[dict]:
+    """The result of an instant query of the Prometheus at ``url``."""
+    body = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def wait_until(url: str, expr: str, seconds: float = 30) -> list[dict]:
+    """``expr``'s first non-empty result at ``url``, within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (result := instant(url, expr)):
+        assert time.monotonic() < deadline, f"no data for {expr} after {seconds} s"
+        time.sleep(0.2)
+    return result
+
+
+def last_scrape(url: str) -> float:
+    """When the project's job was last scraped: evaluated there, increase() extrapolates past
+    no sample, so it counts exactly what the counters grew by."""
+    (series,) = instant(url, f'timestamp(up{{job="{scrape_job()["job_name"]}"}})')
+    return float(series["value"][1])
