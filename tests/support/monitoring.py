@@ -30,6 +30,7 @@ CHALLENGER_METRICS = (
     "classifier_challenger_info",
     "classifier_shadow_comparisons_total",
     "classifier_shadow_shed_total",
+    "classifier_shadow_queue_images",  # set once a shadow starts
 )
 
 
