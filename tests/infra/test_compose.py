@@ -27,11 +27,20 @@ from alert_relay.relay import (
     Config,
     ConfigError,
 )
+from serving.challenger import ChallengerConfig, challenger_config
 from serving.contract import MODEL_NAME
+from serving.prediction_log import PredictionLog
 from serving.settings import (
+    CANARY,
+    CANARY_PERCENT_ENV,
+    CHALLENGER_ENV,
+    CHALLENGER_MODE_ENV,
     FEEDBACK_DIR_ENV,
     FEEDBACK_S3_ENDPOINT_ENV,
     FEEDBACK_STORE_ENV,
+    PREDICTION_LOG_ENV,
+    PREDICTION_LOG_OFF,
+    SHADOW,
     TRAFFIC_TIMEOUT_SECONDS,
 )
 from tests.support.git import copy_workspace
@@ -365,15 +374,6 @@ def test_without_the_relay_s_settings_the_stack_renders_and_the_relay_refuses_to
         Config.from_env(env)
 
 
-# The prediction log's and the challenger's settings (docs/serving.md). The names are the
-# service's (serving/settings.py).
-PREDICTION_LOG_SETTINGS = (
-    "PREDICTION_LOG",
-    "PREDICTION_LOG_DIR",
-    "PREDICTION_LOG_STORE",
-    "PREDICTION_LOG_S3_ENDPOINT_URL",
-    "PREDICTION_LOG_KEEP_PHOTOS",
-)
 CHALLENGER_OVERRIDE = REPO_ROOT / "docker-compose.challenger.yml"
 
 
@@ -381,24 +381,26 @@ def test_answers_are_logged_to_files_on_a_volume_the_service_owns_and_to_the_sta
     config = compose_config("--env-file", str(REPO_ROOT / ".env.example"))
     services = config["services"]
     classifier, owner = services["classifier"], services["feedback-spool"]
-    log, directory, store, endpoint, photos = (
-        classifier["environment"][name] for name in PREDICTION_LOG_SETTINGS
-    )
-    assert log.split(",") == ["files", "s3"]
-    assert photos == "0"  # photos are not kept unless asked (privacy)
+    env = classifier["environment"]
+    # The settings as the service reads them at start-up (docs/serving.md, *Prediction log*).
+    log = PredictionLog.from_environ(env)
+    assert log.sinks == ("files", "s3")
+    assert log.keep_photos is False  # photos are not kept unless asked (privacy)
+    assert challenger_config(env) is None  # the champion alone, without the override
     # Rotating files on a named volume, given to the image's user before the service starts.
+    directory = str(log.directory)
     volume = named_volumes(classifier)[directory]
     assert volume in config["volumes"] and volume != named_volumes(classifier)["/feedback"]
     assert named_volumes(owner)[directory] == volume and directory in owner["entrypoint"][2:]
     # A bucket the bootstrap makes, on MinIO, with the credentials the feedback store uses.
-    bucket = urlparse(store)
+    bucket = urlparse(log.store_url)
     assert bucket.scheme == "s3" and bucket.path.strip("/")
     assert bucket.netloc == services["create-buckets"]["environment"]["PREDICTIONS_BUCKET"]
     assert '"local/$$PREDICTIONS_BUCKET"' in " ".join(services["create-buckets"]["command"])
-    assert endpoint == classifier["environment"][FEEDBACK_S3_ENDPOINT_ENV]
-    # Off, or files only, from .env.
-    off = compose_config(extra_env={"PREDICTION_LOG": "off"})["services"]["classifier"]
-    assert off["environment"]["PREDICTION_LOG"] == "off"
+    assert log.endpoint_url == env[FEEDBACK_S3_ENDPOINT_ENV]
+    # Off, or files only, from .env (the stack's variable has the service's name).
+    off = compose_config(extra_env={PREDICTION_LOG_ENV: PREDICTION_LOG_OFF})["services"]
+    assert PredictionLog.from_environ(off["classifier"]["environment"]).sinks == ()
 
 
 def with_challenger(extra_env: dict[str, str]) -> dict:
@@ -421,23 +423,26 @@ def test_the_challenger_override_mounts_a_bento_archive_and_sets_shadow_or_canar
             service.pop("pull_policy", None)
     assert {name for name in served if served[name] != shadow[name]} == {"classifier"}
     env = shadow["classifier"]["environment"]
-    assert {k: v for k, v in env.items() if k not in served["classifier"]["environment"]} == {
-        "CHALLENGER": "/challenger/challenger.bento",
-        "CHALLENGER_MODE": "shadow",
-        "CANARY_PERCENT": "10",
-    }
+    added = {k: v for k, v in env.items() if k not in served["classifier"]["environment"]}
+    assert set(added) == {CHALLENGER_ENV, CHALLENGER_MODE_ENV, CANARY_PERCENT_ENV}
+    # As the service reads them at start-up (docs/serving.md, *Challenger: shadow and canary*).
+    assert challenger_config(env) == ChallengerConfig("/challenger/challenger.bento", SHADOW, None)
+    PredictionLog.from_environ(env)  # the log's settings are the stack's, and still taken
     (mounted,) = [
         volume
         for volume in shadow["classifier"]["volumes"]
         if volume not in served["classifier"]["volumes"]
     ]
     host, container, mode = mounted.split(":")
-    assert Path(host) == (REPO_ROOT / archive).resolve() and container == env["CHALLENGER"]
+    assert Path(host) == (REPO_ROOT / archive).resolve() and container == env[CHALLENGER_ENV]
     assert mode == "ro"
+    # The stack's variables have the service's names.
     canary = with_challenger(
-        {"CHALLENGER_BENTO": archive, "CHALLENGER_MODE": "canary", "CANARY_PERCENT": "25"}
+        {"CHALLENGER_BENTO": archive, CHALLENGER_MODE_ENV: CANARY, CANARY_PERCENT_ENV: "25"}
     )["services"]["classifier"]["environment"]
-    assert (canary["CHALLENGER_MODE"], canary["CANARY_PERCENT"]) == ("canary", "25")
+    assert challenger_config(canary) == ChallengerConfig(env[CHALLENGER_ENV], CANARY, 25.0)
+    # The default share, widened to a canary with CHALLENGER_MODE alone, is one it takes too.
+    assert challenger_config({**env, CHALLENGER_MODE_ENV: CANARY}).percent == 10
 
 
 def test_the_challenger_override_without_an_archive_stops_before_starting_anything():

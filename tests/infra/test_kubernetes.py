@@ -18,10 +18,16 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
+from serving.challenger import challenger_config
+from serving.prediction_log import PredictionLog
 from serving.settings import (
+    CANARY,
+    CHALLENGER_MODE_ENV,
+    CHALLENGER_MODES,
     FEEDBACK_DIR_ENV,
     FEEDBACK_S3_ENDPOINT_ENV,
     FEEDBACK_STORE_ENV,
+    PREDICTION_LOG_MAX_BYTES,
     READY_PROBE_SECONDS,
     SPOOL_MAX_BYTES,
     TRAFFIC_TIMEOUT_SECONDS,
@@ -170,6 +176,35 @@ def check_feedback(pod: dict) -> None:
     assert limit.endswith("Gi") and int(limit[:-2]) * 1024**3 > SPOOL_MAX_BYTES
 
 
+def service_env(container: dict) -> dict[str, str]:
+    """The container's environment as the service reads it: a value from a Secret (only
+    credentials, which neither the log nor the challenger reads) as a placeholder."""
+    return {
+        variable["name"]: variable["value"] if "value" in variable else "from-a-secret"
+        for variable in container["env"]
+    }
+
+
+def test_the_service_accepts_every_rendering_s_prediction_log_and_challenger_settings(rendered):
+    """Each Deployment's environment, read by the service's own parsers (no I/O): the log goes
+    to the store through a volume above the log's disk bound, and a challenger, if any, is
+    one the service would start."""
+    name, path, _ = rendered
+    for deployment in deployments(path.read_text()):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = service_env(container)
+        log = PredictionLog.from_environ(env)
+        assert "s3" in log.sinks and log.store_url.startswith("s3://")
+        assert log.endpoint_url is None and log.keep_photos is False  # AWS S3, no photos
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == log.directory]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        limit = volume["emptyDir"]["sizeLimit"]
+        assert limit.endswith("Gi") and int(limit[:-2]) * 1024**3 > PREDICTION_LOG_MAX_BYTES
+        challenger = challenger_config(env)
+        assert (challenger is not None) == (name == "challenger"), deployment["metadata"]["name"]
+
+
 def test_selectors_ports_and_scale_targets_fit_together(rendered):
     _, _, resources = rendered
     deployment = resources["Deployment"]
@@ -230,11 +265,6 @@ def test_production_overlay_sets_namespace_image_and_restricted_pod_security():
     assert {"name": "GIT_REVISION", "value": "unknown"} in container["env"]
 
 
-# The challenger's settings (docs/serving.md, *Challenger: shadow and canary*): the names are
-# the service's (serving/settings.py).
-CHALLENGER_SETTINGS = ("CHALLENGER", "CHALLENGER_MODE", "CANARY_PERCENT")
-
-
 def test_the_challenger_overlay_gives_the_service_the_challenger_s_bento_from_its_image():
     production = by_kind(render(KUSTOMIZE_DIRS["production"]))["Deployment"]
     deployment = by_kind(render(KUSTOMIZE_DIRS["challenger"]))["Deployment"]
@@ -246,10 +276,13 @@ def test_the_challenger_overlay_gives_the_service_the_challenger_s_bento_from_it
     assert container["image"] == champion["image"]
     assert init["image"].split(":")[0] == champion["image"].split(":")[0]
     assert init["image"] != champion["image"]
-    env = {variable["name"]: variable.get("value") for variable in container["env"]}
-    archive, mode, percent = (env[name] for name in CHALLENGER_SETTINGS)
-    assert archive.endswith(".bento") and mode in {"shadow", "canary"}
-    assert 0 <= float(percent) <= 100
+    # The settings as the service reads them (docs/serving.md, *Challenger: shadow and canary*).
+    env = service_env(container)
+    challenger = challenger_config(env)
+    archive = challenger.source
+    assert archive.endswith(".bento") and challenger.mode in CHALLENGER_MODES
+    # Widened to a canary (only CHALLENGER_MODE changed), its share is one the service takes.
+    assert challenger_config({**env, CHALLENGER_MODE_ENV: CANARY}).percent == 10
     # The archive is written by the init container on a volume the service reads, not writes.
     script = init["command"][-1]
     assert archive in script and "BENTO_PATH" in script and '"w:xz"' in script

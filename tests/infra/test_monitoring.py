@@ -15,6 +15,7 @@ import subprocess
 import pytest
 import yaml
 
+from serving.metrics import PREDICTION_LOG_DROP_REASONS
 from serving.settings import (
     FEEDBACK_OUTCOMES,
     LOW_CONFIDENCE,
@@ -95,6 +96,11 @@ def test_every_alert_compares_one_signal_and_explains_itself():
     ]
     assert f'outcome="{FEEDBACK_OUTCOMES[0]}"' in production["expr"]
     assert "on (job, model_version)" in accuracy["expr"]
+    # The prediction log's loss alert reads the reasons the service counts drops by: all but
+    # the files sink's retention (evicted) and a stopping process's (stopped).
+    (losing,) = [rule for rule in rules() if rule.get("alert") == "ClassifierPredictionLogLosing"]
+    (selected,) = re.findall(r'reason=~"([^"]*)"', losing["expr"])
+    assert set(selected.split("|")) == set(PREDICTION_LOG_DROP_REASONS) - {"evicted", "stopped"}
 
 
 def test_per_version_rules_keep_the_versions_apart_and_roll_back_rather_than_retrain():
