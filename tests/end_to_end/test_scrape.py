@@ -19,19 +19,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.errors import REJECTIONS
 from serving.settings import FEEDBACK_OUTCOMES, LOW_CONFIDENCE, NEITHER_LABEL
 from tests.support.git import git
-from tests.support.http import free_port
 from tests.support.images import make_image
 from tests.support.monitoring import (
-    RULES_FILE,
     dashboard_queries,
     needs_challenger,
     rules,
     scrape_job,
+    scraping,
     with_bool,
 )
 from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS
-from tests.support.processes import running_server
 from tests.support.service import ROUNDING, evaluated_predictions, served_answers
 
 pytestmark = pytest.mark.slow
@@ -137,32 +135,7 @@ def send_feedback(url: str, photos: list[str], labels: list[str], answers: list[
 @pytest.fixture(scope="module")
 def prometheus(service, tmp_path_factory) -> str:
     """Debian's prometheus on 127.0.0.1, scraping the service every second, with our rules."""
-    (binary,) = require_tools("prometheus")
-    root = tmp_path_factory.mktemp("prometheus")
-    job = scrape_job()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES_FILE)],
-        "scrape_configs": [
-            {
-                "job_name": job["job_name"],
-                "metrics_path": job["metrics_path"],
-                "static_configs": [{"targets": [service.url.removeprefix("http://")]}],
-            }
-        ],
-    }
-    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        binary,
-        f"--config.file={root / 'prometheus.yml'}",
-        f"--storage.tsdb.path={root / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
-        # Counters only grow in Prometheus' eyes after a first sample: scrape before the burst.
-        wait_for(url, f'up{{job="{job["job_name"]}"}} == 1')
+    with scraping(service.url, tmp_path_factory.mktemp("prometheus"), interval="1s") as url:
         yield url
 
 

@@ -7,12 +7,9 @@ champion and a challenger version: every count comes back exactly as the exporte
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 
 import pytest
-import requests
-import yaml
 from prometheus_client import REGISTRY, start_http_server
 
 from pipeline.live_evidence import (
@@ -25,8 +22,7 @@ from pipeline.params import LivePromoteParams
 from serving.metrics import feedback_metrics, rollout_metrics
 from serving.settings import FEEDBACK_OUTCOMES, SHADOW_OUTCOMES
 from tests.support.http import free_port
-from tests.support.needs import require_tools
-from tests.support.processes import running_server
+from tests.support.monitoring import instant, last_scrape, scraping, wait_until
 
 CHAMPION, CHALLENGER = "champion-v1", "challenger-v2"
 # The challenger shadows, then answers a canary share: only served answers are timed.
@@ -35,7 +31,6 @@ MODELS = (
     (CHALLENGER, "challenger", "shadow"),
     (CHALLENGER, "challenger", "served"),
 )
-JOB = "dandelion-vs-grass"
 
 
 class Exporter:
@@ -95,59 +90,22 @@ def exporting(exporter: Exporter) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def instant(url: str, expr: str) -> list[dict]:
-    body = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def wait_for(url: str, expr: str, timeout: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := instant(url, expr):
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"no data for {expr} after {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory) -> Iterator[tuple[str, Exporter]]:
-    """Debian's prometheus on 127.0.0.1, scraping the exporter four times a second."""
-    (binary,) = require_tools("prometheus")
-    root = tmp_path_factory.mktemp("prometheus")
+    """Debian's prometheus on 127.0.0.1, scraping the exporter four times a second (a first
+    scrape of every series at 0 before the traffic)."""
     exporter = Exporter()
-    with exporting(exporter) as target:
-        job = {"job_name": JOB, "static_configs": [{"targets": [target]}]}
-        # Scraped often, so that the test waits a fraction of a second for each scrape.
-        config = {"global": {"scrape_interval": "250ms"}, "scrape_configs": [job]}
-        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [
-            binary,
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ]
-        with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
-            wait_for(url, "up == 1")  # a first scrape, of every series at 0
-            exporter.traffic()
-            wait_for(
-                url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 400'
-            )
-            yield url, exporter  # fmt: skip
-
-
-def latest_scrape(url: str) -> float:
-    """When the exporter was last scraped: evaluating there, increase() has nothing to
-    extrapolate past the last sample, so it counts exactly what the counters grew by."""
-    (series,) = instant(url, f'timestamp(up{{job="{JOB}"}})')
-    return float(series["value"][1])
+    with exporting(exporter) as target, scraping(target, tmp_path_factory.mktemp("prom")) as url:
+        exporter.traffic()
+        wait_until(
+            url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 400'
+        )
+        yield url, exporter
 
 
 def test_the_evidence_is_what_the_service_counted(prometheus):
     url, _ = prometheus
-    evidence = prometheus_evidence(url, CHAMPION, CHALLENGER, "1d", at=latest_scrape(url))
+    evidence = prometheus_evidence(url, CHAMPION, CHALLENGER, "1d", at=last_scrape(url))
     champion, challenger = evidence.champion, evidence.challenger
     assert champion.answers == {"served": 300}
     assert challenger.answers == {"served": 100, "shadow": 300}
