@@ -6,11 +6,10 @@ champion and a challenger version: every count comes back exactly as the exporte
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, MetricsHandler
 
 from pipeline.live_evidence import (
     LiveEvidenceError,
@@ -21,7 +20,7 @@ from pipeline.live_evidence import (
 from pipeline.params import LivePromoteParams
 from serving.metrics import feedback_metrics, rollout_metrics
 from serving.settings import FEEDBACK_OUTCOMES, SHADOW_OUTCOMES
-from tests.support.http import free_port
+from tests.support.http import free_port, serve_http
 from tests.support.monitoring import instant, last_scrape, scraping, wait_until
 
 CHAMPION, CHALLENGER = "champion-v1", "challenger-v2"
@@ -78,24 +77,13 @@ class Exporter:
         self.feedback.labels(CHALLENGER, "dandelion", "corrected").inc(7)
 
 
-@contextlib.contextmanager
-def exporting(exporter: Exporter) -> Iterator[str]:
-    port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=exporter.registry)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory) -> Iterator[tuple[str, Exporter]]:
     """Debian's prometheus on 127.0.0.1, scraping the exporter four times a second (a first
     scrape of every series at 0 before the traffic)."""
     exporter = Exporter()
-    with exporting(exporter) as target, scraping(target, tmp_path_factory.mktemp("prom")) as url:
+    exported = serve_http(MetricsHandler.factory(exporter.registry))
+    with exported as target, scraping(target, tmp_path_factory.mktemp("prom")) as url:
         exporter.traffic()
         wait_until(
             url, f'sum(classifier_model_answers_total{{model_version="{CHALLENGER}"}}) == 400'
