@@ -47,12 +47,17 @@ class ModelMetrics:
         positive = card.rule.positive
         self.expected_share.labels(positive, "lower").set(card.test_metrics["positive_share_low"])
         self.expected_share.labels(positive, "upper").set(card.test_metrics["positive_share_high"])
-        for bound, metric in (("lower", "accuracy_low"), ("upper", "accuracy_high")):
-            self.expected_accuracy.labels(card.version, bound).set(card.test_metrics[metric])
+        self.expect_accuracy(card)
         for label in card.classes:
             self.predictions.labels(label)
         for reason, status in rejections.items():
             self.rejected.labels(reason, str(status))
+
+    def expect_accuracy(self, card: ModelCard) -> None:
+        """Publish the test split's accuracy interval of ``card``'s model (the champion's, and
+        a challenger's beside it), which its production accuracy is compared with."""
+        for bound, metric in (("lower", "accuracy_low"), ("upper", "accuracy_high")):
+            self.expected_accuracy.labels(card.version, bound).set(card.test_metrics[metric])
 
     def count_answer(self, verdict: dict) -> None:
         self.predictions.labels(verdict["label"]).inc()

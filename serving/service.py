@@ -207,12 +207,7 @@ class DandelionService:
         if challenger is None:
             return
         card, mode = challenger.card, challenger.mode
-        self.metrics.expected_accuracy.labels(card.version, "lower").set(
-            card.test_metrics["accuracy_low"]
-        )
-        self.metrics.expected_accuracy.labels(card.version, "upper").set(
-            card.test_metrics["accuracy_high"]
-        )
+        self.metrics.expect_accuracy(card)
         self.rollout.describe_challenger(card, mode)
         self.rollout.describe(card, CHALLENGER, mode if mode == SHADOW else SERVED_MODE)
         self.feedback.add_challenger(card, self.challenger_scores)
