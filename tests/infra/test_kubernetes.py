@@ -4,7 +4,9 @@ No cluster can run on the build machines (kind and minikube need node images fro
 they cannot reach), so nothing here is applied. Every rendering is validated by PyPI's
 `kubernetes-validate --strict` against the schemas of several Kubernetes versions; the
 PodMonitor, a Prometheus Operator resource those schemas lack, against the operator's own
-models. The rest checks that the pieces fit: probes, ports, selectors, limits, labels.
+models. The rest checks that the pieces fit: probes, ports, selectors, limits, labels; the
+NetworkPolicy is evaluated against the labels of the pods it must admit and refuse, and the
+Ingress's limits against the service's (serving/settings.py, params.yaml).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
+from pipeline.params import ServeParams
 from serving.challenger import challenger_config
 from serving.prediction_log import PredictionLog
 from serving.settings import (
@@ -27,6 +30,7 @@ from serving.settings import (
     FEEDBACK_DIR_ENV,
     FEEDBACK_S3_ENDPOINT_ENV,
     FEEDBACK_STORE_ENV,
+    MULTIPART_OVERHEAD_BYTES,
     PREDICTION_LOG_MAX_BYTES,
     READY_PROBE_SECONDS,
     SPOOL_MAX_BYTES,
@@ -43,6 +47,8 @@ KUSTOMIZE_DIRS = {
 }
 # One version at or below 1.31 (still in wide use), one current.
 KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", "1.37.0"]
+# The API key's environment variables (serving/settings.py API_KEYS_ENV, API_KEYS_FILE_ENV).
+API_KEYS_ENV, API_KEYS_FILE_ENV = "API_KEYS", "API_KEYS_FILE"
 PROMETHEUS_JOB = yaml.safe_load((REPO_ROOT / "deploy/monitoring/prometheus.yml").read_text())[
     "scrape_configs"
 ][0]["job_name"]
@@ -330,3 +336,140 @@ def test_the_replica_canary_splits_one_service_across_two_deployments_by_pod_cou
     shares = [1 / (pods + 1) for pods in (hpa["minReplicas"], hpa["maxReplicas"])]
     assert shares == [0.2, 0.1]
     assert canary["metadata"]["namespace"] == stable["metadata"]["namespace"]
+
+
+# --- who may reach the pods, and how clients do --------------------------------------------
+
+# Labels of pods the NetworkPolicy must admit or refuse, as the clusters it assumes label them
+# (deploy/kubernetes/base/networkpolicy.yaml): {namespace labels}, {pod labels}.
+INGRESS_CONTROLLER = (
+    {"kubernetes.io/metadata.name": "ingress-nginx"},
+    {"app.kubernetes.io/name": "ingress-nginx", "app.kubernetes.io/component": "controller"},
+)
+PROMETHEUS = (
+    {"kubernetes.io/metadata.name": "monitoring"},
+    {"app.kubernetes.io/name": "prometheus", "prometheus": "k8s"},
+)
+# Others in the same namespaces, and the service's own namespace.
+GRAFANA = ({"kubernetes.io/metadata.name": "monitoring"}, {"app.kubernetes.io/name": "grafana"})
+OTHER_POD = ({"kubernetes.io/metadata.name": "dandelion-vs-grass"}, {"app": "anything"})
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if selector is None:
+        return True
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        assert operator in ("In", "NotIn", "Exists", "DoesNotExist"), operator
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels[key] not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def admitted(policy: dict, namespace_labels: dict, pod_labels: dict, port: str) -> bool:
+    """Whether a pod (not in the policy's namespace) may open ``port`` on the selected pods."""
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule["ports"]]:
+            continue
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and {"namespaceSelector"} <= peer.keys(), peer
+            if selects(peer["namespaceSelector"], namespace_labels) and selects(
+                peer.get("podSelector"), pod_labels
+            ):
+                return True
+    return False
+
+
+def test_only_the_ingress_controller_and_prometheus_reach_the_pods_on_their_port(rendered):
+    name, path, resources = rendered
+    policy = resources["NetworkPolicy"]
+    # Ingress only: egress stays open for the feedback and prediction-log store.
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for deployment in deployments(path.read_text()):  # a canary's pods too
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(policy["spec"]["podSelector"], pod_labels), deployment["metadata"]["name"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        (port,) = [p["name"] for p in container["ports"]]
+        for peer in (INGRESS_CONTROLLER, PROMETHEUS):
+            assert admitted(policy, *peer, port), peer
+        for peer in (GRAFANA, OTHER_POD, ({}, pod_labels)):
+            assert not admitted(policy, *peer, port), peer
+        assert not admitted(policy, *PROMETHEUS, "some-other-port")
+    # One policy (the canary's pods are the stable part's to select), whichever overlay.
+    kinds = [d["kind"] for d in yaml.safe_load_all(path.read_text())]
+    assert kinds.count("NetworkPolicy") == kinds.count("Ingress") == 1, name
+
+
+def test_the_ingress_serves_tls_with_the_service_s_limits_and_timeouts(rendered):
+    name, _, resources = rendered
+    ingress = resources["Ingress"]
+    annotations = {
+        key.removeprefix("nginx.ingress.kubernetes.io/"): value
+        for key, value in ingress["metadata"]["annotations"].items()
+    }
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["secretName"] == "classifier-tls"
+    (rule,) = ingress["spec"]["rules"]
+    (route,) = rule["http"]["paths"]
+    assert (route["path"], route["pathType"]) == ("/", "Prefix")
+    backend = route["backend"]["service"]
+    service = resources["Service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in [port["name"] for port in service["spec"]["ports"]]
+    # The base leaves the host to the overlay; every overlay names one host for both.
+    if name == "base":
+        assert "host" not in rule and "hosts" not in tls
+    else:
+        assert [rule["host"]] == tls["hosts"] and "." in rule["host"]
+    # Per-client limits (each annotation an integer, as ingress-nginx parses them).
+    for key in ("limit-rps", "limit-burst-multiplier", "limit-connections"):
+        assert int(annotations[key]) > 0, key
+    # The largest request the service reads, and not a byte more: a full batch at the upload
+    # limit with its multipart framing (serving/uploads.py refuses anything larger).
+    serve = ServeParams.load(REPO_ROOT / "params.yaml")
+    largest = serve.max_batch_files * serve.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    assert int(annotations["proxy-body-size"]) == largest
+    assert annotations["proxy-request-buffering"] == "on"
+    # The service's own answer (or error) comes within its traffic timeout: the controller
+    # waits longer, so that it never answers 504 first.
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[key]) > TRAFFIC_TIMEOUT_SECONDS, key
+    assert int(annotations["proxy-connect-timeout"]) < TRAFFIC_TIMEOUT_SECONDS
+    assert annotations["force-ssl-redirect"] == "true"
+
+
+def test_the_service_requires_api_keys_from_a_secret_and_prometheus_sends_one(rendered):
+    _, path, resources = rendered
+    for deployment in deployments(path.read_text()):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = service_env(container)
+        # From a file only: both variables set would stop the service.
+        assert API_KEYS_ENV not in env
+        keys_file = Path(env[API_KEYS_FILE_ENV])
+        (mount,) = [
+            m for m in container["volumeMounts"] if keys_file.parent == Path(m["mountPath"])
+        ]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        secret = volume["secret"]
+        # Not optional: a pod without its keys does not start (an open production service).
+        assert secret["secretName"] == "classifier-api-keys" and secret["optional"] is False
+        assert secret["items"] == [{"key": "api-keys", "path": keys_file.name}]
+        assert secret["defaultMode"] & 0o007 == 0  # not readable by other users
+    (endpoint,) = resources["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "classifier-scrape-key", "key": "key"},
+    }
