@@ -10,21 +10,28 @@ report, with and without the MinIO secrets, against an S3 server and a data mirr
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
+import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from alert_relay.dispatch import EVENT_TYPE, dispatch_request, parse_notification
 from tests.support.dvc import dvc, set_param
 from tests.support.git import copy_workspace, git
-from tests.support.http import serve_directory
+from tests.support.http import free_port, serve_directory, serve_http
 from tests.support.images import make_image
 from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
@@ -65,7 +72,9 @@ def test_actionlint_accepts_every_workflow_and_checks_their_scripts():
     assert result.returncode == 0, result.stdout + result.stderr
     summaries = [line for line in result.stderr.splitlines() if "errors in" in line]
     checked = {line.split(" for ")[-1] for line in summaries}
-    assert {f".github/workflows/{name}.yml" for name in ("ci", "cml", "retrain")} <= checked
+    assert {
+        f".github/workflows/{name}.yml" for name in ("ci", "cml", "retrain", "audit")
+    } <= checked
     assert 'Rule "shellcheck" was disabled' not in result.stderr
 
 
@@ -438,3 +447,183 @@ def test_with_the_minio_secrets_cml_pulls_from_the_remote(tmp_path, moto_url):
     markdown = report(workspace, tmp_path, "remote", env)
     assert "Rebuilt without the DVC remote" not in markdown
     assert markdown.startswith("## Model report: workspace vs `HEAD`\n\n### Metrics")
+
+
+# --- The dependency watch: pip-audit on the pins, Dependabot -------------------------------
+
+AUDIT_STEP = "Audit the pinned set"
+DEPENDABOT = REPO_ROOT / ".github" / "dependabot.yml"
+
+
+def audit_command() -> list[str]:
+    """The audit workflow's pip-audit command line, as its step runs it."""
+    (step,) = [
+        s for s in workflow("audit")["jobs"]["pip-audit"]["steps"] if s.get("name") == AUDIT_STEP
+    ]
+    (line,) = step["run"].strip().splitlines()
+    return shlex.split(line)
+
+
+def test_the_audit_runs_weekly_on_demand_and_on_pull_requests_that_change_the_pins():
+    audit = workflow("audit")
+    triggers = audit[True]
+    assert set(triggers) == {"schedule", "workflow_dispatch", "pull_request"}
+    (schedule,) = triggers["schedule"]
+    minute, hour, day, month, weekday = schedule["cron"].split()
+    assert (day, month) == ("*", "*") and weekday.isdigit()  # once a week
+    assert {"constraints.txt", "pyproject.toml"} <= set(triggers["pull_request"]["paths"])
+    assert audit["permissions"] == {"contents": "read"}
+    job = audit["jobs"]["pip-audit"]
+    # Every supported Python: a pin's environment marker may hold on some only.
+    assert job["strategy"]["matrix"]["python"] == supported_pythons()
+    assert job["strategy"]["fail-fast"] is False
+    # pip-audit itself is a pin of constraints.txt, which Dependabot moves with the rest.
+    install = "\n".join(job_scripts(job))
+    assert 'pip" install -q -c constraints.txt pip-audit' in install
+    assert re.search(r"^pip_audit==", (REPO_ROOT / "constraints.txt").read_text(), re.M)
+    command = audit_command()
+    assert command[0] == "pip-audit" and "--strict" in command
+    assert {"--disable-pip", "--no-deps"} <= set(command)  # the pins as written, no resolving
+    assert command[command.index("-r") + 1] == "constraints.txt"
+
+
+def pins_for_this_python() -> set[tuple[str, str]]:
+    """(name, version) of every pin of constraints.txt whose environment marker holds here."""
+    pins = set()
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate():
+                (specifier,) = requirement.specifier
+                assert specifier.operator == "==", line
+                pins.add((canonicalize_name(requirement.name), specifier.version))
+    return pins
+
+
+class AdvisoryService(http.server.BaseHTTPRequestHandler):
+    """OSV's query API (POST /v1/query), as pip-audit uses it: no advisory, except those in
+    ``advisories`` ({package: OSV record}); ``failing`` packages get 500. Records each query."""
+
+    def __init__(self, *args, queries: list, advisories: dict, failing: set, **kwargs):
+        self.queries, self.advisories, self.failing = queries, advisories, failing
+        super().__init__(*args, **kwargs)
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        query = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/v1/query" and query["package"]["ecosystem"] == "PyPI"
+        name = query["package"]["name"]
+        self.queries.append((name, query["version"]))
+        if name in self.failing:
+            self.send_error(500)
+            return
+        advisory = self.advisories.get(name)
+        body = json.dumps({"vulns": [advisory]} if advisory else {}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 - keep test output readable
+        pass
+
+
+def run_audit(url: str) -> subprocess.CompletedProcess:
+    """The workflow's command, with OSV's URL pointed at ``url`` (nothing else leaves here)."""
+    command = audit_command()
+    executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
+    assert executable, "pip-audit comes with the dev dependencies: pip install -e '.[dev]'"
+    return subprocess.run(
+        [executable, *command[1:], "--osv-url", f"{url}/v1/query", "--timeout", "10"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_audit_command_checks_every_pin_as_written_and_fails_on_an_advisory():
+    pins = pins_for_this_python()
+    # Clean: every pin applying to this Python is asked about once, at its pinned version,
+    # and nothing else (no resolution, nothing from the running environment).
+    queries: list = []
+    with serve_http(AdvisoryService, queries=queries, advisories={}, failing=set()) as url:
+        clean = run_audit(url)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "No known vulnerabilities found" in clean.stdout + clean.stderr
+    assert sorted(queries) == sorted(pins)
+
+    # An advisory against one pin fails the job, naming the pin, the advisory and the fix.
+    name, version = next(pin for pin in sorted(pins) if pin[0] == "pyyaml")
+    advisory = {
+        "id": "PYSEC-0000-TEST",
+        "summary": "a test advisory",
+        "affected": [
+            {
+                "package": {"name": name, "ecosystem": "PyPI"},
+                "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": "99"}]}],
+            }
+        ],
+    }
+    queries.clear()
+    with serve_http(
+        AdvisoryService, queries=queries, advisories={name: advisory}, failing=set()
+    ) as url:
+        found = run_audit(url)
+    assert found.returncode == 1, found.stdout + found.stderr
+    (row,) = [line for line in found.stdout.splitlines() if "PYSEC-0000-TEST" in line]
+    assert row.split()[:4] == [name, version, "PYSEC-0000-TEST", "99"]
+
+    # A service that fails, or cannot be reached, fails the job: nothing passes unchecked.
+    with serve_http(AdvisoryService, queries=[], advisories={}, failing={name}) as url:
+        failing = run_audit(url)
+    assert failing.returncode != 0 and "ServiceError" in failing.stderr
+    unreachable = run_audit(f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode != 0 and "Connection refused" in unreachable.stderr
+
+
+def check_jsonschema(*args: str) -> subprocess.CompletedProcess:
+    executable = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    assert executable, "check-jsonschema comes with the dev dependencies: pip install -e '.[dev]'"
+    return subprocess.run(
+        [executable, "--builtin-schema", "vendor.dependabot", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_dependabot_config_passes_its_schema_and_a_broken_one_does_not(tmp_path):
+    """SchemaStore's schema for dependabot.yml, as check-jsonschema ships it: no network."""
+    result = check_jsonschema(str(DEPENDABOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(DEPENDABOT.read_text())
+    config["updates"][0]["schedule"]["interval"] = "fortnightly"  # not an interval it knows
+    config["updates"][1]["group"] = config["updates"][1].pop("groups")  # a misspelt key
+    broken = tmp_path / "dependabot.yml"
+    broken.write_text(yaml.safe_dump(config))
+    result = check_jsonschema(str(broken))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fortnightly" in result.stdout and "'group'" in result.stdout
+
+
+def test_dependabot_watches_the_pins_and_every_action_and_its_groups_match_real_pins():
+    updates = {u["package-ecosystem"]: u for u in yaml.safe_load(DEPENDABOT.read_text())["updates"]}
+    assert set(updates) == {"pip", "github-actions"}
+    # The pins live at the top: constraints.txt and pyproject.toml.
+    assert updates["pip"]["directory"] == "/"
+    # The actions: the workflows' ("/" means .github/workflows) and the composite actions'.
+    directories = updates["github-actions"]["directories"]
+    composite = {path.parent for path in (REPO_ROOT / ".github" / "actions").glob("*/action.yml")}
+    assert composite and "/" in directories
+    for folder in composite:
+        where = "/" + folder.relative_to(REPO_ROOT).as_posix()
+        assert any(fnmatch.fnmatch(where, pattern) for pattern in directories), where
+    # A pattern that names no pin would leave its group silently empty (Dependabot compares
+    # normalized names).
+    lines = (REPO_ROOT / "constraints.txt").read_text().splitlines()
+    pinned = {canonicalize_name(Requirement(line).name) for line in lines if line[:1].isalnum()}
+    for group, rule in updates["pip"]["groups"].items():
+        for pattern in rule["patterns"]:
+            normalized = re.sub(r"[-_.]+", "-", pattern).lower()
+            assert fnmatch.filter(pinned, normalized), (group, pattern)
