@@ -72,6 +72,7 @@ class Proxy:
     url: str  # http://127.0.0.1:PORT
     tls_url: str | None  # https://127.0.0.1:PORT, when TLS is on
     prefix: Path  # nginx's prefix: its configuration, logs and temp files
+    process: subprocess.Popen  # nginx's master
 
     def error_log(self) -> str:
         return (self.prefix / "error.log").read_text()
@@ -143,6 +144,6 @@ def running_proxy(
                     raise
                 time.sleep(0.05)
         tls_url = f"https://127.0.0.1:{tls_port}" if tls_dir is not None else None
-        yield Proxy(url, tls_url, prefix)
+        yield Proxy(url, tls_url, prefix, process)
     finally:
         stop_process_group(process)
