@@ -196,6 +196,23 @@ def test_a_burst_from_one_client_gets_429_with_retry_after_as_json(proxy):
     assert send(proxy.url, "GET", "/livez", source="127.0.0.2")[0] == 200
 
 
+def test_one_client_holds_a_bounded_number_of_requests_open(recorder_proxy):
+    proxy, recorder = recorder_proxy
+    recorder.delay = 2.0
+    (limit,) = directive(rendered_routes(), "limit_conn")
+    most = int(limit.split()[1])  # per_client_open 16
+    # 20 at once: within the burst allowance, so the open-requests limit is what refuses.
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: send(proxy.url, "GET", "/model-info"), range(20)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] * most + [429] * (20 - most), statuses
+    assert recorder.most_at_once == most
+    for status, headers, body in answers:
+        if status == 429:
+            assert_json_error(status, headers, body, 429)
+            assert headers["Retry-After"] == str(RETRY_AFTER_SECONDS)
+
+
 def test_past_the_service_capacity_the_proxy_answers_503_without_asking_it(recorder_proxy):
     proxy, recorder = recorder_proxy
     recorder.delay = 3.0
