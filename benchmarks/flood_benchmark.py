@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,7 @@ def main() -> None:
     ]
     rows = []
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, scratch, ignore_errors=True)  # runs last
         server = stack.enter_context(
             running_server(command, f"http://{service}", scratch / "serve.log", env=env)
         )
