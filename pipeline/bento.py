@@ -6,7 +6,9 @@ decision threshold, input size, upload limits, train params and the test metrics
 this model) and the service code that ``bentofile.yaml`` includes. Its version is a hash of all
 of these. BentoML stamps build times into ``bento.yaml`` and ``model.yaml`` and its export keeps
 file times; those become fixed values (``BUILD_TIME``) and the archive is written with sorted
-entries and neutral file attributes, so ``dvc.lock`` is identical from any clean run.
+entries and neutral file attributes, so ``dvc.lock`` is identical from any clean run. The
+image's start script gets two lines, so that its server heals and writes under /tmp alone
+(``container_start``).
 """
 
 from __future__ import annotations
