@@ -104,7 +104,7 @@ def model_card(
     model_dir: Path, export_dir: Path, test_metrics: dict, code: list[Path]
 ) -> ModelCard:
     """The card for the model exported to ``export_dir``, from params.yaml; its version hashes
-    it and ``code``."""
+    it, ``code`` and the lines the bento's start script gets (``container_start``)."""
     serve = ServeParams.load()
     if serve.max_batch_files > MAX_BATCH_SIZE:
         raise ParamsError(
@@ -128,6 +128,7 @@ def model_card(
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
     for path in code:
         digest.update(f"\0{path.as_posix()}\0".encode() + path.read_bytes())
+    digest.update(f"\0{ENTRYPOINT}\0{CONTAINER_START}".encode())  # the bento ships it too
     return ModelCard(version=digest.hexdigest()[:16], **content)
 
 
