@@ -6,7 +6,9 @@ decision threshold, input size, upload limits, train params and the test metrics
 this model) and the service code that ``bentofile.yaml`` includes. Its version is a hash of all
 of these. BentoML stamps build times into ``bento.yaml`` and ``model.yaml`` and its export keeps
 file times; those become fixed values (``BUILD_TIME``) and the archive is written with sorted
-entries and neutral file attributes, so ``dvc.lock`` is identical from any clean run.
+entries and neutral file attributes, so ``dvc.lock`` is identical from any clean run. The
+image's start script gets two lines, so that its server heals and writes under /tmp alone
+(``container_start``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,16 @@ CONSTRAINTS = "constraints.txt"  # the one list of pinned versions; the bento's 
 BUILD_TIME = "1970-01-01T00:00:00+00:00"
 CREATION_TIME_LINE = re.compile(r"^(\s*)creation_time: .*$", re.MULTILINE)
 PYTHON_VERSION_LINE = re.compile(r"^(\s*)python_version: .*$", re.MULTILINE)
+# BentoML's start script in the bento: the ENTRYPOINT of the image `bentoml containerize` builds.
+ENTRYPOINT = "env/docker/entrypoint.sh"
+ENTRYPOINT_OPTIONS = "set -Eeuo pipefail\n"  # its first command; ours go right after it
+# Where BentoML keeps its scratch in the image: under /tmp, the one writable path it needs.
+CONTAINER_BENTOML_HOME = "/tmp/bentoml"
+CONTAINER_START = f"""\
+# Added by the package stage: pipeline/bento.py, container_start.
+unset BENTOML_CONTAINERIZED
+export BENTOML_HOME={CONTAINER_BENTOML_HOME}
+"""
 
 
 def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
@@ -92,7 +104,7 @@ def model_card(
     model_dir: Path, export_dir: Path, test_metrics: dict, code: list[Path]
 ) -> ModelCard:
     """The card for the model exported to ``export_dir``, from params.yaml; its version hashes
-    it and ``code``."""
+    it, ``code`` and the lines the bento's start script gets (``container_start``)."""
     serve = ServeParams.load()
     if serve.max_batch_files > MAX_BATCH_SIZE:
         raise ParamsError(
@@ -116,6 +128,7 @@ def model_card(
     digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
     for path in code:
         digest.update(f"\0{path.as_posix()}\0".encode() + path.read_bytes())
+    digest.update(f"\0{ENTRYPOINT}\0{CONTAINER_START}".encode())  # the bento ships it too
     return ModelCard(version=digest.hexdigest()[:16], **content)
 
 
@@ -140,8 +153,41 @@ def build_bento(export_dir: Path, card: ModelCard, archive: Path, bento_home: Pa
     bento = bentoml.bentos.build(**config, version=card.version, build_ctx=".")
     folder = bento_home / "export"
     bentoml.bentos.export_bento(bento.tag, str(folder), output_format="folder")
+    container_start(folder)
     write_reproducible_archive(folder, archive)
     return str(bento.tag)
+
+
+def container_start(folder: Path) -> None:
+    """Make the server in the bento's image heal itself and write under /tmp alone.
+
+    - BentoML respawns dead workers only where ``BENTOML_CONTAINERIZED`` is unset
+      (``bentoml/serving.py``, ``create_watcher``: ``respawn=not running_inside_container()``),
+      and the Dockerfile of ``bentoml containerize`` sets it: a worker that dies (the OOM
+      killer, a crash) would leave the server up with no worker and ``/readyz`` unanswered
+      until someone restarts the container (Compose never restarts an unhealthy one). Nothing
+      else in BentoML reads the variable.
+    - BentoML's home (the image sets ``/home/bentoml/``) holds nothing the served bento needs:
+      it runs from ``$BENTO_PATH``. The server only makes its empty store there at start, and
+      Prometheus' multiprocess files. Under /tmp, one scratch mount (a tmpfs, an emptyDir) lets
+      the root filesystem be read-only.
+
+    The image's environment cannot do either: a Dockerfile cannot unset a variable, and the
+    bento's ``envs`` cannot override one BentoML's Dockerfile sets itself. BentoML's own way
+    to change the Dockerfile (``docker.dockerfile_template``) turns the bento back into the
+    legacy format. So the bento's start script does it, before it starts the server.
+    """
+    entrypoint = folder / ENTRYPOINT
+    text = entrypoint.read_text()
+    if ENTRYPOINT_OPTIONS not in text:
+        raise RuntimeError(
+            f"{ENTRYPOINT} no longer has the line {ENTRYPOINT_OPTIONS.strip()!r} that "
+            "pipeline/bento.py container_start adds its lines after"
+        )
+    if CONTAINER_START not in text:
+        entrypoint.write_text(
+            text.replace(ENTRYPOINT_OPTIONS, ENTRYPOINT_OPTIONS + CONTAINER_START, 1)
+        )
 
 
 def write_reproducible_archive(folder: Path, archive: Path) -> None:

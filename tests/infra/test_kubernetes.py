@@ -20,6 +20,7 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator.v1 import PodMonitor
 
+from pipeline.bento import CONTAINER_BENTOML_HOME
 from pipeline.params import ServeParams
 from serving.challenger import challenger_config
 from serving.prediction_log import PredictionLog
@@ -473,3 +474,36 @@ def test_the_service_requires_api_keys_from_a_secret_and_prometheus_sends_one(re
         "type": "Bearer",
         "credentials": {"name": "classifier-scrape-key", "key": "key"},
     }
+
+
+def test_the_root_filesystem_is_read_only_and_all_the_service_writes_is_on_its_volumes(rendered):
+    """The image runs with a read-only root filesystem (tests/end_to_end/test_container.py runs
+    it so under podman, with the same writable paths): every path the service writes is an
+    emptyDir mounted writable, and nothing else is."""
+    _, path, _ = rendered
+    for deployment in deployments(path.read_text()):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        for each in [container, *pod.get("initContainers", [])]:
+            assert each["securityContext"]["readOnlyRootFilesystem"] is True, each["name"]
+        env = service_env(container)
+        assert not env[FEEDBACK_STORE_ENV].startswith("/")  # the store is S3, not a directory
+        written = {
+            "feedback spool": Path(env[FEEDBACK_DIR_ENV]),
+            "prediction log": PredictionLog.from_environ(env).directory,
+            "BentoML's home (the image's start script sets it)": Path(CONTAINER_BENTOML_HOME),
+            "temporary files (Python's default: the image sets no TMPDIR)": Path("/tmp"),
+        }
+        assert "TMPDIR" not in env
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        writable = {
+            Path(mount["mountPath"]): volumes[mount["name"]]
+            for mount in container["volumeMounts"]
+            if not mount.get("readOnly")
+        }
+        for what, directory in written.items():
+            mounts = [mount for mount in writable if directory.is_relative_to(mount)]
+            assert mounts, f"{what}: {directory} is on the read-only root filesystem"
+            assert "emptyDir" in writable[mounts[0]], what
+        # Each writable volume is one of those paths: nothing else written, nothing forgotten.
+        assert all(any(d.is_relative_to(m) for d in written.values()) for m in writable)

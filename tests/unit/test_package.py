@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import tarfile
 
 import keras
 import pytest
 import yaml
 
-from pipeline.bento import included_files
+from pipeline.bento import CONTAINER_BENTOML_HOME, ENTRYPOINT, included_files
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
 from serving.engines import SERVICES
@@ -102,6 +103,33 @@ def test_the_archive_records_nothing_of_the_python_that_built_it(built):
     (model,) = [yaml.safe_load(text) for text in metadata if "\ncontext:" in text]
     assert model["context"]["python_version"] == bento["image"]["python_version"]
     assert not [text for text in metadata if platform.python_version() in text]
+
+
+def test_the_images_start_script_turns_respawn_on_and_moves_bentomls_home(built, tmp_path):
+    """What the image of `bentoml containerize` runs first: BentoML's start script, as the
+    package stage ships it. Given the image's environment, the command it starts (here `env`,
+    in place of `bentoml serve`) sees neither the variable that turns respawn off nor BentoML's
+    home on the read-only root filesystem (tests/end_to_end/test_container.py runs the image)."""
+    with tarfile.open(built[0]) as tar:
+        (tmp_path / "entrypoint.sh").write_bytes(tar.extractfile(ENTRYPOINT).read())
+    image_env = {
+        "PATH": os.environ["PATH"],
+        "BENTO_PATH": str(tmp_path),
+        "BENTOML_HOME": "/home/bentoml/",
+        "BENTOML_CONTAINERIZED": "true",
+    }
+    started = subprocess.run(
+        ["bash", str(tmp_path / "entrypoint.sh"), "env"],
+        cwd=tmp_path,
+        env=image_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    environment = dict(line.split("=", 1) for line in started.stdout.splitlines())
+    assert "BENTOML_CONTAINERIZED" not in environment
+    assert environment["BENTOML_HOME"] == CONTAINER_BENTOML_HOME
+    assert environment["BENTO_PATH"] == str(tmp_path)  # the rest of the image's environment
 
 
 def test_a_threshold_change_is_a_new_bento_carrying_the_new_threshold(built, model_dir, tmp_path):
