@@ -6,6 +6,8 @@
                          accept it into data/reviewed (DVC) or reject it (pipeline/review.py)
     dandelion replay     score the photos a prediction log kept again, with a bento or an
                          export, beside the logged answers (pipeline/replay.py)
+    dandelion secrets    generate the stack's missing credentials into .env and .secrets/
+                         (pipeline/secrets.py); never replaces one that is there
 
 ``python -m pipeline.cli promote`` is the same command.
 """
@@ -123,6 +125,34 @@ def replay(args: argparse.Namespace) -> None:
         sys.exit(f"replay: {error}")
 
 
+def secrets_parser(commands) -> None:
+    from pipeline.secrets import DEFAULT_HOSTNAME, ENV_FILE, SECRETS_DIR
+
+    command = commands.add_parser(
+        "secrets",
+        help="fill in the compose stack's missing credentials (.env, .secrets/) with random ones",
+    )
+    command.add_argument("--env-file", type=Path, default=ENV_FILE, help="default: %(default)s")
+    command.add_argument(
+        "--secrets-dir", type=Path, default=SECRETS_DIR, help="default: %(default)s"
+    )
+    command.add_argument(
+        "--hostname",
+        default=DEFAULT_HOSTNAME,
+        help="the name the proxy's self-signed TLS certificate is for, besides localhost and "
+        "127.0.0.1 (default: %(default)s)",
+    )
+
+
+def write_secrets(args: argparse.Namespace) -> None:
+    from pipeline.secrets import generate
+
+    try:
+        print("\n".join(generate(args.env_file, args.secrets_dir, args.hostname).lines()))
+    except StageError as error:
+        sys.exit(f"secrets: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dandelion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,11 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     review_parser(commands)
     replay_parser(commands)
+    secrets_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "promote":
         live_options(promote_command, args)
     if args.command == "replay":  # from anywhere: it reads no dvc.yaml
         return replay(args)
+    if args.command == "secrets":  # paths of its own (defaults relative to here)
+        return write_secrets(args)
     if not Path("dvc.yaml").is_file():
         sys.exit(f"{args.command}: no dvc.yaml here: run it from the project's root")
     try:

@@ -55,7 +55,13 @@ from pipeline.logs import dropped
 from pipeline.params import LivePromoteParams, PromoteParams
 from pipeline.splits import PRODUCTION_TEST, TEST, read_split, split_digest
 from pipeline.stage import StageError
-from pipeline.tracking import MODEL_SHA256_TAG, training_run, use_project_store
+from pipeline.tracking import (
+    MODEL_SHA256_TAG,
+    is_refused_login,
+    login_errors,
+    training_run,
+    use_project_store,
+)
 from serving.contract import MODEL_FILE, MODEL_NAME
 
 CHAMPION = "champion"
@@ -83,7 +89,9 @@ def is_registration_notice(record: logging.LogRecord) -> bool:
 def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no registered model or no alias yet
+    except MlflowException as error:  # no registered model or no alias yet
+        if is_refused_login(error):  # not "no champion": the server did not say
+            raise
         return None
 
 
@@ -237,7 +245,14 @@ def promote(
 ) -> str:
     """Gate, register and deploy; return a summary. ``different_test_set``: promote
     without comparison a model tested on another test set than the champion's. ``live``:
-    require live evidence from there first (``live_gate``)."""
+    require live evidence from there first (``live_gate``). An MLflow server that refuses
+    the login (docs/team-setup.md) stops it with a StageError naming the variables to set."""
+    with login_errors():
+        return _promote(paths, different_test_set, live)
+
+
+def _promote(paths: dict[str, str], different_test_set: bool, live: LiveSource | None) -> str:
+    use_project_store()  # first: a login the server refuses stops it before `dvc status`
     check_up_to_date()
     model_dir = Path(paths["model_dir"])
     model_file = model_dir / MODEL_FILE
@@ -249,7 +264,6 @@ def promote(
     if bento_version_of(archive) != f"{MODEL_NAME}:{card.version}":
         raise PromotionError(f"{archive} is not the bento of this model: run `dvc repro`")
 
-    use_project_store()
     run = training_run(card.model_sha256)
     if run is None:
         raise PromotionError(

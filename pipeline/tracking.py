@@ -16,12 +16,46 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from pipeline.stage import StageError
 from serving.contract import MODEL_NAME
 
 EXPERIMENT = MODEL_NAME  # the MLflow experiment of the pipeline's runs
 MODEL_SHA256_TAG = "model_sha256"  # links a run (and its registered version) to its model file
 STORE_FILE = "mlflow.db"  # git-ignored, like ARTIFACT_DIR
 ARTIFACT_DIR = "mlruns"
+# How a client logs in to an MLflow server that runs its basic-auth app (docs/team-setup.md).
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+
+
+def is_refused_login(error: MlflowException) -> bool:
+    """The server did not let this client in (no, or wrong, login; or not allowed to)."""
+    return error.get_http_status_code() in (401, 403)
+
+
+@contextlib.contextmanager
+def login_errors():
+    """MLflow's refusal of this client's login as a StageError that says which variables to
+    set, instead of a traceback ending in an HTTP 401; any other error is left as it is."""
+    try:
+        yield
+    except MlflowException as error:
+        if not is_refused_login(error):
+            raise
+        server, user = mlflow.get_tracking_uri(), os.environ.get(USERNAME_ENV)
+        if error.get_http_status_code() == 403:
+            message = f"{user} may not do this on the MLflow server {server}: ask its admin"
+        elif user:
+            message = (
+                f"the MLflow server {server} refused the login of {user}: check "
+                f"{USERNAME_ENV} and {PASSWORD_ENV}"
+            )
+        else:
+            message = (
+                f"the MLflow server {server} requires a login: set {USERNAME_ENV} and "
+                f"{PASSWORD_ENV}"
+            )
+        raise StageError(message) from None
 
 
 def project_root() -> Path:

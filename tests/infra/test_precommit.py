@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,7 @@ HOOKS = [
     "check-json",
     "check-added-large-files",
     "detect-private-key",
+    "detect-secrets",
     "dvc-pre-commit",
 ]
 
@@ -55,10 +57,38 @@ def test_every_hook_is_local():
     assert set(HOOKS) | {"dvc-pre-push", "dvc-post-checkout"} <= set(hook_ids(config))
 
 
-def test_ruff_hook_pins_the_ruff_of_constraints():
-    pinned = re.search(r"^ruff==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.M)
+@pytest.mark.parametrize("tool", ["ruff", "detect-secrets"])
+def test_python_tool_hooks_pin_the_version_of_constraints(tool):
+    pinned = re.search(rf"^{tool}==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.M)
     config = (REPO_ROOT / ".pre-commit-config.yaml").read_text()
-    assert set(re.findall(r"ruff==([\w.]+)", config)) == {pinned.group(1)}
+    assert set(re.findall(rf"{tool}==([\w.]+)", config)) == {pinned.group(1)}
+
+
+@pytest.mark.slow  # builds the hook's environment from PyPI, and scans every tracked file
+def test_the_secret_scan_passes_the_repository_and_catches_a_planted_secret(tmp_path, hook_env):
+    workspace = fresh_clone(tmp_path / "repo")
+    clean = pre_commit(workspace, "run", "detect-secrets", "--all-files", env=hook_env)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert re.search(r"^detect secrets .*Passed$", clean.stdout, re.M), clean.stdout
+    # Made here, so this file holds no secret: a key id by its pattern, a password by its
+    # keyword, both in a file about to be committed.
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    planted = workspace / "deploy" / "settings.py"
+    planted.write_text(f'AWS_ACCESS_KEY_ID = "{key_id}"\npassword = "{secrets.token_hex(20)}"\n')
+    git(workspace, "add", str(planted))
+    caught = pre_commit(workspace, "run", "detect-secrets", env=hook_env)
+    assert caught.returncode == 1, caught.stdout + caught.stderr
+    assert "deploy/settings.py:1" in caught.stdout and "AWS Access Key" in caught.stdout
+    assert "deploy/settings.py:2" in caught.stdout and "Secret Keyword" in caught.stdout
+    # DVC's hash files are not scanned (they churn on every repro), all other files are.
+    dvc_file = workspace / "data" / "photos.dvc"
+    dvc_file.write_text(f"outs:\n- md5: {secrets.token_hex(16)}\n  password: {key_id}\n")
+    git(workspace, "rm", "-q", "--cached", str(planted))
+    git(workspace, "add", str(dvc_file))
+    skipped = pre_commit(workspace, "run", "detect-secrets", env=hook_env)
+    assert skipped.returncode == 0 and "(no files to check)Skipped" in skipped.stdout, (
+        skipped.stdout
+    )
 
 
 @pytest.mark.slow  # builds every hook's environment from PyPI: network, and ~20 s
@@ -95,5 +125,6 @@ def test_installed_hooks_refuse_a_bad_commit(tmp_path, hook_env):
         "check JSON",
         "refuse large files (data and models belong in DVC)",
         "refuse private keys",
+        "detect secrets (patterns and entropy; reviewed findings in .secrets.baseline)",
     ], output
     assert git(workspace, "rev-parse", "HEAD").stdout == head_before  # nothing was committed
