@@ -11,6 +11,7 @@ Ingress's limits against the service's (serving/settings.py, params.yaml).
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -411,6 +412,17 @@ def test_only_the_ingress_controller_and_prometheus_reach_the_pods_on_their_port
     assert kinds.count("NetworkPolicy") == kinds.count("Ingress") == 1, name
 
 
+def proxy_limits() -> dict[str, int]:
+    """The compose proxy's per-client limits, read from its nginx templates."""
+    templates = REPO_ROOT / "deploy" / "proxy" / "templates"
+    zones = (templates / "default.conf.template").read_text()
+    routes = (templates / "classifier-routes.template").read_text()
+    (rate,) = re.findall(r"^limit_req_zone .* rate=(\d+)r/s;", zones, re.MULTILINE)
+    (burst,) = re.findall(r"^limit_req zone=\S+ burst=(\d+) nodelay;", routes, re.MULTILINE)
+    (connections,) = re.findall(r"^limit_conn \S+ (\d+);", routes, re.MULTILINE)
+    return {"rate": int(rate), "burst": int(burst), "connections": int(connections)}
+
+
 def test_the_ingress_serves_tls_with_the_service_s_limits_and_timeouts(rendered):
     name, _, resources = rendered
     ingress = resources["Ingress"]
@@ -433,9 +445,14 @@ def test_the_ingress_serves_tls_with_the_service_s_limits_and_timeouts(rendered)
         assert "host" not in rule and "hosts" not in tls
     else:
         assert [rule["host"]] == tls["hosts"] and "." in rule["host"]
-    # Per-client limits (each annotation an integer, as ingress-nginx parses them).
-    for key in ("limit-rps", "limit-burst-multiplier", "limit-connections"):
-        assert int(annotations[key]) > 0, key
+    # Per-client limits: the compose proxy's (deploy/proxy/templates), which ingress-nginx
+    # expresses as a rate, a multiple of it for the burst, and open connections.
+    proxy = proxy_limits()
+    assert int(annotations["limit-rps"]) == proxy["rate"]
+    assert (
+        int(annotations["limit-rps"]) * int(annotations["limit-burst-multiplier"]) == proxy["burst"]
+    )
+    assert int(annotations["limit-connections"]) == proxy["connections"]
     # The largest request the service reads, and not a byte more: a full batch at the upload
     # limit with its multipart framing (serving/uploads.py refuses anything larger).
     serve = ServeParams.load(REPO_ROOT / "params.yaml")
