@@ -40,9 +40,11 @@ from serving.settings import (
 logger = logging.getLogger("bentoml.service.dandelion")
 
 # What anyone may ask without a key: the probes (Kubernetes and compose have no key), the page
-# (it asks for the key itself), Swagger UI and the API's description (how to send the key).
+# (it asks for the key itself), Swagger UI and the API's description (how to send the key):
+# /schema.json is BentoML's, which its clients read before any call, so that one without a
+# token gets the 401 of its call (naming the header), not a failure to start.
 OPEN_PATHS = frozenset(
-    {"/livez", "/readyz", "/healthz", "/", "/docs", "/openapi.json", "/docs.json"}
+    {"/livez", "/readyz", "/healthz", "/", "/docs", "/openapi.json", "/docs.json", "/schema.json"}
 )
 # Swagger UI's scripts and styles, which BentoML serves (serving/api.py SWAGGER_ASSETS).
 OPEN_PREFIXES = (SWAGGER_ASSETS.removeprefix(".") + "/",)
