@@ -57,6 +57,8 @@ REJECTIONS = {
     "overloaded": 503,
     "shutting_down": 503,
     "model_unavailable": 503,
+    # No API key, or a wrong one, where keys are configured (serving/auth.py).
+    "unauthorized": 401,
     **FEEDBACK_REJECTIONS,
 }
 # The reasons a feedback is never refused for (the OpenAPI documents): it takes no place among

@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serving.settings import NEITHER_LABEL
+from serving.settings import API_KEY_HEADER, NEITHER_LABEL
 
 PAGE_DIR = Path(__file__).parent / "page"
 PARTS = {
     "/* page.css */\n": ["page.css"],
-    "// verdicts.js\n// feedback.js\n// model-card.js\n": [
+    "// key.js\n// verdicts.js\n// feedback.js\n// model-card.js\n": [
+        "key.js",
         "verdicts.js",
         "feedback.js",
         "model-card.js",
     ],
 }
 # Names the scripts take from serving/settings.py, written in as JSON strings.
-CONSTANTS = {'"{{NEITHER_LABEL}}"': NEITHER_LABEL}
+CONSTANTS = {'"{{NEITHER_LABEL}}"': NEITHER_LABEL, '"{{API_KEY_HEADER}}"': API_KEY_HEADER}
 
 
 def page_html() -> str:

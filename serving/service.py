@@ -45,6 +45,7 @@ from serving.api import (
     front_app,
     rounded,
 )
+from serving.auth import ApiKeys, RequireApiKey, with_security
 from serving.challenger import (
     Challenger,
     ChallengerFailed,
@@ -148,10 +149,12 @@ FEEDBACK_ERRORS = error_responses(feedback=True)
 
 def front_service(inner: type) -> bentoml.Service:
     """``inner`` as an HTTP front, named SERVICE_NAME: ``app``'s routes (defined by the first
-    front class), every error as JSON, the typed routes gated as the FastAPI ones."""
+    front class), every error as JSON, the API key checked (when keys are configured) before
+    anything else is, the typed routes gated as the FastAPI ones."""
     service = bentoml.service(name=SERVICE_NAME, workers=1, traffic=TRAFFIC)(inner)
     service = bentoml.asgi_app(app, path="/")(service)
     service.add_asgi_middleware(JsonErrors)
+    service.add_asgi_middleware(RequireApiKey)
     service.add_asgi_middleware(TypedUploads)
     inner.service = service  # for its bento (serving/model.py bento_pinned)
     return service
@@ -164,6 +167,7 @@ class DandelionService:
 
     def __init__(self, model: ServedModel | None = None) -> None:
         # The deployment's configuration first: a mistake stops the start before any load.
+        self.api_keys = ApiKeys.from_environ()  # None: open (RequireApiKey lets all in)
         self.log = PredictionLog.from_environ()
         challenger_config()  # read again when the champion is loaded (Challenger.from_environ)
         if model is None:  # as BentoML starts it: the bento's one model, from its store
@@ -259,13 +263,14 @@ class DandelionService:
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi(self) -> JSONResponse:
-        return JSONResponse(self.documents.openapi(app))
+        return JSONResponse(with_security(self.documents.openapi(app), self.api_keys))
 
     @app.get("/docs.json", include_in_schema=False)
     def bentoml_openapi(self) -> JSONResponse:
         """BentoML's OpenAPI document (this API, its typed endpoints, health and metrics),
         with this service's description and contact instead of BentoML's."""
-        return JSONResponse(self.documents.bentoml(self.bento_service))
+        document = self.documents.bentoml(self.bento_service)
+        return JSONResponse(with_security(document, self.api_keys))
 
     @app.get("/model-info")
     def model_info(self) -> ModelInfo:

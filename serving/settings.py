@@ -55,6 +55,24 @@ IMAGES_FIELD = "images"
 # for 0.00001, the very notation that rounding is there to avoid.
 ANSWER_DECIMALS = 4
 
+# --- the API key (serving/auth.py; docs/serving.md, *API keys*) ----------------------------
+
+# The keys a request must present, read when the service starts: API_KEYS (comma-separated) or
+# API_KEYS_FILE (one key per line; blank lines and lines starting with # ignored), never both.
+# Neither set: the service is open (the laptop default, said in the start-up log).
+API_KEYS_ENV = "API_KEYS"
+API_KEYS_FILE_ENV = "API_KEYS_FILE"
+# A request presents a key in this header, or as `Authorization: Bearer <key>` (what
+# BentoML's clients send with token=, and Prometheus's and the PodMonitor's authorization).
+API_KEY_HEADER = "X-API-Key"
+# Shorter keys are refused at the start: a key is a random secret, not a password to remember
+# (`dandelion secrets` writes 32 random bytes); 16 characters rule out placeholders like
+# "changeme" and keys guessable online.
+MIN_API_KEY_CHARS = 16
+# API_KEYS_FILE is looked at again (its mtime) at most this often, and read again when it has
+# changed: a rotated Kubernetes Secret or edited file takes effect within seconds, no restart.
+API_KEYS_FILE_CHECK_SECONDS = 5.0
+
 # --- the model service (Keras engine only) -------------------------------------------------
 
 # Adaptive batching: at most this many images per model call, and at most this long for a

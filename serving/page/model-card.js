@@ -74,7 +74,7 @@ function showModelCard(info) {
 }
 
 // Settles once /model-info has answered (or failed): drops wait for its batch size.
-const modelCardLoaded = fetch("model-info")
+const modelCardLoaded = keyedFetch("model-info")
   .then(async (response) => {
     const info = await response.json();
     if (!response.ok) throw new Error(info.error || response.statusText);

@@ -60,12 +60,15 @@ class ServiceError extends Error {
 // answer, or a ServiceError saying why not. A 503 is retried at most `retries` times.
 async function post(path, field, files, fields = {}, retries = BUSY_RETRIES) {
   for (let attempt = 0; ; attempt++) {
-    const form = new FormData();
-    for (const file of files) form.append(field, file, file.name);
-    for (const [name, value] of Object.entries(fields)) if (value != null) form.append(name, value);
+    const request = () => {
+      const form = new FormData();
+      for (const file of files) form.append(field, file, file.name);
+      for (const [name, value] of Object.entries(fields)) if (value != null) form.append(name, value);
+      return { method: "POST", body: form };
+    };
     let response;
     try {
-      response = await fetch(path, { method: "POST", body: form });
+      response = await keyedFetch(path, request);
     } catch (error) {
       throw new ServiceError(0, `Could not reach the service (${error.message})`);
     }

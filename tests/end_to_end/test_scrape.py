@@ -1,7 +1,8 @@
 """Monitoring live: a real Prometheus (Debian's `prometheus`) scraping a real `bentoml serve` of
 the pipeline's bento while a bounded burst of good and bad requests, then feedback on every
 test photo, arrives; every model metric moves by exactly what was sent, and every dashboard
-query and rule returns data."""
+query and rule returns data. And the bento served with API keys, scraped with the key as
+deploy/monitoring/prometheus.yml sends it (and refused without)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.contract import MODEL_NAME
 from serving.errors import REJECTIONS
-from serving.settings import FEEDBACK_OUTCOMES, LOW_CONFIDENCE, NEITHER_LABEL
+from serving.settings import (
+    API_KEY_HEADER,
+    API_KEYS_FILE_ENV,
+    FEEDBACK_OUTCOMES,
+    LOW_CONFIDENCE,
+    NEITHER_LABEL,
+)
 from tests.support.git import git
 from tests.support.images import make_image
 from tests.support.monitoring import (
@@ -26,11 +35,18 @@ from tests.support.monitoring import (
     rules,
     scrape_job,
     scraping,
+    wait_until,
     with_bool,
 )
 from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS
-from tests.support.service import ROUNDING, evaluated_predictions, served_answers
+from tests.support.service import (
+    ROUNDING,
+    evaluated_predictions,
+    own_metrics_home,
+    served_answers,
+    serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -332,3 +348,50 @@ def test_prometheus_loads_and_evaluates_every_rule(prometheus, burst):
     assert [rule["name"] for rule in loaded if rule["health"] != "ok"] == []
     # Nothing is wrong with the service under this burst: no alert fires.
     assert [rule["name"] for rule in loaded if rule.get("state") == "firing"] == []
+
+
+def test_the_bento_served_with_api_keys_is_scraped_with_prometheus_s_key(
+    reproduced, promoted, tmp_path
+):
+    """As compose serves it: the keys from API_KEYS_FILE (a user's, then Prometheus's, as
+    `dandelion secrets` writes them), Prometheus sending its own from its credentials file."""
+    user_key, prometheus_key = "user-" + "u" * 40, "prometheus-" + "p" * 40
+    keys = tmp_path / "classifier-api-keys"
+    keys.write_text(f"{user_key}\n{prometheus_key}\n")
+    (tmp_path / "prometheus-api-key").write_text(f"{prometheus_key}\n")
+    home = own_metrics_home(Path(reproduced.env["BENTOML_HOME"]), tmp_path / "bentoml_home")
+    env = dict(
+        reproduced.env,
+        BENTOML_HOME=str(home),
+        FEEDBACK_DIR=str(tmp_path / "feedback"),
+        PREDICTION_LOG_DIR=str(tmp_path / "predictions"),
+        **{API_KEYS_FILE_ENV: str(keys)},
+    )
+    env.pop("FEEDBACK_STORE", None)
+    job = f'up{{job="{scrape_job()["job_name"]}"}}'
+    with serving(f"{MODEL_NAME}:latest", reproduced.workspace, env, tmp_path) as service:
+        url = service.url
+        assert requests.get(f"{url}/metrics", timeout=10).status_code == 401
+        (photo, *_) = [p.photo for p in evaluated_predictions(reproduced.workspace)]
+        with open(photo, "rb") as handle:
+            image = handle.read()
+        refused = requests.post(f"{url}/predict", files={"image": image}, timeout=60)
+        assert refused.status_code == 401 and API_KEY_HEADER in refused.json()["error"]
+        answered = requests.post(
+            f"{url}/predict",
+            files={"image": image},
+            headers={API_KEY_HEADER: user_key},
+            timeout=60,
+        )
+        assert answered.status_code == 200, answered.text
+        with scraping(
+            url, tmp_path / "keyed", key_file=tmp_path / "prometheus-api-key"
+        ) as prometheus:
+            wait_until(prometheus, f"{job} == 1")
+            wait_until(prometheus, 'classifier_rejected_uploads_total{reason="unauthorized"} == 2')
+        with scraping(url, tmp_path / "unkeyed", ready=False) as prometheus:
+            wait_until(prometheus, f"{job} == 0")
+            (target,) = requests.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"][
+                "activeTargets"
+            ]
+            assert "401" in target["lastError"], target

@@ -132,10 +132,21 @@ def test_per_version_rules_keep_the_versions_apart_and_roll_back_rather_than_ret
             assert "action" not in rule["labels"], rule["alert"]
 
 
-def test_prometheus_config_is_valid_and_its_job_is_the_one_rules_select():
+def test_prometheus_config_is_valid_and_its_job_is_the_one_rules_select(tmp_path):
     (promtool,) = require_tools("promtool")
+    # promtool checks that the API key's file exists: the config as is, but for that file's
+    # path (in compose, a secret) and the rules' (relative to the config).
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = config["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"  # what the service accepts
+    key_file = tmp_path / "prometheus-api-key"
+    key_file.write_text("k" * 32)
+    job["authorization"]["credentials_file"] = str(key_file)
+    config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]
+    checked_config = tmp_path / "prometheus.yml"
+    checked_config.write_text(yaml.safe_dump(config))
     checked = subprocess.run(
-        [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True
+        [promtool, "check", "config", str(checked_config)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 1 rule files found" in checked.stdout

@@ -96,22 +96,30 @@ def with_bool(expr: str) -> str:
 
 
 @contextlib.contextmanager
-def scraping(service_url: str, root: Path, interval: str = "250ms") -> Iterator[str]:
+def scraping(
+    service_url: str,
+    root: Path,
+    interval: str = "250ms",
+    key_file: Path | None = None,
+    ready: bool = True,
+) -> Iterator[str]:
     """Debian's prometheus on 127.0.0.1 with the project's rules, scraping ``service_url`` as
-    the project's job every ``interval``; its URL, once it has scraped a first time (counters
-    only grow in Prometheus's eyes after a first sample)."""
+    the project's job every ``interval``, sending the API key in ``key_file`` as the job's
+    ``authorization`` says (none: the service is open); its URL, once it has scraped a first
+    time (counters only grow in Prometheus's eyes after a first sample) unless not ``ready``."""
     (binary,) = require_tools("prometheus")
     job = scrape_job()
+    scraped = {
+        "job_name": job["job_name"],
+        "metrics_path": job["metrics_path"],
+        "static_configs": [{"targets": [service_url.removeprefix("http://")]}],
+    }
+    if key_file is not None:  # the project's authorization, but the test's file
+        scraped["authorization"] = {**job["authorization"], "credentials_file": str(key_file)}
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(RULES_FILE)],
-        "scrape_configs": [
-            {
-                "job_name": job["job_name"],
-                "metrics_path": job["metrics_path"],
-                "static_configs": [{"targets": [service_url.removeprefix("http://")]}],
-            }
-        ],
+        "scrape_configs": [scraped],
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -124,7 +132,8 @@ def scraping(service_url: str, root: Path, interval: str = "250ms") -> Iterator[
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     with running_server(command, url, root / "prometheus.log", ready_path="/-/ready"):
-        wait_until(url, f'up{{job="{job["job_name"]}"}} == 1')
+        if ready:
+            wait_until(url, f'up{{job="{job["job_name"]}"}} == 1')
         yield url
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +202,16 @@ def raw_request(client, path: str, headers: dict, pieces: list[tuple[float, byte
         return answer["status"], answer["headers"], answer["body"]
 
     return client.portal.call(call)
+
+
+def main(port: str) -> None:
+    """Serve the stub front on 127.0.0.1:``port`` in a process of its own: as under `bentoml
+    serve`, its /metrics then merges the files of PROMETHEUS_MULTIPROC_DIR (set by the caller),
+    which a test's own process, holding every other test's metrics, cannot."""
+    import uvicorn
+
+    uvicorn.run(stub_service().app, host="127.0.0.1", port=int(port), log_level="warning")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
