@@ -138,9 +138,14 @@ def make_dir(path: Path) -> None:
 
 
 def keys_in(path: Path) -> list[str]:
-    """An API key file's keys (the service's rule: blank and ``#`` lines ignored)."""
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+    """An API key file's keys, read by the service's own rule (serving/auth.py); a file the
+    service would refuse stops here with the service's message."""
+    from serving.auth import ApiKeyConfigError, read_key_file
+
+    try:
+        return [key.decode() for key in read_key_file(path)]
+    except ApiKeyConfigError as error:
+        raise SecretsError(str(error)) from None
 
 
 def fill_api_keys(directory: Path, written: Written) -> None:

@@ -26,6 +26,8 @@ from pipeline.params import ServeParams
 from serving.challenger import challenger_config
 from serving.prediction_log import PredictionLog
 from serving.settings import (
+    API_KEYS_ENV,
+    API_KEYS_FILE_ENV,
     CANARY,
     CHALLENGER_MODE_ENV,
     CHALLENGER_MODES,
@@ -49,8 +51,6 @@ KUSTOMIZE_DIRS = {
 }
 # One version at or below 1.31 (still in wide use), one current.
 KUBERNETES_VERSIONS = ["1.29.0", "1.31.0", "1.37.0"]
-# The API key's environment variables (serving/settings.py API_KEYS_ENV, API_KEYS_FILE_ENV).
-API_KEYS_ENV, API_KEYS_FILE_ENV = "API_KEYS", "API_KEYS_FILE"
 PROMETHEUS_JOB = yaml.safe_load((REPO_ROOT / "deploy/monitoring/prometheus.yml").read_text())[
     "scrape_configs"
 ][0]["job_name"]
