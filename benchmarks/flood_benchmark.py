@@ -123,12 +123,16 @@ def main() -> None:
         FEEDBACK_DIR=str(scratch / "feedback"),
         PREDICTION_LOG="off",  # the floods alone are measured
     )
-    subprocess.run(
-        [sys.executable, "-m", "bentoml", "import", str(args.bento)],
+    # An absolute path: `bentoml import` reads a relative one from the filesystem's root.
+    imported = subprocess.run(
+        [sys.executable, "-m", "bentoml", "import", str(args.bento.resolve())],
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if imported.returncode:
+        shutil.rmtree(scratch, ignore_errors=True)
+        sys.exit(f"cannot import {args.bento}: {imported.stderr.strip().splitlines()[-1:]}")
     port = free_port()
     service = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bentoml", "serve", bento_version_of(args.bento)]

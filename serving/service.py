@@ -19,13 +19,17 @@ import asyncio
 import datetime
 import hashlib
 import logging
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 import bentoml
 import numpy as np
+from bentoml._internal.context import server_context
 from fastapi import Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -160,6 +164,19 @@ def front_service(inner: type) -> bentoml.Service:
     return service
 
 
+def refuse_to_start(error: ValueError) -> NoReturn:
+    """A mistake in the deployment's configuration: said once, in one line. In a BentoML
+    server's worker the whole server then stops: BentoML respawns a worker that fails to start
+    (in the container too, pipeline/bento.py container_start), so a raise alone would retry it,
+    traceback and all, every few seconds for ever. Stopped, the server exits, and Compose's
+    restart policy or Kubernetes' back-off shows the line. Elsewhere (a test) it is raised."""
+    logger.critical("the service cannot start: %s", error)
+    if server_context.worker_index is not None:  # set by BentoML in its server's workers
+        os.kill(os.getppid(), signal.SIGTERM)  # the server (its arbiter) stops every worker
+        raise SystemExit(1) from None  # the line above says why; no traceback
+    raise error
+
+
 @front_service
 class DandelionService:
     bento_model = bentoml.models.BentoModel(MODEL_NAME)
@@ -167,9 +184,12 @@ class DandelionService:
 
     def __init__(self, model: ServedModel | None = None) -> None:
         # The deployment's configuration first: a mistake stops the start before any load.
-        self.api_keys = ApiKeys.from_environ()  # None: open (RequireApiKey lets all in)
-        self.log = PredictionLog.from_environ()
-        challenger_config()  # read again when the champion is loaded (Challenger.from_environ)
+        try:
+            self.api_keys = ApiKeys.from_environ()  # None: open (RequireApiKey lets all in)
+            self.log = PredictionLog.from_environ()
+            challenger_config()  # read again when the champion is loaded (Challenger.from_environ)
+        except ValueError as error:
+            refuse_to_start(error)
         if model is None:  # as BentoML starts it: the bento's one model, from its store
             reference = bento_pinned(type(self).bento_model, type(self).service)
             model = ServedModel.stored(reference, self.batching)
