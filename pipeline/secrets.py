@@ -8,9 +8,10 @@ them in with random values so nobody has to invent (or reuse) one:
   (a user's key, then Prometheus's), the key Prometheus sends, and a self-signed TLS
   certificate with its key for the proxy.
 
-It only ever adds: an existing variable, even an empty one, and an existing file are kept as
-they are, so running it again is safe and a value someone chose is never replaced. The
-values are never printed, only what was written where.
+It only ever adds: an existing variable and an existing file are kept as they are, so running
+it again is safe and a value someone chose is never replaced; an empty value or a well-known
+default password is kept too, but named, with what to do. The values are never printed, only
+what was written where.
 """
 
 from __future__ import annotations
@@ -85,23 +86,44 @@ class Written:
         return self.notes + [f"secrets: wrote {what}" for what in (*self.variables, *self.files)]
 
 
-def env_names(path: Path) -> set[str]:
-    """The variables ``path`` (a compose .env file) sets; SecretsError on a line that is
-    neither blank, a comment nor VAR=value (its number only: the line may hold a secret)."""
-    names = set()
+def env_values(path: Path) -> dict[str, str]:
+    """The variables ``path`` (a compose .env file) sets, with their values; SecretsError on a
+    line that is neither blank, a comment nor VAR=value (its number only: the line may hold a
+    secret)."""
+    values = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         match = _ASSIGNMENT.match(line)
         if match is None:
             raise SecretsError(f"{path}, line {number}: not VAR=value; fix or remove the line")
-        names.add(match.group(1))
-    return names
+        values[match.group(1)] = line[match.end() :].strip().strip("'\"")
+    return values
+
+
+# Passwords that are no secret: the fallbacks of old docker-compose.yml and .env.example files.
+KNOWN_DEFAULTS = frozenset({"minioadmin", "admin", "change-me-please"})
+
+
+def weak_values(values: dict[str, str]) -> list[str]:
+    """What is kept but will not do: an empty value (compose's ``${VAR:?}`` refuses it) and a
+    well-known default password."""
+    notes = []
+    for name in ENV_VARIABLES:
+        value = values.get(name)
+        if value == "":
+            notes.append(
+                f"secrets: {name} is empty, which compose refuses: remove its line and run again"
+            )
+        elif name.endswith(("_PASSWORD", "_KEY")) and value in KNOWN_DEFAULTS:
+            notes.append(f"secrets: {name} is a well-known default: remove its line and run again")
+    return notes
 
 
 def fill_env(path: Path, written: Written) -> None:
     """Append the missing ``ENV_VARIABLES`` to ``path`` (created 0600 if missing)."""
-    existing = env_names(path) if path.exists() else set()
+    existing = env_values(path) if path.exists() else {}
+    written.notes += weak_values(existing)
     missing = [name for name in ENV_VARIABLES if name not in existing]
     if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
         path.chmod(ENV_MODE)
@@ -167,8 +189,9 @@ def fill_api_keys(directory: Path, written: Written) -> None:
         )
         write_new(accepted, content.encode(), written, "the keys the service accepts")
     elif prometheus_key not in keys_in(accepted):
+        separator = "" if accepted.read_text().endswith("\n") else "\n"  # a last line kept whole
         with open(accepted, "a") as file:  # adds a key; the ones there stay valid
-            file.write(f"{prometheus_key}\n")
+            file.write(f"{separator}{prometheus_key}\n")
         written.files.append(f"{accepted} (Prometheus's key added)")
 
 

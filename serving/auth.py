@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -164,12 +165,15 @@ class ApiKeys:
 
     def accepts(self, presented: bytes | None) -> bool:
         """Whether ``presented`` is one of the keys, compared in constant time with every key
-        (no early exit: the time says nothing of which key, or how much of one, matched)."""
+        (no early exit: the time says nothing of which key, or how much of one, matched). The
+        SHA-256 digests are compared, not the keys: compare_digest returns at once on inputs
+        of different lengths, which would tell a key's length."""
         if presented is None:
             return False
+        digest = hashlib.sha256(presented).digest()
         matched = False
         for key in self.current():
-            matched |= hmac.compare_digest(presented, key)
+            matched |= hmac.compare_digest(digest, hashlib.sha256(key).digest())
         return matched
 
 

@@ -80,7 +80,7 @@ def test_a_partial_env_keeps_the_user_s_values_and_gets_the_rest(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text(
         "# mine\nMINIO_ROOT_USER=alice\nexport GRAFANA_ADMIN_PASSWORD=my own one\n"
-        "MLFLOW_ADMIN_PASSWORD=\nCLASSIFIER_PORT=3005"  # empty is the user's choice too
+        "MLFLOW_ADMIN_PASSWORD=\nMINIO_ROOT_PASSWORD=minioadmin\nCLASSIFIER_PORT=3005"
     )
     env_file.chmod(0o644)
     written = generate(env_file, tmp_path / ".secrets")
@@ -92,7 +92,14 @@ def test_a_partial_env_keeps_the_user_s_values_and_gets_the_rest(tmp_path):
     assert env_file.read_text().startswith("# mine\nMINIO_ROOT_USER=alice\n")
     assert mode(env_file) == 0o600  # tightened: it now holds passwords
     (added,) = written.variables
-    assert "MINIO_ROOT_USER" not in added and "MINIO_ROOT_PASSWORD" in added
+    assert "MINIO_ROOT_USER" not in added and "MINIO_ROOT_PASSWORD" not in added
+    # Kept (never replaced), but named: compose refuses an empty value, and a default password
+    # is no secret.
+    assert values["MINIO_ROOT_PASSWORD"] == "minioadmin"
+    notes = "\n".join(written.lines())
+    assert "MLFLOW_ADMIN_PASSWORD is empty" in notes
+    assert "MINIO_ROOT_PASSWORD is a well-known default" in notes
+    assert "alice" not in notes and "my own one" not in notes
 
 
 def test_missing_key_files_are_made_around_the_existing_ones(tmp_path):
@@ -100,6 +107,16 @@ def test_missing_key_files_are_made_around_the_existing_ones(tmp_path):
     directory.mkdir()
     accepted = directory / CLASSIFIER_API_KEYS
     accepted.write_text("my-own-client-key-0001\n")
+    generate(tmp_path / ".env", directory)
+    prometheus_key = (directory / PROMETHEUS_API_KEY).read_text().strip()
+    assert keys_in(accepted) == ["my-own-client-key-0001", prometheus_key]
+
+
+def test_a_key_file_without_a_last_newline_keeps_its_last_key_whole(tmp_path):
+    directory = tmp_path / ".secrets"
+    directory.mkdir()
+    accepted = directory / CLASSIFIER_API_KEYS
+    accepted.write_text("my-own-client-key-0001")  # as an editor may leave it
     generate(tmp_path / ".env", directory)
     prometheus_key = (directory / PROMETHEUS_API_KEY).read_text().strip()
     assert keys_in(accepted) == ["my-own-client-key-0001", prometheus_key]
