@@ -173,7 +173,7 @@ def refuse_to_start(error: ValueError) -> NoReturn:
     logger.critical("the service cannot start: %s", error)
     if server_context.worker_index is not None:  # set by BentoML in its server's workers
         os.kill(os.getppid(), signal.SIGTERM)  # the server (its arbiter) stops every worker
-        raise SystemExit(1) from None  # the line above says why; no traceback
+        os._exit(1)  # now: a raise would have Starlette log a traceback under the line above
     raise error
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -22,12 +23,15 @@ from serving.contract import MODEL_NAME
 from serving.errors import REJECTIONS
 from serving.settings import (
     API_KEY_HEADER,
+    API_KEYS_ENV,
     API_KEYS_FILE_ENV,
     FEEDBACK_OUTCOMES,
     LOW_CONFIDENCE,
+    MIN_API_KEY_CHARS,
     NEITHER_LABEL,
 )
 from tests.support.git import git
+from tests.support.http import free_port
 from tests.support.images import make_image
 from tests.support.monitoring import (
     dashboard_queries,
@@ -40,6 +44,7 @@ from tests.support.monitoring import (
 )
 from tests.support.needs import require_tools
 from tests.support.paths import PIPELINE_PATHS
+from tests.support.processes import stop_process_group
 from tests.support.service import (
     ROUNDING,
     evaluated_predictions,
@@ -395,3 +400,31 @@ def test_the_bento_served_with_api_keys_is_scraped_with_prometheus_s_key(
                 "activeTargets"
             ]
             assert "401" in target["lastError"], target
+
+
+def test_a_key_configuration_mistake_stops_the_served_bento_in_one_line(
+    reproduced, promoted, tmp_path
+):
+    """BentoML respawns a worker that fails to start (in the container too): the front stops
+    the whole server instead, so it exits, saying why once, rather than retrying for ever."""
+    env = dict(
+        reproduced.env,
+        FEEDBACK_DIR=str(tmp_path / "feedback"),
+        PREDICTION_LOG_DIR=str(tmp_path / "predictions"),
+        **{API_KEYS_ENV: "too-short"},
+    )
+    env.pop(API_KEYS_FILE_ENV, None)
+    command = [sys.executable, "-m", "bentoml", "serve", f"{MODEL_NAME}:latest"]
+    command += ["--host", "127.0.0.1", "--port", str(free_port())]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        process.wait(timeout=120)  # raises if the server keeps retrying
+    finally:
+        stop_process_group(process)
+    said = log.read_text()
+    assert said.count("the service cannot start") == 1, said[-3000:]
+    assert f"at least {MIN_API_KEY_CHARS}" in said
