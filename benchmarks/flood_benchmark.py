@@ -25,16 +25,14 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 
-from benchmarks.load_benchmark import own_cpu_seconds, tree_cpu_seconds
+from benchmarks.load_benchmark import own_cpu_seconds, private_bento_home, tree_cpu_seconds
 from pipeline.bento import bento_version_of
 from tests.support.http import free_port
 from tests.support.load import Outcome
@@ -115,24 +113,11 @@ def main() -> None:
     args = parser.parse_args()
 
     photos = [Path(p.photo).read_bytes() for p in evaluated_predictions(REPO_ROOT)]
-    scratch = Path(tempfile.mkdtemp(prefix="flood-benchmark-"))
-    env = dict(
-        os.environ,
-        BENTOML_HOME=str(scratch / "bentoml"),
-        BENTOML_DO_NOT_TRACK="true",
-        FEEDBACK_DIR=str(scratch / "feedback"),
+    scratch, env = private_bento_home(
+        args.bento,
+        "flood-benchmark-",
         PREDICTION_LOG="off",  # the floods alone are measured
     )
-    # An absolute path: `bentoml import` reads a relative one from the filesystem's root.
-    imported = subprocess.run(
-        [sys.executable, "-m", "bentoml", "import", str(args.bento.resolve())],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if imported.returncode:
-        shutil.rmtree(scratch, ignore_errors=True)
-        sys.exit(f"cannot import {args.bento}: {imported.stderr.strip().splitlines()[-1:]}")
     port = free_port()
     service = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "bentoml", "serve", bento_version_of(args.bento)]

@@ -21,16 +21,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.load_benchmark import load, tree_cpu_seconds
+from benchmarks.load_benchmark import load, private_bento_home, tree_cpu_seconds
 from pipeline.bento import bento_version_of
 from serving.engines import SERVICES
 from tests.support.http import free_port
@@ -67,20 +65,8 @@ def main() -> None:
     args = parser.parse_args()
 
     photos = [Path(p.photo).read_bytes() for p in evaluated_predictions(REPO_ROOT)]
-    scratch = Path(tempfile.mkdtemp(prefix="shadow-benchmark-"))
-    env = dict(
-        os.environ,
-        BENTOML_HOME=str(scratch / "bentoml"),
-        BENTOML_DO_NOT_TRACK="true",
-        FEEDBACK_DIR=str(scratch / "feedback"),
-        PREDICTION_LOG="off",  # the shadow alone: the log's cost is not what is measured
-    )
-    subprocess.run(
-        [sys.executable, "-m", "bentoml", "import", str(args.champion)],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    # The shadow alone: the log's cost is not what is measured.
+    scratch, env = private_bento_home(args.champion, "shadow-benchmark-", PREDICTION_LOG="off")
     tag = bento_version_of(args.champion)
     servers = {
         "off": env,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.browser import headless_chromium
+from tests.support.needs import require_tools
 from tests.support.s3 import StoreSwitch, fresh_moto_account, moto_s3_server
 from tests.support.stub_service import stub_client, stub_service
 
@@ -47,3 +49,12 @@ def s3(feedback_dir, monkeypatch):
             yield store, endpoint
         finally:
             store.off()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (Swagger UI, the page), closed after the test."""
+    tools = require_tools("chromium", "chromedriver")
+    driver = headless_chromium(*tools, tmp_path / "profile", "--window-size=1200,1000")
+    yield driver
+    driver.quit()

@@ -10,8 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.browser import headless_chromium, requested_urls
-from tests.support.needs import require_tools
+from tests.support.browser import requested_urls
 from tests.support.stub_service import CARD, photo, stub_served
 
 
@@ -116,14 +115,6 @@ def test_docs_page_uses_only_assets_the_service_serves(client):
 def served(stub) -> Iterator[str]:
     with stub_served() as url:
         yield url
-
-
-@pytest.fixture
-def browser(tmp_path):
-    tools = require_tools("chromium", "chromedriver")
-    driver = headless_chromium(*tools, tmp_path / "profile", "--window-size=1200,1000")
-    yield driver
-    driver.quit()
 
 
 def try_out(browser, wait, operation: str):

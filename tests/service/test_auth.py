@@ -18,10 +18,9 @@ from prometheus_client import REGISTRY
 from serving import auth
 from serving.auth import ApiKeyConfigError, ApiKeys
 from serving.settings import API_KEY_HEADER, API_KEYS_ENV, API_KEYS_FILE_ENV, MIN_API_KEY_CHARS
-from tests.support.browser import headless_chromium, sent_requests
+from tests.support.browser import sent_requests
 from tests.support.http import free_port
 from tests.support.monitoring import scrape_job, scraping, wait_until
-from tests.support.needs import require_tools
 from tests.support.processes import running_server
 from tests.support.stub_service import photo, stub_client, stub_served
 
@@ -247,14 +246,6 @@ def test_bentoml_s_client_sends_its_token_as_the_key(served_with_keys, tmp_path)
             client.predict(image=image)
     assert refused.value.error_code.value == 401
     assert API_KEY_HEADER in str(refused.value)
-
-
-@pytest.fixture
-def browser(tmp_path):
-    tools = require_tools("chromium", "chromedriver")
-    driver = headless_chromium(*tools, tmp_path / "profile", "--window-size=1200,1000")
-    yield driver
-    driver.quit()
 
 
 def test_swagger_ui_s_authorize_sends_the_key(served_with_keys, browser):
