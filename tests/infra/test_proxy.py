@@ -165,7 +165,7 @@ def test_requests_pass_through_the_proxy(proxy):
 
 def service_routes(routes, prefix: str = "") -> list[tuple[str, str]]:
     """(method, path) of every route of the service's app: BentoML's Starlette routes, the
-    mounted FastAPI app's, and a request into each static mount."""
+    mounted FastAPI app's, and each file of its static mounts."""
     found = []
     for route in routes:
         if hasattr(route, "original_router"):  # FastAPI's included router (0.165's own class)
@@ -175,8 +175,10 @@ def service_routes(routes, prefix: str = "") -> list[tuple[str, str]]:
             found.append((method, prefix + route.path))
         elif hasattr(getattr(route, "app", None), "routes"):  # a mounted app: the front's
             found += service_routes(route.app.routes, prefix + route.path)
-        elif route.path:  # StaticFiles, Swagger UI's assets: one real file of it
-            found.append(("GET", f"{prefix}{route.path}/swagger-ui-bundle.js"))
+        else:  # StaticFiles: Swagger UI's assets
+            files = sorted({f.name for d in route.app.all_directories for f in d.iterdir()})
+            assert files, route.path
+            found += [("GET", f"{prefix}{route.path}/{name}") for name in files]
     return found
 
 
@@ -201,7 +203,12 @@ def test_every_route_of_the_service_passes_the_proxy_and_no_other_path(recorder_
     assert recorder.paths == ["/metrics"] * 4
     # Any other path is nginx's JSON 404, and never reaches the service.
     recorder.paths.clear()
-    for method, path in [("GET", "/anon-1"), ("GET", "/metrics/"), ("POST", "/predict/x")]:
+    for method, path in [
+        ("GET", "/anon-1"),
+        ("GET", "/metrics/"),
+        ("POST", "/predict/x"),
+        ("GET", "/static_content/anon-1.js"),
+    ]:
         assert_json_error(*send(proxy.url, method, path, source=next(clients)), 404)
     assert recorder.paths == []
 
