@@ -67,11 +67,10 @@ def included_files(bentofile: Path | str = BENTOFILE) -> list[Path]:
     return sorted({bentofile, *(path for path in matched if path.is_file())})
 
 
-def pinned(
-    names: list[str], python_version: str, constraints: Path | str = CONSTRAINTS
-) -> list[str]:
-    """``name==version`` for each of ``names``, as ``constraints`` pins it for that Python."""
-    pins: dict[str, str] = {}
+def pins(python_version: str, constraints: Path | str = CONSTRAINTS) -> dict[str, str]:
+    """Every pin of ``constraints`` that applies to that Python: its normalized name and its
+    specifier (``==version``). Comments, whole-line or trailing, are not pins."""
+    found: dict[str, str] = {}
     for line in Path(constraints).read_text().splitlines():
         line = line.partition(" #")[0].strip()
         if line and not line.startswith("#"):
@@ -79,13 +78,21 @@ def pinned(
             if requirement.marker is None or requirement.marker.evaluate(
                 {"python_version": python_version}
             ):
-                pins[canonicalize_name(requirement.name)] = str(requirement.specifier)
+                found[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    return found
+
+
+def pinned(
+    names: list[str], python_version: str, constraints: Path | str = CONSTRAINTS
+) -> list[str]:
+    """``name==version`` for each of ``names``, as ``constraints`` pins it for that Python."""
+    found = pins(python_version, constraints)
     unpinned = [
-        name for name in names if not pins.get(canonicalize_name(name), "").startswith("==")
+        name for name in names if not found.get(canonicalize_name(name), "").startswith("==")
     ]
     if unpinned:
         raise ValueError(f"{constraints} pins no version of {unpinned} for Python {python_version}")
-    return [f"{name}{pins[canonicalize_name(name)]}" for name in names]
+    return [f"{name}{found[canonicalize_name(name)]}" for name in names]
 
 
 def dvc_md5(path: Path) -> str:

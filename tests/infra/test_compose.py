@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from dvc.repo import Repo
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from alert_relay.relay import (
     DEFAULT_PORT,
@@ -31,6 +33,7 @@ from alert_relay.relay import (
     Config,
     ConfigError,
 )
+from pipeline.bento import CONSTRAINTS, pins
 from pipeline.secrets import CLASSIFIER_API_KEYS, ENV_VARIABLES, PROMETHEUS_API_KEY, generate
 from serving.challenger import ChallengerConfig, challenger_config
 from serving.contract import MODEL_NAME
@@ -52,6 +55,7 @@ from tests.support.git import copy_workspace
 from tests.support.needs import require_tools
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import dandelion
+from tests.support.pythons import supported_pythons
 
 
 @functools.cache
@@ -279,6 +283,35 @@ def test_the_service_reads_its_api_keys_and_prometheus_its_key_from_the_secrets_
         assert ignored.returncode == 0, path
 
 
+MLFLOW_DOCKERFILE = REPO_ROOT / "compose" / "mlflow" / "Dockerfile"
+
+
+def dockerfile_pins() -> dict[str, str]:
+    """The ``name==version`` pins of the MLflow image's `pip install` lines: name, specifier."""
+    found = {}
+    for line in MLFLOW_DOCKERFILE.read_text().splitlines():
+        if line.startswith("RUN pip install"):
+            for word in line.split():
+                if "==" in word:
+                    requirement = Requirement(word)
+                    found[canonicalize_name(requirement.name)] = str(requirement.specifier)
+    return found
+
+
+def test_the_mlflow_image_pins_what_constraints_txt_pins():
+    """The image adds packages to MLflow's at the versions the project tests (constraints.txt),
+    whichever supported Python the image runs, and is the release of the project's client."""
+    added = dockerfile_pins()
+    assert {"boto3", "flask-wtf", "wtforms"} <= set(added)
+    for python in supported_pythons():
+        constrained = pins(python, REPO_ROOT / CONSTRAINTS)
+        assert {name: constrained.get(name) for name in added} == added, python
+        (base,) = re.findall(
+            r"^FROM ghcr\.io/mlflow/mlflow:v(\S+)$", MLFLOW_DOCKERFILE.read_text(), re.M
+        )
+        assert constrained["mlflow"] == f"=={base}", python
+
+
 def test_mlflow_runs_its_login_with_the_generated_admin():
     mlflow = compose_config()["services"]["mlflow"]
     values = generated_values(generated_env())
@@ -288,9 +321,9 @@ def test_mlflow_runs_its_login_with_the_generated_admin():
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == values["MLFLOW_ADMIN_PASSWORD"]
     assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == values["MLFLOW_FLASK_SERVER_SECRET_KEY"]
     # The image's auth config keeps the users on the volume that keeps the tracking store.
-    dockerfile = (REPO_ROOT / "compose" / "mlflow" / "Dockerfile").read_text()
+    dockerfile = MLFLOW_DOCKERFILE.read_text()
     assert "ENV MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
-    assert "Flask-WTF==" in dockerfile
+    assert "flask-wtf" in dockerfile_pins()  # the basic-auth app's forms
     auth = (REPO_ROOT / "compose" / "mlflow" / "basic_auth.ini").read_text()
     (database,) = re.findall(r"^database_uri = sqlite:///(/.+)$", auth, re.M)
     volume_dirs = [v.split(":")[1] for v in mlflow["volumes"]]

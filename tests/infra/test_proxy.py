@@ -41,7 +41,7 @@ from tests.support.proxy import (
     self_signed_certificate,
     template_variables,
 )
-from tests.support.stub_service import photo, stub_served
+from tests.support.stub_service import photo, stub_served, stub_service
 
 PREDICTION_ROUTES = [
     "/predict",
@@ -86,12 +86,14 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
     delay = 0.0
     lock = threading.Lock()
+    paths: list[str] = []  # the request paths that arrived, in order
     open_now = 0
     most_at_once = 0
 
     def do_GET(self):  # noqa: N802 - http.server's name
         cls = type(self)
         with cls.lock:
+            cls.paths.append(self.path)
             cls.open_now += 1
             cls.most_at_once = max(cls.most_at_once, cls.open_now)
         try:
@@ -116,7 +118,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def recorder_proxy(nginx, tmp_path):
     """nginx in front of a Recorder (a fresh class per test, its delay settable)."""
-    recorder = type("TestRecorder", (Recorder,), {"lock": threading.Lock()})
+    recorder = type("TestRecorder", (Recorder,), {"lock": threading.Lock(), "paths": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder, bind_and_activate=False)
     server.request_queue_size = 256  # the burst below connects all at once
     server.daemon_threads = True
@@ -159,6 +161,56 @@ def test_requests_pass_through_the_proxy(proxy):
     answer = requests.post(f"{proxy.url}/predict", files={"image": photo()}, timeout=10)
     assert answer.status_code == 200, answer.text
     assert answer.json()["label"] == "dandelion"  # the stub's green photo
+
+
+def service_routes(routes, prefix: str = "") -> list[tuple[str, str]]:
+    """(method, path) of every route of the service's app: BentoML's Starlette routes, the
+    mounted FastAPI app's, and each file of its static mounts."""
+    found = []
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI's included router (0.165's own class)
+            found += service_routes(route.original_router.routes, prefix)
+        elif getattr(route, "methods", None):
+            method = "POST" if "POST" in route.methods else "GET"
+            found.append((method, prefix + route.path))
+        elif hasattr(getattr(route, "app", None), "routes"):  # a mounted app: the front's
+            found += service_routes(route.app.routes, prefix + route.path)
+        else:  # StaticFiles: Swagger UI's assets
+            files = sorted({f.name for d in route.app.all_directories for f in d.iterdir()})
+            assert files, route.path
+            found += [("GET", f"{prefix}{route.path}/{name}") for name in files]
+    return found
+
+
+def test_every_route_of_the_service_passes_the_proxy_and_no_other_path(recorder_proxy):
+    proxy, recorder = recorder_proxy
+    routes = service_routes(stub_service().app.routes)
+    # None takes a path parameter: each is one path the proxy can list.
+    assert not [path for _, path in routes if "{" in path], routes
+    paths = {path for _, path in routes}
+    assert {"/", "/docs", "/openapi.json", "/metrics", "/model-info", *PREDICTION_ROUTES} <= paths
+    recorder.paths.clear()  # the proxy's start-up wait asked too
+    clients = iter(f"127.0.8.{i}" for i in range(1, 250))  # each its own: no rate limit
+    for method, path in routes:
+        body = b"x" if method == "POST" else b""
+        status, _, body = send(proxy.url, method, path, source=next(clients), body=body)
+        assert status == 200, (method, path, body)
+    assert recorder.paths == [path for _, path in routes]
+    # Another spelling of a route arrives as the route itself: one series per route at most.
+    recorder.paths.clear()
+    for path in ("//metrics", "/./metrics", "/%6detrics", "/static/../metrics"):
+        assert send(proxy.url, "GET", path, source=next(clients))[0] == 200, path
+    assert recorder.paths == ["/metrics"] * 4
+    # Any other path is nginx's JSON 404, and never reaches the service.
+    recorder.paths.clear()
+    for method, path in [
+        ("GET", "/anon-1"),
+        ("GET", "/metrics/"),
+        ("POST", "/predict/x"),
+        ("GET", "/static_content/anon-1.js"),
+    ]:
+        assert_json_error(*send(proxy.url, method, path, source=next(clients)), 404)
+    assert recorder.paths == []
 
 
 def test_the_service_is_told_who_asked_and_gets_the_credentials(recorder_proxy):
@@ -327,7 +379,7 @@ def test_the_proxy_limits_are_the_service_own(nginx):
     assert retry_after and set(retry_after) == {str(RETRY_AFTER_SECONDS)}
     # Every route that takes one of the service's prediction places is capped; no other.
     (pattern,) = re.findall(
-        r"location ~ (\S+) \{\s*proxy_pass http://classifier_predictions;", routes
+        r"location ~ (\S+) \{\s*proxy_pass http://classifier_predictions\S*;", routes
     )
     assert all(re.fullmatch(pattern, route) for route in PREDICTION_ROUTES)
     assert not any(re.fullmatch(pattern, route) for route in ("/", "/metrics", "/readyz"))

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from alert_relay.dispatch import EVENT_TYPE, dispatch_request, parse_notification
+from pipeline.bento import CONSTRAINTS, pins
 from tests.support.dvc import dvc, set_param
 from tests.support.git import copy_workspace, git
 from tests.support.http import free_port, serve_directory, serve_http
@@ -488,16 +487,12 @@ def test_the_audit_runs_weekly_on_demand_and_on_pull_requests_that_change_the_pi
 
 
 def pins_for_this_python() -> set[tuple[str, str]]:
-    """(name, version) of every pin of constraints.txt whose environment marker holds here."""
-    pins = set()
-    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate():
-                (specifier,) = requirement.specifier
-                assert specifier.operator == "==", line
-                pins.add((canonicalize_name(requirement.name), specifier.version))
-    return pins
+    """(name, version) of every pin of constraints.txt that applies to this Python, read by the
+    pipeline's own parser (pipeline/bento.py)."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = pins(python, REPO_ROOT / CONSTRAINTS)
+    assert all(specifier.startswith("==") for specifier in found.values()), found
+    return {(name, specifier.removeprefix("==")) for name, specifier in found.items()}
 
 
 class AdvisoryService(http.server.BaseHTTPRequestHandler):
@@ -609,9 +604,13 @@ def test_dependabot_config_passes_its_schema_and_a_broken_one_does_not(tmp_path)
 
 def test_dependabot_watches_the_pins_and_every_action_and_its_groups_match_real_pins():
     updates = {u["package-ecosystem"]: u for u in yaml.safe_load(DEPENDABOT.read_text())["updates"]}
-    assert set(updates) == {"pip", "github-actions"}
+    assert set(updates) == {"pip", "github-actions", "docker", "docker-compose"}
     # The pins live at the top: constraints.txt and pyproject.toml.
     assert updates["pip"]["directory"] == "/"
+    # The images: the MLflow server's Dockerfile and docker-compose.yml's.
+    assert (REPO_ROOT / updates["docker"]["directory"].lstrip("/") / "Dockerfile").is_file()
+    assert updates["docker-compose"]["directory"] == "/"
+    assert (REPO_ROOT / "docker-compose.yml").is_file()
     # The actions: the workflows' ("/" means .github/workflows) and the composite actions'.
     directories = updates["github-actions"]["directories"]
     composite = {path.parent for path in (REPO_ROOT / ".github" / "actions").glob("*/action.yml")}
@@ -621,8 +620,7 @@ def test_dependabot_watches_the_pins_and_every_action_and_its_groups_match_real_
         assert any(fnmatch.fnmatch(where, pattern) for pattern in directories), where
     # A pattern that names no pin would leave its group silently empty (Dependabot compares
     # normalized names).
-    lines = (REPO_ROOT / "constraints.txt").read_text().splitlines()
-    pinned = {canonicalize_name(Requirement(line).name) for line in lines if line[:1].isalnum()}
+    pinned = set().union(*(pins(python, REPO_ROOT / CONSTRAINTS) for python in supported_pythons()))
     for group, rule in updates["pip"]["groups"].items():
         for pattern in rule["patterns"]:
             normalized = re.sub(r"[-_.]+", "-", pattern).lower()
