@@ -29,13 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 from benchmarks.load_benchmark import own_cpu_seconds, private_bento_home, tree_cpu_seconds
 from pipeline.bento import bento_version_of
 from tests.support.http import free_port
-from tests.support.load import Outcome
+from tests.support.load import Outcome, send_photos
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
 from tests.support.proxy import running_proxy
@@ -45,40 +44,6 @@ from tests.support.service import evaluated_predictions
 def client_address(index: int) -> str:
     """A loopback address of its own for client ``index`` (the kernel routes 127/8 to lo)."""
     return f"127.0.{1 + index // 250}.{1 + index % 250}"
-
-
-async def flood(
-    url: str, photos: list[bytes], concurrency: int, seconds: float, one_address: bool
-) -> list[Outcome]:
-    """``concurrency`` clients POSTing photos to ``url`` for ``seconds``, each sending its
-    next request as soon as the last is answered, whatever the answer."""
-    outcomes: list[Outcome] = []
-    deadline = time.monotonic() + seconds
-
-    async def client(index: int) -> None:
-        address = "127.0.0.1" if one_address else client_address(index)
-        connector = aiohttp.TCPConnector(limit=1, local_addr=(address, 0))
-        timeout = aiohttp.ClientTimeout(total=90)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            sent = index
-            while time.monotonic() < deadline:
-                form = aiohttp.FormData()
-                form.add_field("image", photos[sent % len(photos)], filename="photo.jpg")
-                sent += 1
-                started = time.monotonic()
-                try:
-                    async with session.post(url, data=form) as response:
-                        await response.read()
-                        status = response.status
-                        retry_after = response.headers.get("Retry-After")
-                except (TimeoutError, aiohttp.ClientError) as error:
-                    status, retry_after = type(error).__name__, None
-                outcomes.append(Outcome(started, status, time.monotonic() - started, retry_after))
-                if not isinstance(status, int):
-                    await asyncio.sleep(0.05)  # no answer at all: do not spin
-
-    await asyncio.gather(*(client(index) for index in range(concurrency)))
-    return outcomes
 
 
 def summary(
@@ -134,8 +99,7 @@ def main() -> None:
             running_server(command, f"http://{service}", scratch / "serve.log", env=env)
         )
         proxy = stack.enter_context(running_proxy(service, scratch / "nginx"))
-        warm_up = flood(f"http://{service}/predict", photos, 4, 3, one_address=True)
-        asyncio.run(warm_up)
+        asyncio.run(send_photos(f"http://{service}/predict", photos, 4, seconds=3))  # warm up
         for name, url, one_address in runs:
             time.sleep(5)  # the last flood's requests are over
             target = f"{url or proxy.url}/predict"
@@ -143,8 +107,16 @@ def main() -> None:
             processes = {"service": server, "nginx": proxy.process}
             cpu = {part: tree_cpu_seconds(process) for part, process in processes.items()}
             cpu["clients"], started = own_cpu_seconds(), time.perf_counter()
+            # Each request sent the moment the last is answered, whatever the answer: no
+            # backoff, Retry-After never honoured.
             outcomes = asyncio.run(
-                flood(target, photos, args.concurrency, args.seconds, one_address)
+                send_photos(
+                    target,
+                    photos,
+                    args.concurrency,
+                    seconds=args.seconds,
+                    source_address=None if one_address else client_address,
+                )
             )
             elapsed = time.perf_counter() - started
             cpu_after = {part: tree_cpu_seconds(process) for part, process in processes.items()}

@@ -200,7 +200,7 @@ def certificate(hostname: str, days: int = CERT_DAYS) -> tuple[bytes, bytes]:
     private key (P-256), both PEM."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
-    for name in dict.fromkeys([hostname, "localhost", "127.0.0.1"]):
+    for name in _sans(hostname):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:

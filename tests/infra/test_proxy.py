@@ -55,7 +55,7 @@ PREDICTION_ROUTES = [
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    nginx, _, _ = require_tools("nginx", "envsubst", "openssl")
+    nginx, _ = require_tools("nginx", "envsubst")
     return nginx
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,6 +34,7 @@ async def send_photos(
     fresh_connections: bool = False,
     stop_on_failure: bool = False,
     timeout: float = 90,
+    source_address: Callable[[int], str] | None = None,
 ) -> list[Outcome]:
     """POST the photos (cycled) to ``url``, field ``image``, from ``concurrency`` clients, each
     sending its next request when the last is answered; until ``total`` requests were sent
@@ -42,7 +44,9 @@ async def send_photos(
     otherwise it sends again at once. ``fresh_connections``: a new connection per request, so
     that a request either reaches the server or is refused at connect, and is never lost on a
     kept-alive connection the server has just closed. ``stop_on_failure``: the first answer
-    that is not a 200 raises RuntimeError (a benchmark's figures would mean nothing)."""
+    that is not a 200 raises RuntimeError (a benchmark's figures would mean nothing).
+    ``source_address``: client ``i`` connects from the local address ``source_address(i)``,
+    with a session of its own, as separate machines would (a proxy's per-client limits)."""
     if total is None and seconds is None:
         raise ValueError("give total or seconds: the load must be bounded")
     outcomes: list[Outcome] = []
@@ -74,8 +78,19 @@ async def send_photos(
             elif not isinstance(status, int):
                 await asyncio.sleep(0.05)  # the server is going away: do not spin
 
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=fresh_connections)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    if source_address is None:
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=fresh_connections)
+        async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+            await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        return outcomes
+
+    async def own_client(index: int) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=1, force_close=fresh_connections, local_addr=(source_address(index), 0)
+        )
+        async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+            await client(session)
+
+    await asyncio.gather(*(own_client(index) for index in range(concurrency)))
     return outcomes

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import requests
 
+from pipeline.secrets import TLS_CERT, TLS_KEY, certificate
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import stop_process_group
@@ -79,16 +80,13 @@ class Proxy:
 
 
 def self_signed_certificate(directory: Path, hostname: str = "localhost") -> Path:
-    """``directory``/proxy.crt and proxy.key, a self-signed certificate (openssl)."""
+    """``directory``/proxy.crt and proxy.key, the self-signed pair `dandelion secrets` makes
+    (pipeline/secrets.py): the proxy is tested with what deployments get."""
     directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", f"/CN={hostname}", "-addext", f"subjectAltName=DNS:{hostname},IP:127.0.0.1"]
-        + ["-keyout", str(directory / "proxy.key"), "-out", str(directory / "proxy.crt")],
-        check=True,
-        capture_output=True,
-    )
-    return directory / "proxy.crt"
+    cert_pem, key_pem = certificate(hostname)
+    (directory / TLS_KEY.name).write_bytes(key_pem)
+    (directory / TLS_CERT.name).write_bytes(cert_pem)
+    return directory / TLS_CERT.name
 
 
 @contextlib.contextmanager
