@@ -108,11 +108,17 @@ def file_stamp(path: Path) -> tuple[int, int, int] | None:
     return stat.st_mtime_ns, stat.st_ino, stat.st_size
 
 
+def digests(keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The keys' SHA-256 digests, what a presented key is compared with (``accepts``)."""
+    return tuple(hashlib.sha256(key).digest() for key in keys)
+
+
 @dataclass
 class ApiKeys:
-    """The keys a request may present; those of a ``path`` are read again when it changes."""
+    """The keys a request may present, kept as their digests (made once per read, not per
+    request); those of a ``path`` are read again when it changes."""
 
-    keys: tuple[bytes, ...]
+    digests: tuple[bytes, ...]
     path: Path | None = None
     stamp: tuple | None = None
     checked: float = field(default_factory=time.monotonic)
@@ -131,12 +137,12 @@ class ApiKeys:
                 raise ApiKeyConfigError(f"{API_KEYS_FILE_ENV} is set but empty: name a file")
             path = Path(file)
             stamp = file_stamp(path)
-            keys = cls(read_key_file(path), path, stamp)
-            logger.info("API keys required: %d from %s", len(keys.keys), path)
+            keys = cls(digests(read_key_file(path)), path, stamp)
+            logger.info("API keys required: %d from %s", len(keys.digests), path)
             return keys
         if listed is not None:
-            keys = cls(parsed_keys(listed, API_KEYS_ENV, ","))
-            logger.info("API keys required: %d from %s", len(keys.keys), API_KEYS_ENV)
+            keys = cls(digests(parsed_keys(listed, API_KEYS_ENV, ",")))
+            logger.info("API keys required: %d from %s", len(keys.digests), API_KEYS_ENV)
             return keys
         logger.warning(
             "no API keys configured (%s or %s): the service is open to anyone who reaches it",
@@ -146,22 +152,22 @@ class ApiKeys:
         return None
 
     def current(self) -> tuple[bytes, ...]:
-        """The keys, read again from the file if it changed (looked at every few seconds). A
-        file that has become unusable keeps the keys in force, with a warning: a Secret
-        half-updated must not open the service, nor lock everyone out."""
+        """The keys' digests, read again from the file if it changed (looked at every few
+        seconds). A file that has become unusable keeps the keys in force, with a warning: a
+        Secret half-updated must not open the service, nor lock everyone out."""
         if self.path is None or time.monotonic() - self.checked < API_KEYS_FILE_CHECK_SECONDS:
-            return self.keys
+            return self.digests
         with self.lock:
             self.checked = time.monotonic()
             stamp = file_stamp(self.path)
             if stamp != self.stamp:
                 try:
-                    self.keys = read_key_file(self.path)
+                    self.digests = digests(read_key_file(self.path))
                     self.stamp = stamp
-                    logger.info("API keys read again: %d from %s", len(self.keys), self.path)
+                    logger.info("API keys read again: %d from %s", len(self.digests), self.path)
                 except ApiKeyConfigError as error:
                     logger.warning("API keys kept as they were: %s", error)
-        return self.keys
+        return self.digests
 
     def accepts(self, presented: bytes | None) -> bool:
         """Whether ``presented`` is one of the keys, compared in constant time with every key
@@ -172,8 +178,8 @@ class ApiKeys:
             return False
         digest = hashlib.sha256(presented).digest()
         matched = False
-        for key in self.current():
-            matched |= hmac.compare_digest(digest, hashlib.sha256(key).digest())
+        for key_digest in self.current():
+            matched |= hmac.compare_digest(digest, key_digest)
         return matched
 
 
