@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> str:
         model_path = args.model_dir / MODEL_FILE
         save_reproducibly(classifier, model_path)
         mlflow.set_tag(MODEL_SHA256_TAG, file_sha256(model_path))  # how evaluate/promote find it
+        # The signature records dtypes and shapes only: outputs of the model's declared shape,
+        # rather than a prediction, which would build the classifier's predict graph again.
         examples = images["val"]["images"][:2]
-        signature = mlflow.models.infer_signature(examples, classifier.predict(examples, verbose=0))
+        outputs = np.zeros((len(examples), *classifier.output_shape[1:]), dtype=np.float32)
+        signature = mlflow.models.infer_signature(examples, outputs)
         # Stated rather than inferred: MLflow's inference re-imports the model in a subprocess.
         requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"]
         mlflow.keras.log_model(
