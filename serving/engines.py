@@ -4,13 +4,13 @@ The export stage writes the trained Keras model into the export directory in the
 ``serve.engine``; evaluate and the service both load that directory with ``load_engine``, so
 the scores evaluate reports are the scores the service returns, bit for bit.
 
-- ``openvino`` (default): the model converted to OpenVINO IR: several times faster than Keras
+- ``openvino``: the model converted to OpenVINO IR in f32: several times faster than Keras
   for one image (docs/benchmarks.md, *Inference engines*), and no TensorFlow in the serving
   image.
-- ``openvino-int8``: that IR quantized to 8-bit integers after training (NNCF, calibrated on
-  train photos; pipeline/quantize.py), with the novelty branch kept in f32; scored by the same
-  code as ``openvino``. Its accuracy against the f32 export is a test on the real model
-  (docs/pipeline.md, *INT8 engine*).
+- ``openvino-int8`` (default): that IR quantized to INT8 after training by NNCF, calibrated
+  on train photos (pipeline/quantize.py), with everything the novelty output reads kept f32;
+  the scorer is the f32 IR's, and a bento needs only OpenVINO. Its decisions are held to the
+  f32 export's on the real model by a test (docs/pipeline.md, *INT8 engine*).
 - ``keras``: the Keras file itself, served by TensorFlow; kept so parity stays testable.
 
 Only NumPy here; each engine's package is imported when that engine is loaded.
