@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.export import export_model
 from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine
-from stages.export import export_model
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 
 

@@ -21,11 +21,11 @@ import requests
 from PIL import Image
 
 from pipeline.bento import bento_version_of
+from pipeline.export import export_model
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, NOVELTY, PROBABILITY, DecisionRule
 from serving.engines import engine_of, load_engine
 from stages.evaluate import unlike_pictures
-from stages.export import export_model
 from tests.support.dvc import dvc, set_param, stages_run
 from tests.support.http import free_port, multipart_body
 from tests.support.paths import EVALUATE_METRICS, PIPELINE_PATHS
