@@ -66,4 +66,3 @@ def test_hey_failures_are_counted_answered_or_not() -> None:
     refused = hey_photo(f"http://127.0.0.1:{free_port()}/predict", PHOTO, 2, seconds=0.3)
     assert refused.statuses == {} and refused.failures == refused.requests > 0
     assert all("refused" in message for message in refused.errors)
-
