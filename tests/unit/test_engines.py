@@ -95,7 +95,11 @@ def test_export_is_byte_identical_from_fresh_processes(keras_file, tmp_path):
 
 
 def test_an_unknown_engine_or_an_empty_export_is_a_clear_error(keras_file, tmp_path):
-    with pytest.raises(ValueError, match=r"serve.engine must be one of \['openvino', 'keras'\]"):
+    with pytest.raises(
+        ValueError, match=r"must be one of \['openvino', 'openvino-int8', 'keras'\]"
+    ):
         export_model(keras_file, tmp_path / "x", "tensorrt")
-    with pytest.raises(FileNotFoundError, match="holds neither classifier.xml nor"):
+    with pytest.raises(
+        FileNotFoundError, match="holds none of .'classifier.xml', 'classifier-int8"
+    ):
         engine_of(tmp_path)
