@@ -1,9 +1,12 @@
-"""Benchmark: cold and no-op `dvc repro`, then `dvc push`/`dvc pull` of all outputs to S3.
+"""Benchmark: cold and no-op `dvc repro`, `dvc push`/`dvc pull` to S3, then a sweep point.
 
 The images are served from a local mirror on 127.0.0.1 (default: ../shared's byte-identical
 copy of the dataset) and the S3 remote is moto's server on 127.0.0.1, so the figures measure
-the pipeline and DVC, not the internet. Run it from the repo root with the project's
-environment active:
+the pipeline and DVC, not the internet. The sweep point is one `dvc exp run -S
+train.learning_rate=...` on top of the cached features, as users run it: in full (every stage
+downstream of train, to a written dvc.lock), then, at another rate, up to evaluate only
+(`dvc exp run -S ... evaluate`). MLflow logs to the workspace copy's own store. Run it from
+the repo root with the project's environment active:
 
     python -m benchmarks.benchmark [--mirror DIR] [--noop-runs 3]
 """
@@ -19,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from tests.support.dvc import (
     delete_cache_and_outputs,
     dvc,
@@ -26,6 +31,7 @@ from tests.support.dvc import (
     output_paths,
     pipeline_env,
     prepare_keras_home,
+    stages_run,
 )
 from tests.support.git import copy_workspace
 from tests.support.http import serve_directory
@@ -40,6 +46,40 @@ def timed_dvc(workspace: Path, env: dict[str, str], *args: str) -> float:
     if result.returncode != 0:
         sys.exit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return elapsed
+
+
+# Learning rates none of the runs before used, so DVC's run cache holds no result for them and
+# every stage downstream of train runs.
+SWEEP_RATES = (0.0007, 0.0008)
+
+
+def locked_learning_rates(workspace: Path) -> set[float]:
+    """The train.learning_rate values dvc.lock records, whichever stages depend on it (on the
+    key or on the whole ``train`` section)."""
+    stages = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"].values()
+    recorded = [stage.get("params", {}).get("params.yaml", {}) for stage in stages]
+    return {
+        params["train.learning_rate"]
+        if "train.learning_rate" in params
+        else params["train"]["learning_rate"]
+        for params in recorded
+        if "train.learning_rate" in params or "learning_rate" in params.get("train", {})
+    }
+
+
+def timed_sweep_point(
+    workspace: Path, env: dict[str, str], rate: float, *targets: str
+) -> tuple[float, list[str]]:
+    """Wall seconds of `dvc exp run -S train.learning_rate=<rate> [targets]`, and the stages it
+    ran; exits unless dvc.lock then records that rate."""
+    start = time.perf_counter()
+    result = dvc(workspace, "exp", "run", "-S", f"train.learning_rate={rate}", *targets, env=env)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"dvc exp run failed:\n{result.stdout}\n{result.stderr}")
+    if rate not in locked_learning_rates(workspace):
+        sys.exit(f"dvc.lock does not record train.learning_rate={rate} after dvc exp run")
+    return elapsed, stages_run(result.stdout)
 
 
 def timed_push_and_pull(workspace: Path, env: dict[str, str]) -> tuple[float, float, int, int]:
@@ -81,6 +121,8 @@ def main() -> None:
             cold = timed_dvc(workspace, env, "repro")
             noops = [timed_dvc(workspace, env, "repro") for _ in range(args.noop_runs)]
         push, pull, files, volume = timed_push_and_pull(workspace, env)
+        full, full_stages = timed_sweep_point(workspace, env, SWEEP_RATES[0])
+        partial, partial_stages = timed_sweep_point(workspace, env, SWEEP_RATES[1], "evaluate")
 
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
@@ -94,6 +136,15 @@ def main() -> None:
     print(f"data: {files} cache files, {volume / 2**20:.1f} MiB (every cached output)")
     print(f"dvc push to S3 on 127.0.0.1 (moto):                {push:6.1f} s")
     print(f"dvc pull from S3 on 127.0.0.1 (empty cache):       {pull:6.1f} s")
+    print(
+        f"sweep point, dvc exp run -S train.learning_rate={SWEEP_RATES[0]}:   {full:6.1f} s "
+        f"({', '.join(full_stages)})"
+    )
+    print(
+        f"sweep point up to evaluate (dvc exp run -S ... evaluate): {partial:6.1f} s "
+        f"({', '.join(partial_stages)})"
+    )
+    print(f"load average at the end (1/5/15 min): {' '.join(map(str, os.getloadavg()))}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class Classifier:
 
     def __init__(self) -> None:
         sample_process("model")
-        model = bento_pinned(type(self).bento_model, Classifier)
+        model = bento_pinned(type(self).bento_model, Classifier).stored
         card = ModelCard.from_metadata(model.info.metadata)
         # Warmed up: otherwise the batcher's latency estimate starts out far too high and
         # it sheds requests.

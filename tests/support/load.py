@@ -1,18 +1,25 @@
-"""Load on the served photo endpoint: many aiohttp clients, each outcome recorded.
+"""Load on the served photo endpoint: many aiohttp clients, each outcome recorded; or hey.
 
 aiohttp, because the load generator shares the server's cores: it costs about 0.7 ms of CPU
-per request here against 1.8 ms for httpx.
+per request here against 1.8 ms for httpx. hey (Debian's package), where it is installed,
+costs less still, but sends one body and records no outcome per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import re
+import resource
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+
+from tests.support.http import multipart_body
 
 
 @dataclass(frozen=True)
@@ -94,3 +101,81 @@ async def send_photos(
 
     await asyncio.gather(*(own_client(index) for index in range(concurrency)))
     return outcomes
+
+
+# hey (Debian's package, written in Go): a load generator whose own CPU per request is a small
+# share of what the aiohttp clients above cost, so more of the shared cores go to the server.
+# It sends one body to every request, so it loads with one photo.
+
+
+@dataclass(frozen=True)
+class HeyRun:
+    """What one run of hey measured, from its summary (the summary, not ``-o csv``: only the
+    summary counts the requests that got no answer)."""
+
+    seconds: float  # hey's "Total": from the first request sent to the last answer
+    statuses: dict[int, int]  # HTTP status -> answers
+    errors: dict[str, int]  # requests without an answer (refused, reset, timeout) by message
+    percentiles_ms: dict[int, float]  # latency of the answered requests, by percentile
+    client_cpu_seconds: float  # user + system CPU time hey itself used
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values()) + sum(self.errors.values())
+
+    @property
+    def failures(self) -> int:
+        """Requests not answered 200."""
+        return self.requests - self.statuses.get(200, 0)
+
+    @property
+    def throughput(self) -> float:
+        """200 answers per second."""
+        return self.statuses.get(200, 0) / self.seconds
+
+
+def parse_hey_summary(summary: str) -> dict:
+    """hey's summary (its default output) as seconds, statuses, errors and percentiles_ms."""
+    section, parsed = "", {"statuses": {}, "errors": {}, "percentiles_ms": {}}
+    for line in summary.splitlines():
+        if line and not line[0].isspace():
+            section = line.rstrip(":")
+        elif match := re.fullmatch(r"\s+Total:\s+([\d.]+) secs", line):
+            parsed["seconds"] = float(match[1])
+        elif section == "Latency distribution" and (
+            match := re.fullmatch(r"\s+(\d+)% in ([\d.]+) secs", line)
+        ):
+            if int(match[1]):  # hey prints "0% in 0.0000 secs" for a percentile it lacks
+                parsed["percentiles_ms"][int(match[1])] = float(match[2]) * 1000
+        elif section == "Status code distribution" and (
+            match := re.fullmatch(r"\s+\[(\d+)\]\s+(\d+) responses", line)
+        ):
+            parsed["statuses"][int(match[1])] = int(match[2])
+        elif section == "Error distribution" and (
+            match := re.fullmatch(r"\s+\[(\d+)\]\s+(.*)", line)
+        ):
+            parsed["errors"][match[2]] = int(match[1])
+    if "seconds" not in parsed:
+        raise ValueError(f"not a hey summary:\n{summary}")
+    return parsed
+
+
+def hey_photo(
+    url: str, photo: bytes, concurrency: int, seconds: float, timeout: float = 90
+) -> HeyRun:
+    """POST ``photo`` to ``url``, field ``image``, from ``concurrency`` hey workers, each sending
+    its next request when the last is answered, for ``seconds``."""
+    body, content_type = multipart_body("image", [photo])
+    with tempfile.NamedTemporaryFile(prefix="hey-body-") as body_file:
+        body_file.write(body)
+        body_file.flush()
+        command = [
+            *("hey", "-z", f"{seconds}s", "-c", str(concurrency), "-t", str(int(timeout))),
+            *("-m", "POST", "-T", content_type, "-D", body_file.name, url),
+        ]
+        # hey is the only child that ends meanwhile, so the children's CPU time grows by its.
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ran = subprocess.run(command, capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return HeyRun(client_cpu_seconds=cpu, **parse_hey_summary(ran.stdout))
