@@ -347,8 +347,8 @@ def targets(results: dict, top: int) -> list[dict]:
 
 def report(run: dict) -> None:
     print(
-        f"client: {run['client']}; photo: {run['photo']} ({run['photo_bytes']} bytes, "
-        f"{run['photos']} photos); {run['seconds']} s per level; {run['cpus']} CPUs; "
+        f"client: {run['client']}; photo: {run['photo']} ({run['photos']} photos, median "
+        f"{run['photo_bytes']} bytes); {run['seconds']} s per level; {run['cpus']} CPUs; "
         f"load average before {run['load_before']}, after {run['load_after']}"
     )
     print(
@@ -431,7 +431,7 @@ def main() -> None:
             if name in args.servers
         }
         tags = ", ".join(f"{engine} {b['tag']}" for engine, b in built.items())
-        print(f"built: {tags}", file=sys.stderr)
+        print(f"built: {tags or 'nothing'}", file=sys.stderr)
         load_before = os.getloadavg()  # what else runs on the machine, bentos built
         env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
         serve = [sys.executable, "-m", "bentoml", "serve"]
