@@ -148,6 +148,24 @@ def test_a_new_threshold_reaches_the_served_decisions(pipeline_copy, reproduced,
     assert {a["model_version"] for a in answers} == {info["version"]}
 
 
+def test_a_keras_bento_starts_and_serves_what_evaluate_decided(pipeline_copy, reproduced, tmp_path):
+    """serve.engine keras: the front and its batching model service (serving/engines.py
+    SERVICES) start from the bento and answer every test photo as evaluate scored it."""
+    set_param(pipeline_copy, "serve.engine", "keras")
+    rebuilt = dvc(pipeline_copy, "repro", env=reproduced.env)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert stages_run(rebuilt.stdout) == ["export", "evaluate", "package", "plots"]
+
+    env = dict(reproduced.env, BENTOML_HOME=str(tmp_path / "bentoml_home"))
+    archive = pipeline_copy / PIPELINE_PATHS["bento_archive"]
+    imported = python_module("bentoml", pipeline_copy, "import", str(archive), env=env)
+    assert imported.returncode == 0, imported.stderr
+    with serving(bento_version_of(archive), pipeline_copy, env, tmp_path) as service:
+        assert_serves_what_evaluate_decided(service)
+        info = requests.get(f"{service.url}/model-info", timeout=TIMEOUT).json()
+    assert info["engine"] == "keras"
+
+
 def curl(url: str, *forms: str) -> dict:
     """The JSON answer of the real `curl -sS -F form... url` (bounded: 60 s)."""
     command = ["curl", "-sS", "--fail-with-body", "--max-time", "60"]
