@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import bentoml
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
@@ -135,7 +136,15 @@ def front_app() -> FastAPI:
         openapi_url=None,
     )
     handle_errors(app)
+    # BentoML hands each route its service instance through a dependency on this function;
+    # FastAPI runs a plain function dependency in a worker thread, one thread hop per request
+    # for a module global. As a coroutine it runs in the event loop.
+    app.dependency_overrides[bentoml.get_current_service] = current_service
     return app
+
+
+async def current_service() -> Any:
+    return bentoml.get_current_service()
 
 
 def error_responses(feedback: bool = False) -> dict[int, dict]:
