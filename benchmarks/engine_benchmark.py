@@ -1,8 +1,9 @@
 """Engine benchmark: the trained model's speed and agreement with Keras in each serving engine.
 
 After `dvc repro` (or `dvc pull`): exports data/model for each engine of serving/engines.py
-(as the export stage does), then times scoring the test photos in batches of 1 and 32 on this
-machine's cores, and compares the scores with Keras'.
+(as the export stage does, INT8 calibrated on the same train photos), then times scoring the
+test photos in batches of 1 and 32 on this machine's cores, and compares the scores with
+Keras'.
 
     python -m benchmarks.engine_benchmark [--seconds 5]
 """
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.export import export_model
+from pipeline.params import QuantizeParams
+from pipeline.quantize import calibration_set
 from serving.contract import MODEL_FILE, PROBABILITY
 from serving.engines import ENGINES, load_engine
-from stages.export import export_model
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT
 
 
@@ -40,11 +43,13 @@ def main() -> None:
     args = parser.parse_args()
 
     keras_file = REPO_ROOT / PIPELINE_PATHS["model_dir"] / MODEL_FILE
-    test = np.load(REPO_ROOT / PIPELINE_PATHS["arrays_dir"] / "test.npz")["images"]
+    arrays = REPO_ROOT / PIPELINE_PATHS["arrays_dir"]
+    test = np.load(arrays / "test.npz")["images"]
+    calibration = calibration_set(np.load(arrays / "train.npz")["images"], QuantizeParams.load())
     scores, rows = {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for engine in ENGINES:
-            export_model(keras_file, Path(scratch) / engine, engine)
+            export_model(keras_file, Path(scratch) / engine, engine, calibration)
             score = load_engine(Path(scratch) / engine)
             outputs = np.concatenate([score(image[None]) for image in test])
             scores[engine] = outputs[:, PROBABILITY]
@@ -53,10 +58,10 @@ def main() -> None:
             ]
             rows.append((engine, *timings))
     print(f"{len(test)} test photos, {os.cpu_count()} CPUs; ms per image")
-    print(f"{'engine':<10} {'batch 1':>8} {'batch 32':>9} {'max |diff| vs keras':>20}")
+    print(f"{'engine':<13} {'batch 1':>8} {'batch 32':>9} {'max |diff| vs keras':>20}")
     for engine, one, many in rows:
         difference = np.abs(scores[engine] - scores["keras"]).max()
-        print(f"{engine:<10} {one:>8.2f} {many:>9.2f} {difference:>20.2e}")
+        print(f"{engine:<13} {one:>8.2f} {many:>9.2f} {difference:>20.2e}")
 
 
 if __name__ == "__main__":

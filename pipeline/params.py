@@ -173,6 +173,19 @@ class CrossvalParams(Section):
     noise_confidence: float
 
 
+class QuantizeParams(Section):
+    """The calibration photos of the ``openvino-int8`` export (pipeline/quantize.py)."""
+
+    calibration_photos: int  # drawn from the train split, never val or test
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.calibration_photos < 1:
+            raise ParamsError(
+                f"quantize.calibration_photos must be at least 1, not {self.calibration_photos}"
+            )
+
+
 class EvaluateParams(Section):
     """The decision threshold the bento carries."""
 

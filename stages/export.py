@@ -1,81 +1,41 @@
 """Export stage: the trained Keras model in the format of the engine that will serve it.
 
 ``serve.engine`` chooses (serving/engines.py): ``openvino`` converts the model to OpenVINO IR
-with Keras' own exporter; ``keras`` copies the Keras file. Evaluate scores this export and
+with Keras' own exporter; ``openvino-int8`` quantizes that IR to INT8, calibrated on
+``quantize.calibration_photos`` train photos (pipeline/quantize.py); ``keras`` copies the
+Keras file. Evaluate scores this export and
 the bento ships it, so the metrics describe exactly what is served. The conversion gives the
 same bytes in every fresh process, so ``dvc.lock`` stays reproducible.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
-from pathlib import Path
-
 import numpy as np
 
-from pipeline.logs import import_tensorflow_quietly
-from pipeline.params import ParamsError, ServeParams
+from pipeline.export import export_model
+from pipeline.params import ParamsError, QuantizeParams, ServeParams
+from pipeline.quantize import calibration_set
 from pipeline.stage import arguments, summarised
 from serving.contract import MODEL_FILE
-from serving.engines import OPENVINO_FILE, check_engine
-
-
-def work_around_openvino_on_python_3_13() -> None:
-    """OpenVINO's TensorFlow frontend (2026.4.1 and older) runs ``exec("import tensorflow")``
-    then ``exec("del tensorflow")`` in one function. Since Python 3.13 (PEP 667) each exec sees
-    a fresh copy of the function's locals, so the second raises NameError and every Keras
-    export fails. Where it does, compute the same answer without exec (same IR bytes)."""
-    from openvino.frontend.tensorflow import utils
-
-    original = utils.get_environment_setup
-    if getattr(original, "works_around_pep_667", False):
-        return
-
-    def get_environment_setup(framework: str) -> dict:
-        try:
-            return original(framework)
-        except NameError:
-            import tensorflow
-
-            return {
-                "python_version": ".".join(map(str, sys.version_info[:3])),
-                "tensorflow": utils.get_imported_module_version(tensorflow),
-                "sys_platform": sys.platform,
-            }
-
-    get_environment_setup.works_around_pep_667 = True
-    utils.get_environment_setup = get_environment_setup
-
-
-def export_model(keras_file: Path, out_dir: Path, engine: str) -> None:
-    """Write ``keras_file`` for ``engine`` into the (emptied) ``out_dir``."""
-    check_engine(engine)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    if engine == "keras":
-        shutil.copyfile(keras_file, out_dir / MODEL_FILE)
-        return
-    import_tensorflow_quietly()
-    import keras
-
-    model = keras.models.load_model(keras_file, compile=False)
-    # Keras exports a model it has traced: call it once on an input of its shape.
-    model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32))
-    if sys.version_info >= (3, 13):
-        work_around_openvino_on_python_3_13()
-    model.export(str(out_dir / OPENVINO_FILE), format="openvino", verbose=False)
+from serving.engines import check_engine
 
 
 @summarised("export")
 def main(argv: list[str] | None = None) -> str:
-    args = arguments(argv, __doc__, "model_dir", "export_dir")
+    args = arguments(argv, __doc__, "model_dir", "export_dir", "train_npz")
     engine = ServeParams.load().engine
     try:
         check_engine(engine)
     except ValueError as error:
         raise ParamsError(f"params.yaml: {error}") from None
-    export_model(args.model_dir / MODEL_FILE, args.export_dir, engine)
+    calibration = None
+    if engine == "openvino-int8":
+        params = QuantizeParams.load()
+        try:
+            calibration = calibration_set(np.load(args.train_npz)["images"], params)
+        except ValueError as error:
+            raise ParamsError(f"params.yaml: {error}") from None
+    export_model(args.model_dir / MODEL_FILE, args.export_dir, engine, calibration)
     return f"{args.model_dir / MODEL_FILE} -> {args.export_dir} ({engine})"
 
 

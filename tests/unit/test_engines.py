@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline.export import export_model
 from serving.contract import MODEL_FILE
 from serving.engines import OPENVINO_FILE, engine_of, load_engine
-from stages.export import export_model
 from tests.support.paths import REPO_ROOT
 
 
@@ -71,7 +71,7 @@ def test_export_is_byte_identical_from_fresh_processes(keras_file, tmp_path):
     has converted other models may name things differently). Both run at once. Full tier: two
     TensorFlow processes, and the pipeline run's second `dvc repro` checks it at full size."""
     code = (
-        "import sys; from pathlib import Path; from stages.export import export_model; "
+        "import sys; from pathlib import Path; from pipeline.export import export_model; "
         "export_model(Path(sys.argv[1]), Path(sys.argv[2]), 'openvino')"
     )
     exports = [
@@ -95,7 +95,11 @@ def test_export_is_byte_identical_from_fresh_processes(keras_file, tmp_path):
 
 
 def test_an_unknown_engine_or_an_empty_export_is_a_clear_error(keras_file, tmp_path):
-    with pytest.raises(ValueError, match=r"serve.engine must be one of \['openvino', 'keras'\]"):
+    with pytest.raises(
+        ValueError, match=r"must be one of \['openvino', 'openvino-int8', 'keras'\]"
+    ):
         export_model(keras_file, tmp_path / "x", "tensorrt")
-    with pytest.raises(FileNotFoundError, match="holds neither classifier.xml nor"):
+    with pytest.raises(
+        FileNotFoundError, match="holds none of .'classifier.xml', 'classifier-int8"
+    ):
         engine_of(tmp_path)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline.export import export_model
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE, DecisionRule
 from stages import evaluate
-from stages.export import export_model
 
 CLASSES = ("grass", "dandelion")
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from pipeline.bento import CONTAINER_BENTOML_HOME, ENTRYPOINT, included_files
+from pipeline.export import export_model
 from pipeline.hashing import file_sha256
 from serving.contract import MODEL_FILE, MODEL_NAME, ModelCard
 from serving.engines import SERVICES
-from stages.export import export_model
 from tests.support.dvc import set_param
 from tests.support.git import copy_workspace
 from tests.support.paths import PIPELINE_PATHS, REPO_ROOT

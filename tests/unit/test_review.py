@@ -178,8 +178,8 @@ def test_an_s3_store_lists_past_a_page_of_1000_keys(s3, monkeypatch):
 def test_without_a_served_answer_the_sheet_asks_the_local_export(tmp_path):
     import keras
 
+    from pipeline.export import export_model
     from serving.contract import MODEL_FILE
-    from stages.export import export_model
 
     root = review_project(tmp_path / "repo")
     assert review.export_scorer(root) is None  # no export here: the sheet says unknown

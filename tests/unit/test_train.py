@@ -19,6 +19,7 @@ import yaml
 from dvclive import Live
 
 from pipeline import features, training
+from pipeline.export import export_model
 from pipeline.hashing import file_sha256
 from pipeline.keras_io import save_reproducibly
 from pipeline.novelty import novelty_projection
@@ -28,7 +29,6 @@ from pipeline.weights import resolve_weights
 from serving.contract import MODEL_FILE, PREDICTIONS_FILE
 from stages import evaluate, train
 from stages import features as features_stage
-from stages.export import export_model
 from tests.support.paths import PARAMS_FILE
 
 BACKBONE = FeaturesParams(
