@@ -47,6 +47,7 @@ from serving.api import (
     batch_answer,
     error_responses,
     front_app,
+    instance_in_event_loop,
     rounded,
 )
 from serving.auth import ApiKeys, RequireApiKey, with_security
@@ -157,7 +158,8 @@ def front_service(inner: type) -> bentoml.Service:
     front class), every error as JSON, the API key checked (when keys are configured) before
     anything else is, the typed routes gated as the FastAPI ones."""
     service = bentoml.service(name=SERVICE_NAME, workers=1, traffic=TRAFFIC)(inner)
-    service = bentoml.asgi_app(app, path="/")(service)
+    service = bentoml.asgi_app(app, path="/")(service)  # makes ``inner``'s class views
+    instance_in_event_loop(inner)
     service.add_asgi_middleware(JsonErrors)
     service.add_asgi_middleware(RequireApiKey)
     service.add_asgi_middleware(TypedUploads)
