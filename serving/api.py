@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+import bentoml
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
@@ -136,6 +137,28 @@ def front_app() -> FastAPI:
     )
     handle_errors(app)
     return app
+
+
+def instance_in_event_loop(views: type) -> None:
+    """BentoML hands each class-view route of ``views`` its service instance through a
+    dependency on ``bentoml.get_current_service``, set as the default of each view's first
+    parameter; FastAPI runs a plain function dependency in a worker thread, one thread hop per
+    request for a module global. The default becomes ``current_service``, a coroutine, which
+    runs in the event loop; FastAPI reads it when it builds the routes, at their first request.
+    (Not an app's dependency override: FastAPI rebuilds an overridden dependency for every
+    request.)"""
+    for view in vars(views).values():
+        signature = getattr(view, "__signature__", None)
+        if signature is None or not signature.parameters:
+            continue
+        first, *others = signature.parameters.values()
+        if getattr(first.default, "dependency", None) is bentoml.get_current_service:
+            first = first.replace(default=Depends(current_service))
+            view.__signature__ = signature.replace(parameters=[first, *others])
+
+
+async def current_service() -> Any:
+    return bentoml.get_current_service()
 
 
 def error_responses(feedback: bool = False) -> dict[int, dict]:

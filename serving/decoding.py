@@ -42,6 +42,15 @@ class SentFile:
     read: Callable[[], Awaitable[bytes]]
 
 
+def held(filename: str, data: bytes) -> SentFile:
+    """A SentFile whose bytes are already read."""
+
+    async def read() -> bytes:
+        return data
+
+    return SentFile(filename, read)
+
+
 def accepted_formats() -> str:
     """ACCEPTED_FORMATS as a phrase: "JPEG, PNG, ... or TIFF"."""
     *others, last = ACCEPTED_FORMATS

@@ -40,7 +40,7 @@ from starlette.requests import Request
 from serving.admission import Admission
 from serving.api import rounded
 from serving.contract import NOVELTY, PROBABILITY, ModelCard
-from serving.decoding import SentFile, decoded
+from serving.decoding import decoded, held
 from serving.errors import Rejection
 from serving.metrics import feedback_metrics
 from serving.settings import (
@@ -152,11 +152,8 @@ class FeedbackDesk:
         answer): its receipt, or Rejection. For POST /feedback and its typed twin."""
         fields = text_fields(form, self.labels)
 
-        async def sent() -> bytes:
-            return photo
-
         # Checked as /predict checks it: feedback is on photos the service would answer.
-        images = await decoded([SentFile(filename, sent)], self.card.image_size, self.upload.limits)
+        images = await decoded([held(filename, photo)], self.card.image_size, self.upload.limits)
         served = await self.served_answer(np.stack(images))
         sha256 = hashlib.sha256(photo).hexdigest()
         record = {

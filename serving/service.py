@@ -47,6 +47,7 @@ from serving.api import (
     batch_answer,
     error_responses,
     front_app,
+    instance_in_event_loop,
     rounded,
 )
 from serving.auth import ApiKeys, RequireApiKey, with_security
@@ -58,7 +59,7 @@ from serving.challenger import (
     challenger_config,
 )
 from serving.contract import MODEL_NAME, NOVELTY, PROBABILITY, ModelCard
-from serving.decoding import SentFile, decoded
+from serving.decoding import SentFile, decode_upload, decoded, held
 from serving.errors import REJECTIONS, JsonErrors, Rejection, rejection_response
 from serving.feedback import FeedbackDesk
 from serving.gate import TypedUploads, sent_files
@@ -72,6 +73,7 @@ from serving.settings import (
     CHAMPION,
     CLIENT_KEY_HEADER,
     FEEDBACK_ROUTE,
+    LARGE_UPLOAD_BYTES,
     MAX_BATCH_SIZE,
     MAX_LATENCY_MS,
     MODEL_SERVICE_CONNECTION,
@@ -156,7 +158,8 @@ def front_service(inner: type) -> bentoml.Service:
     front class), every error as JSON, the API key checked (when keys are configured) before
     anything else is, the typed routes gated as the FastAPI ones."""
     service = bentoml.service(name=SERVICE_NAME, workers=1, traffic=TRAFFIC)(inner)
-    service = bentoml.asgi_app(app, path="/")(service)
+    service = bentoml.asgi_app(app, path="/")(service)  # makes ``inner``'s class views
+    instance_in_event_loop(inner)
     service.add_asgi_middleware(JsonErrors)
     service.add_asgi_middleware(RequireApiKey)
     service.add_asgi_middleware(TypedUploads)
@@ -397,49 +400,20 @@ class DandelionService:
 
             return SentFile(file.filename, read)
 
+        served: list = [None] * len(files)  # (card, role, verdict, engine seconds)
         async with self.admission.admitted():
             sent = [hashed(index, file) for index, file in enumerate(files)]
-            images = np.stack(await decoded(sent, self.model.card.image_size, self.single.limits))
-            canary = self.challenger.canary if self.challenger is not None else None
-            by_challenger = [
-                canary is not None and canary.challenger_answers(client_key, digest)
-                for digest in digests
-            ]
-            served: list = [None] * len(files)  # (card, role, verdict, engine seconds)
-            champion = [i for i, theirs in enumerate(by_challenger) if not theirs]
-            challenger = [i for i, theirs in enumerate(by_challenger) if theirs]
-            if challenger:
-                try:
-                    outputs, seconds = await anyio.to_thread.run_sync(
-                        self.challenger.worker.score, images[challenger]
-                    )
-                except ChallengerFailed as failure:  # the champion answers instead
-                    logger.warning("canary answered by the champion: %s", failure)
-                    self.rollout.errors.labels(
-                        self.challenger.card.version, CHALLENGER, SERVED_MODE
-                    ).inc(len(challenger))
-                    champion = sorted(champion + challenger)
-                else:
-                    self.count(
-                        self.challenger.card,
-                        CHALLENGER,
-                        SERVED_MODE,
-                        challenger,
-                        outputs,
-                        seconds,
-                        served,
-                    )
-            if champion:
-                try:
-                    outputs, seconds = await self.scored(images[champion])
-                except Exception:
-                    self.rollout.errors.labels(self.model.card.version, CHAMPION, SERVED_MODE).inc(
-                        len(champion)
-                    )
-                    raise
-                self.count(
-                    self.model.card, CHAMPION, SERVED_MODE, champion, outputs, seconds, served
-                )
+            images = None
+            if len(sent) == 1 and self.model.score is not None:
+                # Read first: the photo's digest decides the canary's split before decoding.
+                data = await sent[0].read()
+                sent = [held(files[0].filename, data)]
+                if len(data) <= LARGE_UPLOAD_BYTES and not self.challenger_answers(
+                    client_key, digests[0]
+                ):
+                    images = await self.decoded_and_scored(data, served)
+            if images is None:
+                images = await self.answered(sent, digests, client_key, served)
         answers, shadowed = [], []
         for index, (card, role, verdict, seconds) in enumerate(served):
             answer = self.answer(card, verdict)
@@ -460,6 +434,76 @@ class DandelionService:
         if self.shadow is not None and shadowed:
             self.shadow.offer(shadowed)
         return answers
+
+    async def answered(
+        self, sent: list[SentFile], digests: list[bytes], client_key: str | None, served: list
+    ) -> np.ndarray:
+        """The images of ``sent`` decoded, each scored by the model that answers it (its
+        verdict into ``served``); ``digests`` are the photos' (known once each is read)."""
+        images = np.stack(await decoded(sent, self.model.card.image_size, self.single.limits))
+        by_challenger = [self.challenger_answers(client_key, digest) for digest in digests]
+        champion = [i for i, theirs in enumerate(by_challenger) if not theirs]
+        challenger = [i for i, theirs in enumerate(by_challenger) if theirs]
+        if challenger:
+            try:
+                outputs, seconds = await anyio.to_thread.run_sync(
+                    self.challenger.worker.score, images[challenger]
+                )
+            except ChallengerFailed as failure:  # the champion answers instead
+                logger.warning("canary answered by the champion: %s", failure)
+                self.rollout.errors.labels(
+                    self.challenger.card.version, CHALLENGER, SERVED_MODE
+                ).inc(len(challenger))
+                champion = sorted(champion + challenger)
+            else:
+                self.count(
+                    self.challenger.card,
+                    CHALLENGER,
+                    SERVED_MODE,
+                    challenger,
+                    outputs,
+                    seconds,
+                    served,
+                )
+        if champion:
+            try:
+                outputs, seconds = await self.scored(images[champion])
+            except Exception:
+                self.rollout.errors.labels(self.model.card.version, CHAMPION, SERVED_MODE).inc(
+                    len(champion)
+                )
+                raise
+            self.count(self.model.card, CHAMPION, SERVED_MODE, champion, outputs, seconds, served)
+        return images
+
+    def challenger_answers(self, client_key: str | None, digest: bytes) -> bool:
+        canary = self.challenger.canary if self.challenger is not None else None
+        return canary is not None and canary.challenger_answers(client_key, digest)
+
+    async def decoded_and_scored(self, data: bytes, served: list) -> np.ndarray:
+        """One small photo decoded and scored by the champion in this process, in one worker
+        thread in the engine's turn rather than one thread for each: every hop has the event
+        loop wake a thread, which then takes a core from it. Its verdict into ``served``; its
+        image returned. (The large-upload lane and batches go through ``answered``.)"""
+        card, scoring = self.model.card, False
+
+        def decoded_and_timed() -> tuple[np.ndarray, np.ndarray, float]:
+            nonlocal scoring
+            images = decode_upload(data, card.image_size, self.single.limits)[np.newaxis]
+            scoring, started = True, time.perf_counter()
+            outputs = self.model.score(images)
+            return images, outputs, time.perf_counter() - started
+
+        try:
+            images, outputs, seconds = await anyio.to_thread.run_sync(
+                decoded_and_timed, limiter=inference_limiter()
+            )
+        except Exception:
+            if scoring:  # a bad photo is the client's, not the engine's
+                self.rollout.errors.labels(card.version, CHAMPION, SERVED_MODE).inc()
+            raise
+        self.count(card, CHAMPION, SERVED_MODE, [0], outputs, seconds, served)
+        return images
 
     def count(
         self, card: ModelCard, role: str, mode: str, indices: list, outputs, seconds, served
