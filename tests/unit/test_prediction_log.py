@@ -188,7 +188,9 @@ def test_a_full_buffer_drops_records_at_once_and_counts_them(tmp_path):
             log.record(answer(number))
             slowest = max(slowest, time.perf_counter() - started)
         dropped = counts.moved()["buffer_full"]
-    assert slowest < 0.05
+    # Waiting for the held writer would take until the lock is released; 0.5 s leaves room
+    # for a loaded machine's scheduling (0.05 s failed at load 8) and still catches a wait.
+    assert slowest < 0.5
     # The buffer's 50, and the record the writer took before it blocked.
     assert dropped in (449, 450)
     log.stop(10)
