@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> str:
         raise DownloadError(f"{exc}{see}") from None
     ok = sum(result["ok"] for result in report["classes"].values())
     shards = len(shard_files(args.out_dir))
-    return f"{ok:,} of {len(entries):,} images -> {args.out_dir} ({shards:,} shards)"
+    return f"{ok:,} of {len(entries):,} images -> {args.out_dir} ({shards:,} tar shard(s))"
 
 
 if __name__ == "__main__":
