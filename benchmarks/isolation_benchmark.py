@@ -36,7 +36,7 @@ from benchmarks.load_benchmark import MODEL_TAG, load, tree_rss_mib
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
-from tests.support.service import split_photos
+from tests.support.service import split_photo_bytes
 
 BIG_SIDE = 2850  # px; a noise JPEG of this side at quality 95 is about 9 MB
 
@@ -98,8 +98,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also measure the service at REV")
     args = parser.parse_args()
 
-    paths = [REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)]
-    photos = [path.read_bytes() for path in paths]
+    photos = [photo for _, photo in split_photo_bytes(REPO_ROOT)]
     big = [big_photo(seed) for seed in range(32)]
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true")
     logs = Path(os.environ.get("TMPDIR", "/tmp"))

@@ -41,6 +41,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.engine_benchmark import images_per_second
+from pipeline.shards import PhotoShards, ShardError
 from serving.contract import MODEL_FILE, MODEL_NAME
 from serving.engines import BATCHING
 from serving.settings import MAX_BATCH_SIZE
@@ -48,7 +49,7 @@ from tests.support.http import free_port
 from tests.support.load import hey_photo, send_photos
 from tests.support.paths import EVALUATE_METRICS, PIPELINE_PATHS, REPO_ROOT
 from tests.support.processes import running_server
-from tests.support.service import split_photos
+from tests.support.service import split_photo_bytes
 
 MODEL_TAG = f"{MODEL_NAME}:latest"
 BARE = "bare framework"
@@ -155,14 +156,19 @@ def private_bento_home(archive: Path, prefix: str, **environ: str) -> tuple[Path
     return scratch, env
 
 
-def median_photo() -> Path:
-    """The dataset's photo of median file size (the lower one of the middle two)."""
-    paths = sorted(
-        (REPO_ROOT / PIPELINE_PATHS["raw_dir"]).glob("*/*"), key=lambda p: (p.stat().st_size, p)
-    )
-    if not paths:
-        sys.exit(f"no photos in {PIPELINE_PATHS['raw_dir']}: run `dvc pull` (or `dvc repro`)")
-    return paths[(len(paths) - 1) // 2]
+def median_photo() -> tuple[str, bytes]:
+    """The dataset's photo of median file size (the lower one of the middle two): its path as
+    the split file names it (data/raw/<label>/<file>), and its bytes (from data/raw's shards)."""
+    raw_dir = PIPELINE_PATHS["raw_dir"]
+    try:
+        shards = PhotoShards(REPO_ROOT / raw_dir)
+    except ShardError as error:
+        sys.exit(str(error))
+    names = sorted(shards.names(), key=lambda name: (shards.size(name), name))
+    if not names:
+        sys.exit(f"no photos in {raw_dir}: run `dvc pull` (or `dvc repro`)")
+    name = names[(len(names) - 1) // 2]
+    return f"{raw_dir}/{name}", shards.read(name)
 
 
 def export_engine(engine: str, export_dir: Path) -> None:
@@ -414,12 +420,10 @@ def main() -> None:
     if client == "hey" and args.photos == "test":
         parser.error("hey sends one body: --photos test needs --client aiohttp")
     if args.photos == "median":
-        paths = [median_photo()]
+        name, photo = median_photo()
+        photos = [photo]
     else:
-        paths = [
-            REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)
-        ]
-    photos = [path.read_bytes() for path in paths]
+        name, photos = "test split", [photo for _, photo in split_photo_bytes(REPO_ROOT)]
 
     scratch = Path(tempfile.mkdtemp(prefix="load-benchmark-"))
     try:
@@ -466,7 +470,7 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     run = {
         "client": client,
-        "photo": str(paths[0].relative_to(REPO_ROOT)) if len(paths) == 1 else "test split",
+        "photo": name,
         "photo_bytes": len(photos[0])
         if len(photos) == 1
         else int(np.median([len(p) for p in photos])),

@@ -12,22 +12,25 @@ failure unless it is a 200 with one prediction per photo sent.
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
 from locust import HttpUser, between, task
 
-from pipeline.params import pipeline_paths  # the project is installed (pip install -e .)
+# The project is installed (pip install -e .).
+from pipeline.params import pipeline_paths
+from pipeline.shards import SplitPhotos
+from pipeline.splits import TEST, read_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_photos() -> list[bytes]:
-    split_csv = REPO_ROOT / pipeline_paths(REPO_ROOT / "dvc.yaml")["split_csv"]
-    with open(split_csv, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
-    return [(REPO_ROOT / row["path"]).read_bytes() for row in rows]
+    """The test split's photos, read as the stages read them (data/raw's tar shards)."""
+    paths = pipeline_paths(REPO_ROOT / "dvc.yaml")
+    photos = SplitPhotos(paths["raw_dir"], REPO_ROOT)
+    rows = read_split(REPO_ROOT / paths["split_csv"])
+    return [photos.read(row.path) for row in rows if row.split == TEST]
 
 
 PHOTOS = test_photos()

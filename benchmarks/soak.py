@@ -35,7 +35,7 @@ from benchmarks.load_benchmark import MODEL_TAG, load, retries, tree_rss_mib
 from tests.support.http import free_port
 from tests.support.paths import REPO_ROOT
 from tests.support.processes import running_server
-from tests.support.service import split_photos
+from tests.support.service import split_photo_bytes
 
 
 def model_worker(server: psutil.Process) -> psutil.Process:
@@ -86,8 +86,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=900)
     args = parser.parse_args()
 
-    paths = [REPO_ROOT / "data/raw" / label / Path(p).name for label, p in split_photos(REPO_ROOT)]
-    photos = [path.read_bytes() for path in paths]
+    photos = [photo for _, photo in split_photo_bytes(REPO_ROOT)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "bentoml", "serve", MODEL_TAG]

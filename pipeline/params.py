@@ -109,6 +109,11 @@ class DownloadParams(Section):
     timeout_seconds: float
     retries: int
     backoff_seconds: float
+    shard_photos: int  # photos per tar shard of the raw directory (pipeline/shards.py)
+
+    def __post_init__(self) -> None:
+        if self.shard_photos < 1:
+            raise ParamsError(f"download.shard_photos must be at least 1, not {self.shard_photos}")
 
 
 class SplitParams(Section):

@@ -1,4 +1,5 @@
-"""Download stage: fetch every photo of the catalogue, keep only the ones that decode.
+"""Download stage: fetch every photo of the catalogue, keep only the ones that decode, as tar
+shards (pipeline/shards.py).
 
 The catalogue (``label,filename,sha256``) says *what* the dataset is; ``download.base_url``
 only says *where* to fetch it from, so a mirror serving the same bytes is interchangeable
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
-import os
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from PIL import Image
@@ -24,7 +27,11 @@ from pipeline.catalogue import BASE_URL_VARIABLE, CatalogueEntry, data_url, read
 from pipeline.hashing import sha256_of
 from pipeline.logs import Progress
 from pipeline.params import DownloadParams
+from pipeline.shards import shard_files, write_shards
 from pipeline.stage import StageError, arguments, summarised
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 OFFLINE_HINT = (
     f"without internet, serve a copy of the dataset and point {BASE_URL_VARIABLE} at it: "
@@ -100,16 +107,28 @@ def _root_cause(exc: requests.ConnectionError) -> str:
     return str(cause).split("): ", 1)[-1]  # drop the "HTTPConnection(host=..., port=...)" prefix
 
 
-def download_one(entry: CatalogueEntry, settings: DownloadParams, out_dir: Path) -> None:
+def download_one(entry: CatalogueEntry, settings: DownloadParams) -> bytes:
+    """The photo's bytes, fetched, checked to decode and to match the catalogue's sha256."""
     content = fetch(f"{settings.base_url.rstrip('/')}/{entry.relative_path}", settings)
     validate_image(content)
     if entry.sha256 and sha256_of(content) != entry.sha256:
         raise DownloadError("sha256 differs from the catalogue")
-    path = out_dir / entry.relative_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_bytes(content)
-    os.replace(partial, path)  # only whole, validated files are ever in out_dir
+    return content
+
+
+def in_order(
+    pool: ThreadPoolExecutor, function: Callable[[T], R], items: Iterable[T], ahead: int
+) -> Iterator[R]:
+    """``function`` of each item, run in ``pool``, yielded in the items' order, with at most
+    ``ahead`` submitted before their turn: one slow request cannot make the photos fetched
+    after it pile up in memory (``pool.map`` submits them all at once)."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def download_dataset(
@@ -118,37 +137,44 @@ def download_dataset(
     out_dir: Path,
     progress: Progress | None = None,
 ) -> dict:
-    """Download ``entries`` into ``out_dir/<label>/<filename>``; return the report.
+    """Download ``entries`` into tar shards in ``out_dir`` (pipeline/shards.py), in catalogue
+    order, ``settings.shard_photos`` to a shard; return the report.
 
     Only validated images are ever written, so a reject leaves nothing behind. ``progress``
     counts the files as they finish.
     """
 
-    def attempt(entry: CatalogueEntry) -> str | None:
+    def attempt(entry: CatalogueEntry) -> tuple[bytes, None] | tuple[None, str]:
         try:
-            download_one(entry, settings, out_dir)
+            return download_one(entry, settings), None
         except DownloadError as exc:
-            return str(exc)
-        return None
+            return None, str(exc)
 
     if not entries:
         raise DownloadError("the catalogue lists no images")
     # Probe with the first file alone: if the server cannot be reached at all, stop now
     # instead of retrying every file (minutes when offline).
     try:
-        download_one(entries[0], settings, out_dir)
-        first_reason = None
+        first = download_one(entries[0], settings), None
     except ServerUnreachable as exc:
         raise ServerUnreachable(f"cannot reach {settings.base_url}: {exc}") from exc
     except DownloadError as exc:
-        first_reason = str(exc)
-    reasons, failed = [first_reason], int(first_reason is not None)
-    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        for reason in pool.map(attempt, entries[1:]):
+        first = None, str(exc)
+    reasons: list[str | None] = []
+
+    def photos(results: Iterable[tuple[bytes, None] | tuple[None, str]]):
+        failed = 0
+        for entry, (content, reason) in zip(entries, results, strict=True):
             reasons.append(reason)
             failed += reason is not None
-            if progress is not None:
+            if progress is not None and len(reasons) > 1:
                 progress.update(len(reasons), f"{failed} failed")
+            if content is not None:
+                yield entry.relative_path, content
+
+    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+        rest = in_order(pool, attempt, entries[1:], ahead=4 * settings.workers)
+        write_shards(photos(itertools.chain([first], rest)), out_dir, settings.shard_photos)
 
     classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
     for entry, reason in zip(entries, reasons, strict=True):
@@ -195,7 +221,8 @@ def main(argv: list[str] | None = None) -> str:
         see = f"; see {args.report}" if args.report.exists() else ""
         raise DownloadError(f"{exc}{see}") from None
     ok = sum(result["ok"] for result in report["classes"].values())
-    return f"{ok:,} of {len(entries):,} images -> {args.out_dir}"
+    shards = len(shard_files(args.out_dir))
+    return f"{ok:,} of {len(entries):,} images -> {args.out_dir} ({shards:,} tar shard(s))"
 
 
 if __name__ == "__main__":

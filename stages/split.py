@@ -27,32 +27,32 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.catalogue import exclusions, read_catalogue, read_reviewed, reviewed_photos
-from pipeline.hashing import file_sha256, sha256_of
+from pipeline.hashing import sha256_of
 from pipeline.params import SplitParams
+from pipeline.shards import PhotoShards
 from pipeline.splits import EXCLUDED, PRODUCTION_TEST, SPLITS, SplitRow, write_split
 from pipeline.stage import StageError, arguments, summarised
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"}
 
-
-def list_images(raw_dir: Path) -> list[tuple[Path, str]]:
-    """``(path, label)`` for every image under ``raw_dir/<label>/``, in a stable order."""
-    return [
-        (path, label_dir.name)
-        for label_dir in sorted(p for p in raw_dir.iterdir() if p.is_dir())
-        for path in sorted(label_dir.iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
+def list_images(raw_dir: Path) -> list[tuple[Path, str, str]]:
+    """``(path, label, sha256)`` of every photo in ``raw_dir``'s shards, sorted by path; the
+    path is the photo's under ``raw_dir`` (``raw_dir/<label>/<filename>``), as the split file
+    names it (pipeline/shards.py)."""
+    images = [
+        (raw_dir / name, name.split("/")[0], sha256_of(data))
+        for name, data in PhotoShards(raw_dir).items()
     ]
+    return sorted(images, key=lambda image: image[0].as_posix())
 
 
 def split_images(
-    images: list[tuple[Path, str]], params: SplitParams
+    images: list[tuple[Path, str, str]], params: SplitParams
 ) -> tuple[list[SplitRow], list[str]]:
     """Assign every image to a split; return the rows and the ambiguous files left out."""
     val_ratio, test_ratio = params.val_ratio, params.test_ratio
     groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    for path, label in images:
-        groups[file_sha256(path)].append((path, label))
+    for path, label, digest in images:
+        groups[digest].append((path, label))
 
     by_label: dict[str, list[str]] = defaultdict(list)
     ambiguous = []
@@ -108,13 +108,11 @@ def reviewed_split(sha256: str, params: SplitParams) -> str:
     return "train"
 
 
-def original_labels(rows: list[SplitRow], ambiguous: list[str]) -> dict[str, set[str]]:
+def original_labels(images: list[tuple[Path, str, str]]) -> dict[str, set[str]]:
     """Every original photo's SHA-256 and the labels its copies carry, ambiguous ones too."""
     labels: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        labels[row.sha256].add(row.label)
-    for path in ambiguous:
-        labels[file_sha256(path)].add(Path(path).parent.name)
+    for _, label, digest in images:
+        labels[digest].add(label)
     return labels
 
 
@@ -155,12 +153,11 @@ def main(argv: list[str] | None = None) -> str:
     except ValueError as error:
         raise StageError(str(error)) from None
     reviewed = reviewed_photos(entries, args.reviewed_dir)
-    rows, ambiguous = split_images(list_images(args.raw_dir), params)
+    images = list_images(args.raw_dir)
+    rows, ambiguous = split_images(images, params)
     excluded = exclusions(read_catalogue(args.catalogue))
     rows = apply_exclusions(rows, excluded)
-    rows, reviewed_ambiguous, copies = add_reviewed(
-        rows, original_labels(rows, ambiguous), reviewed, params
-    )
+    rows, reviewed_ambiguous, copies = add_reviewed(rows, original_labels(images), reviewed, params)
     for path in sorted(ambiguous + reviewed_ambiguous):
         print(f"split: left out {path}: the same bytes carry another label", file=sys.stderr)
     for name, reason in sorted(excluded.items()):

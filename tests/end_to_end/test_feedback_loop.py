@@ -21,6 +21,7 @@ import requests
 from PIL import Image
 
 from pipeline.params import SplitParams
+from pipeline.shards import SplitPhotos
 from pipeline.splits import PRODUCTION_TEST, TEST, read_split
 from serving.contract import MODEL_NAME
 from stages.split import reviewed_split
@@ -39,9 +40,9 @@ STORED_WITHIN_SECONDS = 30  # the flusher stores a spooled feedback at once on a
 WANTED = {"train": 2, PRODUCTION_TEST: 1}
 
 
-def unseen_photo(original: Path) -> bytes:
+def unseen_photo(original: bytes) -> bytes:
     """A photo the project has never seen: ``original`` cropped by 2 pixels, re-encoded."""
-    with Image.open(original) as image:
+    with Image.open(io.BytesIO(original)) as image:
         cropped = image.convert("RGB").crop((2, 2, image.width - 2, image.height - 2))
     out = io.BytesIO()
     cropped.save(out, "JPEG", quality=90)
@@ -54,10 +55,11 @@ def choose_photos(workspace: Path) -> list[tuple[bytes, str, str]]:
     params = SplitParams.load(workspace / "params.yaml")
     wanted = {(kind, label): n for kind, n in WANTED.items() for label in ("dandelion", "grass")}
     chosen = []
+    photos = SplitPhotos(PIPELINE_PATHS["raw_dir"], workspace)
     for row in read_split(workspace / PIPELINE_PATHS["split_csv"]):
         if row.split != "train":
             continue
-        photo = unseen_photo(workspace / row.path)
+        photo = unseen_photo(photos.read(row.path))
         split = reviewed_split(hashlib.sha256(photo).hexdigest(), params)
         kind = (PRODUCTION_TEST if split == PRODUCTION_TEST else "train", row.label)
         if wanted.get(kind):

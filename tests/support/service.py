@@ -15,6 +15,8 @@ from pathlib import Path
 
 import requests
 
+from pipeline.shards import SplitPhotos
+from pipeline.splits import TEST, read_split
 from serving.settings import ANSWER_DECIMALS
 from tests.support.http import free_port
 from tests.support.paths import (
@@ -45,6 +47,14 @@ def split_photos(workspace: Path) -> list[tuple[str, str]]:
         (row["label"], str(DATASET_MIRROR / "data" / row["label"] / row["path"].split("/")[-1]))
         for row in rows
     ]
+
+
+def split_photo_bytes(workspace: Path, split: str = TEST) -> list[tuple[str, bytes]]:
+    """(label, bytes) of every photo in the pipeline's ``split`` of ``workspace``, read as the
+    stages read them: data/raw's photos from its tar shards (pipeline/shards.py)."""
+    photos = SplitPhotos(PIPELINE_PATHS["raw_dir"], workspace)
+    rows = read_split(workspace / PIPELINE_PATHS["split_csv"])
+    return [(row.label, photos.read(row.path)) for row in rows if row.split == split]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.catalogue import BASE_URL_VARIABLE, CatalogueEntry, read_catalogue
 from pipeline.params import DownloadParams
+from pipeline.shards import SHARD_PATTERN, PhotoShards
 from stages import download
 from stages.download import DownloadError
 from tests.support.http import serve_http
@@ -76,6 +77,7 @@ def settings(base_url: str, **overrides) -> DownloadParams:
         timeout_seconds=TIMEOUT,
         retries=2,
         backoff_seconds=0.05,
+        shard_photos=5000,
     )
     return DownloadParams(**{**values, **overrides})
 
@@ -91,14 +93,17 @@ def test_good_files_are_saved_and_counted(faulty_server, tmp_path):
         "dandelion": {"ok": 1, "failed": []},
         "grass": {"ok": 1, "failed": []},
     }
-    assert (tmp_path / "dandelion" / "good1.jpg").read_bytes() == GOOD
+    assert list(PhotoShards(tmp_path).items()) == [
+        ("dandelion/good1.jpg", GOOD),
+        ("grass/good2.jpg", GOOD),
+    ]
 
 
 def test_503_then_200_is_retried(faulty_server, tmp_path):
     report = download.download_dataset([entry("flaky.jpg")], settings(faulty_server), tmp_path)
     assert report["classes"]["dandelion"]["ok"] == 1
     assert FaultyHandler.hits["flaky.jpg"] == 2
-    assert (tmp_path / "dandelion" / "flaky.jpg").read_bytes() == GOOD
+    assert PhotoShards(tmp_path).read("dandelion/flaky.jpg") == GOOD
 
 
 @pytest.mark.parametrize(
@@ -123,8 +128,9 @@ def test_faults_are_reported_and_nothing_is_kept(
     assert result["failed"][0]["file"] == filename
     assert result["failed"][0]["reason"].startswith(reason)
     assert FaultyHandler.hits[filename] == attempts
-    # Only the good file exists: no reject, no partial file.
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["good.jpg"]
+    # Only the good file is kept: no reject, no partial file.
+    assert PhotoShards(tmp_path).names() == ["dandelion/good.jpg"]
+    assert [p.name for p in tmp_path.iterdir()] == [SHARD_PATTERN.format(0)]
 
 
 def test_hash_mismatch_is_rejected(faulty_server, tmp_path):
@@ -133,7 +139,7 @@ def test_hash_mismatch_is_rejected(faulty_server, tmp_path):
     assert report["classes"]["dandelion"]["failed"] == [
         {"file": "good.jpg", "reason": "sha256 differs from the catalogue"}
     ]
-    assert not list(tmp_path.rglob("*.jpg"))
+    assert not list(tmp_path.iterdir())
 
 
 def test_unreachable_server_fails_fast_with_the_cause(tmp_path):
@@ -179,6 +185,7 @@ def test_main_writes_report_and_fails_in_one_line(faulty_server, tmp_path, monke
                     "timeout_seconds": TIMEOUT,
                     "retries": 0,
                     "backoff_seconds": 0,
+                    "shard_photos": 5000,
                 }
             }
         )
@@ -205,7 +212,7 @@ def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
         pass  # its port now refuses connections: the "internet" of this test
     (tmp_path / "catalogue.csv").write_text("label,filename,sha256\ndandelion,good.jpg,\n")
     params = {"base_url": gone, "min_per_class": 1, "workers": 1, "timeout_seconds": TIMEOUT}
-    params.update(retries=0, backoff_seconds=0)
+    params.update(retries=0, backoff_seconds=0, shard_photos=5000)
     (tmp_path / "params.yaml").write_text(json.dumps({"download": params}))
     monkeypatch.chdir(tmp_path)
 
@@ -218,5 +225,37 @@ def test_a_mirror_comes_from_the_environment_and_offline_failures_name_it(
 
     monkeypatch.setenv(BASE_URL_VARIABLE, faulty_server)
     download.main(["catalogue.csv", "raw", "report.json"])
-    assert (tmp_path / "raw" / "dandelion" / "good.jpg").read_bytes() == GOOD
+    assert PhotoShards(tmp_path / "raw").read("dandelion/good.jpg") == GOOD
     assert json.loads((tmp_path / "params.yaml").read_text())["download"] == params
+
+
+def test_photos_are_sharded_in_catalogue_order_whatever_finishes_first(faulty_server, tmp_path):
+    """The slow photo (a 503, then a retry) finishes after those behind it, yet keeps its
+    place; a reject leaves no gap: the shards hold the kept photos, shard_photos each."""
+    names = ["good3.jpg", "flaky.jpg", "page.jpg", "good1.jpg", "good2.jpg", "good0.jpg"]
+    entries = [entry(name, "grass" if i % 2 else "dandelion") for i, name in enumerate(names)]
+    download.download_dataset(entries, settings(faulty_server, shard_photos=2), tmp_path)
+    kept = [e.relative_path for e in entries if e.filename != "page.jpg"]
+    assert PhotoShards(tmp_path).names() == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SHARD_PATTERN.format(i) for i in range(3)]
+
+
+def test_in_order_keeps_the_order_and_runs_only_so_far_ahead():
+    started, release = [], threading.Event()
+
+    def slow_first(item: int) -> int:
+        started.append(item)
+        if item == 0:
+            release.wait(5)
+        return item * 10
+
+    with download.ThreadPoolExecutor(max_workers=4) as pool:
+        results = download.in_order(pool, slow_first, range(20), ahead=3)
+        first = threading.Thread(target=lambda: started.append(("first", next(results))))
+        first.start()
+        time.sleep(0.3)
+        assert sorted(item for item in started if isinstance(item, int)) == [0, 1, 2]
+        release.set()
+        first.join(5)
+        assert [v for v in started if isinstance(v, tuple)] == [("first", 0)]
+        assert list(results) == [i * 10 for i in range(1, 20)]

@@ -164,6 +164,7 @@ def test_download_reports_progress_with_counts(tmp_path):
             timeout_seconds=10,
             retries=0,
             backoff_seconds=0,
+            shard_photos=5,
         )
         progress = Progress("download", len(entries), "files", every=0, log=lines.append)
         report = download_dataset(entries, settings, tmp_path / "raw", progress)
@@ -291,7 +292,7 @@ def test_a_stage_process_still_shows_python_errors(tmp_path):
     """Only the start-up lines are dropped: a failing stage's traceback still arrives."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "stages.preprocess", "missing/split.csv", "arrays"],
+        [sys.executable, "-m", "stages.preprocess", "missing/split.csv", "raw", "arrays"],
         cwd=tiny_workspace(tmp_path),
         env=env,
         capture_output=True,

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline import params
 from pipeline.params import (
+    DownloadParams,
     LivePromoteParams,
     ParamsError,
     PromoteParams,
@@ -62,6 +63,15 @@ def test_a_wrong_key_or_value_is_named(change, message):
         SplitParams.from_dict(values)
     assert str(raised.value).startswith("params.yaml: ")
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("shard_photos", [0, -5])
+def test_a_raw_shard_holds_at_least_one_photo(shard_photos):
+    values = {**yaml.safe_load(PARAMS_FILE.read_text())["download"], "shard_photos": shard_photos}
+    with pytest.raises(
+        ParamsError, match=r"^params.yaml: download.shard_photos must be at least 1"
+    ):
+        DownloadParams.from_dict(values)
 
 
 def test_a_missing_key_or_section_is_named():

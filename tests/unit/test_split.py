@@ -13,6 +13,7 @@ import yaml
 from pipeline.catalogue import exclusions, read_catalogue
 from pipeline.hashing import file_sha256, sha256_of
 from pipeline.params import SplitParams
+from pipeline.shards import photo_bytes, write_shards
 from pipeline.splits import SplitRow, read_split, split_digest, write_split
 from stages import split
 from tests.support.images import make_image
@@ -22,21 +23,26 @@ def ratios(val: float, test: float, seed: int) -> SplitParams:
     return SplitParams(seed=seed, val_ratio=val, test_ratio=test)
 
 
-def write_images(root, label, count, duplicates=0, first_seed=0):
-    """``count`` distinct images plus ``duplicates`` byte-identical copies of the first ones."""
-    folder = root / label
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        (folder / f"{i:03d}.jpg").write_bytes(make_image(seed=first_seed + i))
-    for i in range(duplicates):
-        (folder / f"copy{i:03d}.jpg").write_bytes(make_image(seed=first_seed + i))
+def images(label, count, duplicates=0, first_seed=0) -> list[tuple[str, bytes]]:
+    """``count`` distinct images plus ``duplicates`` byte-identical copies of the first ones,
+    each as ``(<label>/<filename>, bytes)``."""
+    distinct = [(f"{label}/{i:03d}.jpg", make_image(seed=first_seed + i)) for i in range(count)]
+    copies = [
+        (f"{label}/copy{i:03d}.jpg", make_image(seed=first_seed + i)) for i in range(duplicates)
+    ]
+    return distinct + copies
+
+
+# 50 dandelion files (40 + 10 copies) and 30 grass, in shards of 16 (pipeline/shards.py).
+def write_raw(raw_dir: Path) -> Path:
+    photos = images("dandelion", 40, duplicates=10) + images("grass", 30, first_seed=1000)
+    write_shards(photos, raw_dir, shard_photos=16)
+    return raw_dir
 
 
 @pytest.fixture
 def raw_dir(tmp_path):
-    write_images(tmp_path, "dandelion", 40, duplicates=10)
-    write_images(tmp_path, "grass", 30, first_seed=1000)
-    return tmp_path
+    return write_raw(tmp_path / "raw")
 
 
 def test_split_is_stratified(raw_dir):
@@ -57,7 +63,7 @@ def test_identical_bytes_never_straddle_splits(raw_dir):
     splits_by_hash = defaultdict(set)
     for row in rows:
         splits_by_hash[row.sha256].add(row.split)
-        assert row.sha256 == file_sha256(Path(row.path))
+        assert row.sha256 == sha256_of(photo_bytes(row.path, raw_dir))
     assert all(len(splits) == 1 for splits in splits_by_hash.values())
     assert sum(1 for row in rows if row.path.split("/")[-1].startswith("copy")) == 10
 
@@ -72,9 +78,8 @@ def test_same_seed_same_split_other_seed_other_split(raw_dir):
 
 
 def test_same_bytes_under_two_labels_are_left_out(tmp_path):
-    write_images(tmp_path, "dandelion", 10)
-    write_images(tmp_path, "grass", 10, first_seed=100)
-    (tmp_path / "grass" / "mislabelled.jpg").write_bytes(make_image(seed=0))
+    photos = images("dandelion", 10) + images("grass", 10, first_seed=100)
+    write_shards([*photos, ("grass/mislabelled.jpg", make_image(seed=0))], tmp_path, 8)
     rows, ambiguous = split.split_images(split.list_images(tmp_path), ratios(0.2, 0.2, seed=0))
     assert sorted("/".join(Path(p).parts[-2:]) for p in ambiguous) == [
         "dandelion/000.jpg",
@@ -130,10 +135,10 @@ REVIEWED_HEADER = "label,filename,sha256,source\n"
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
-    """The split stage's inputs in the working directory: 50 dandelion and 30 grass photos,
-    an empty catalogue of exclusions and of reviewed photos, params.yaml's split section."""
-    write_images(tmp_path / "raw", "dandelion", 40, duplicates=10)
-    write_images(tmp_path / "raw", "grass", 30, first_seed=1000)
+    """The split stage's inputs in the working directory: 50 dandelion and 30 grass photos
+    (raw, in shards), an empty catalogue of exclusions and of reviewed photos, params.yaml's
+    split section."""
+    write_raw(tmp_path / "raw")
     (tmp_path / "catalogue.csv").write_text("label,filename,sha256\n")
     (tmp_path / "reviewed.csv").write_text(REVIEWED_HEADER)
     (tmp_path / "params.yaml").write_text(
@@ -295,3 +300,22 @@ def test_a_malformed_reviewed_catalogue_is_a_one_line_error(workspace, text, pro
         run_split()
     assert str(stopped.value.code).startswith("split failed: reviewed.csv")
     assert problem in str(stopped.value.code)
+
+
+def test_the_split_file_names_photos_by_their_path_under_the_raw_dir(workspace):
+    rows = run_split()
+    assert {row.path for row in rows} == {
+        f"raw/{name}" for name, _ in images("dandelion", 40, 10) + images("grass", 30, 0, 1000)
+    }
+
+
+def test_a_raw_dir_of_one_file_per_photo_stops_the_stage_in_one_line(workspace):
+    shutil.rmtree("raw")
+    (workspace / "raw" / "grass").mkdir(parents=True)
+    (workspace / "raw" / "grass" / "000.jpg").write_bytes(make_image())
+    with pytest.raises(SystemExit) as stopped:
+        run_split()
+    assert str(stopped.value.code) == (
+        "split failed: raw holds photos one file each (grass/...), the layout before shards: "
+        "run `dvc pull` (or `dvc repro download`) to get its shards (photos-000000.tar, ...)"
+    )
