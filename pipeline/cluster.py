@@ -110,8 +110,7 @@ def connected(address: str | None = None) -> Iterator[str]:
     except Exception as error:
         if refused_token(error):
             raise ClusterError(
-                f"the Ray cluster at {address} refused our token (missing or wrong): "
-                f"{TOKEN_HINT}"
+                f"the Ray cluster at {address} refused our token (missing or wrong): {TOKEN_HINT}"
             ) from None
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: {error}") from error
     try:

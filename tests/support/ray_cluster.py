@@ -30,7 +30,12 @@ START_TIMEOUT_SECONDS = 120
 STOP_TIMEOUT_SECONDS = 45  # Ray drains the node for up to 30 s on SIGTERM
 READY_LINE = "will now block forever"  # `ray start --block` prints it once everything runs
 # Ray's own variables a test cluster must not inherit from the developer's shell.
-RAY_CLIENT_VARIABLES = (RAY_ADDRESS_VARIABLE, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+RAY_CLIENT_VARIABLES = (
+    RAY_ADDRESS_VARIABLE,
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+)
 
 
 @dataclass(frozen=True)
