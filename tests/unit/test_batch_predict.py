@@ -278,3 +278,22 @@ def test_a_killed_run_resumes_after_its_last_chunk_and_a_changed_run_is_refused(
     assert rows == {row["path"]: row for row in pq.read_table(whole).to_pylist()}
     assert out.read_bytes() == whole.read_bytes()
     assert len(rows) == 12 and rows["m-pipe.jpg"]["error"] is None
+
+
+@pytest.mark.slow
+def test_on_a_ray_cluster_the_output_is_the_bytes_of_a_run_in_process(
+    photos, export_dir, params_file, ray_cluster, tmp_path
+):
+    """RAY_ADDRESS and the token of a real local cluster: map_batches with an actor per
+    worker, as a real cluster would run it."""
+    here = tmp_path / "here.parquet"
+    predict_batch(str(photos), str(here), export_dir, params_file)
+    out = tmp_path / "on-ray.parquet"
+    command = [str(Path(sys.executable).parent / "dandelion"), "predict-batch", str(photos)]
+    command += ["--out", str(out), "--export", str(export_dir), "--params", str(params_file)]
+    env = ray_cluster.client_env(dict(os.environ))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    where = f"the rest scored on Ray at {ray_cluster.address} -> {out}"
+    assert f"6 chunks, 0 done by an earlier run, {where}" in result.stdout
+    assert out.read_bytes() == here.read_bytes()
