@@ -52,7 +52,7 @@ from serving.contract import NOVELTY, PROBABILITY, DecisionRule
 from serving.decoding import UploadLimits, decode_upload
 from serving.engines import Scorer, engine_of, load_engine
 from serving.errors import Rejection
-from serving.settings import MAX_BATCH_SIZE
+from serving.settings import MAX_BATCH_SIZE, NEITHER_LABEL
 
 PARTS_SUFFIX = ".parts"  # OUT.parts/: the finished chunks of a run, until OUT is written
 MANIFEST_FILE = "manifest.json"
@@ -371,7 +371,7 @@ def counted(table) -> tuple[Counter, Counter]:
             errors[error] += 1
         else:
             labels[label] += 1
-            labels["neither"] += bool(neither)
+            labels[NEITHER_LABEL] += bool(neither)  # a flag beside the label, counted apart
     return labels, errors
 
 
@@ -389,10 +389,12 @@ def summary(table, source: Source, out: str, chunks: int, resumed: int, where: s
             lines.append(f"  unreadable: {path}: {error}: {message}")
     if sum(errors.values()) > LISTED:
         lines.append(f"  ... and {sum(errors.values()) - LISTED} more (their error in {out})")
+    neither = labels.pop(NEITHER_LABEL, 0)
     by_label = ", ".join(f"{label} {count}" for label, count in sorted(labels.items()))
     by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(errors.items()))
     lines.append(
-        f"{table.num_rows} files of {source.url}: {scored} answered ({by_label or 'none'}), "
+        f"predict-batch: {table.num_rows} files of {source.url}: {scored} answered "
+        f"({by_label or 'none'}; {neither} flagged {NEITHER_LABEL}), "
         f"{sum(errors.values())} unreadable ({by_reason or 'none'}); "
         f"{chunks} chunks, {resumed} done by an earlier run, the rest {where} -> {out}"
     )

@@ -138,7 +138,9 @@ def test_every_file_gets_the_models_answer_or_the_services_reason(
         assert row["confidence"] == row["probabilities"][row["label"]]
         assert row["novelty"] == pytest.approx(float(output[NOVELTY]), abs=1e-4)
         assert row["neither"] == (output[NOVELTY] > 1)
-    assert summary.splitlines()[-1].startswith(f"11 files of {photos}: 6 answered ("), summary
+    assert summary.splitlines()[-1].startswith(
+        f"predict-batch: 11 files of {photos}: 6 answered ("
+    ), summary
     assert "5 unreadable (corrupt_image 1, empty_file 1, file_too_large 1, " in summary
     assert "  unreadable: notes.txt: not_an_image: the upload is not a JPEG" in summary
     assert not Path(f"{out}{PARTS_SUFFIX}").exists()  # joined into OUT, then removed
