@@ -159,11 +159,14 @@ def predict_batch_parser(commands) -> None:
 
 def predict_batch(args: argparse.Namespace) -> None:
     from pipeline.batch_predict import predict_batch  # an engine, pyarrow, fsspec
-    from pipeline.cluster import ray_address
+    from pipeline.cluster import ClusterError, ray_address
 
+    if not args.params.is_file():
+        sys.exit(f"predict-batch: no {args.params}: run it in the project's root, or give --params")
     try:
         print(predict_batch(args.source, args.out, args.export, args.params, ray_address()))
-    except StageError as error:
+    # A cluster that cannot be used, a store that refuses or fails: said in one line.
+    except (StageError, ClusterError, OSError) as error:
         sys.exit(f"predict-batch: {error}")
 
 
