@@ -6,6 +6,10 @@
                          accept it into data/reviewed (DVC) or reject it (pipeline/review.py)
     dandelion replay     score the photos a prediction log kept again, with a bento or an
                          export, beside the logged answers (pipeline/replay.py)
+    dandelion predict-batch
+                         the service's answer for every photo of a directory or an
+                         s3://bucket/prefix, into a Parquet file; on Ray when RAY_ADDRESS is
+                         set (pipeline/batch_predict.py)
     dandelion secrets    generate the stack's missing credentials into .env and .secrets/
                          (pipeline/secrets.py); never replaces one that is there
 
@@ -125,6 +129,47 @@ def replay(args: argparse.Namespace) -> None:
         sys.exit(f"replay: {error}")
 
 
+def predict_batch_parser(commands) -> None:
+    command = commands.add_parser(
+        "predict-batch",
+        help="answer every photo of a directory or bucket as POST /predict would (Parquet)",
+    )
+    command.add_argument("source", metavar="SOURCE", help="a directory, or s3://bucket/prefix")
+    command.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="the Parquet file to write (a path or s3:// URL); OUT.parts/ holds the finished "
+        "chunks until it is written, and a rerun resumes from them",
+    )
+    command.add_argument(
+        "--export",
+        type=Path,
+        default=Path("data/export"),
+        help="the export directory to score with (default: %(default)s)",
+    )
+    command.add_argument(
+        "--params",
+        type=Path,
+        default=Path("params.yaml"),
+        help="the params.yaml its decision rule, input size, upload limits and chunk size "
+        "come from (default: %(default)s)",
+    )
+
+
+def predict_batch(args: argparse.Namespace) -> None:
+    from pipeline.batch_predict import predict_batch  # an engine, pyarrow, fsspec
+    from pipeline.cluster import ClusterError, ray_address
+
+    if not args.params.is_file():
+        sys.exit(f"predict-batch: no {args.params}: run it in the project's root, or give --params")
+    try:
+        print(predict_batch(args.source, args.out, args.export, args.params, ray_address()))
+    # A cluster that cannot be used, a store that refuses or fails: said in one line.
+    except (StageError, ClusterError, OSError) as error:
+        sys.exit(f"predict-batch: {error}")
+
+
 def secrets_parser(commands) -> None:
     from pipeline.secrets import DEFAULT_HOSTNAME, ENV_FILE, SECRETS_DIR
 
@@ -191,12 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     review_parser(commands)
     replay_parser(commands)
+    predict_batch_parser(commands)
     secrets_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "promote":
         live_options(promote_command, args)
     if args.command == "replay":  # from anywhere: it reads no dvc.yaml
         return replay(args)
+    if args.command == "predict-batch":  # from anywhere: its paths are arguments
+        return predict_batch(args)
     if args.command == "secrets":  # paths of its own (defaults relative to here)
         return write_secrets(args)
     if not Path("dvc.yaml").is_file():

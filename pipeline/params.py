@@ -271,6 +271,21 @@ class PromoteParams(Section):
     live: LivePromoteParams
 
 
+class PredictBatchParams(Section):
+    """`dandelion predict-batch` (pipeline/batch_predict.py): how its work is cut up."""
+
+    name: ClassVar[str] = "predict_batch"
+    # Photos per chunk: each chunk's answers are written as soon as it is scored, so a run
+    # that stops loses at most one chunk's work; on Ray, a chunk is what a worker takes.
+    chunk_photos: int
+
+    def __post_init__(self) -> None:
+        if self.chunk_photos < 1:
+            raise ParamsError(
+                f"predict_batch.chunk_photos must be at least 1, not {self.chunk_photos}"
+            )
+
+
 def pipeline_paths(dvc_yaml: Path | str = "dvc.yaml") -> dict[str, str]:
     """The pipeline's paths (catalogue, model_dir, ...), declared once in dvc.yaml's ``vars``."""
     with open(dvc_yaml) as handle:

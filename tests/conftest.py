@@ -20,10 +20,11 @@ from tests.support.http import serve_directory
 from tests.support.needs import require_shared
 from tests.support.paths import DATASET_MIRROR, WEIGHTS_DIR
 from tests.support.processes import dandelion
+from tests.support.ray_cluster import ray_cluster  # noqa: F401 - a fixture for every test
 from tests.support.s3 import S3Endpoint, fresh_moto_account, moto_s3_server
 from tests.support.service import RunningService, own_metrics_home, serving
 
-# Fixtures that need ../shared, the reproduced pipeline or a served bento.
+# Fixtures that need ../shared, the reproduced pipeline, a served bento or the `ray` extra.
 NEEDS_PIPELINE = {
     "dataset_mirror",
     "keras_home",
@@ -31,6 +32,7 @@ NEEDS_PIPELINE = {
     "pipeline_copy",
     "promoted",
     "service",
+    "ray_cluster",  # the `ray` extra, which the fast tier does not install
 }
 
 
