@@ -144,10 +144,12 @@ def extract_features(
     log=print,
     every: float = PROGRESS_EVERY_SECONDS,
     address: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Features of every split's ``images``; the same params give the same arrays.
 
-    On the Ray cluster at ``address`` if given (pipeline/cluster.py), else in this process.
+    On the Ray cluster at ``address`` if given (pipeline/cluster.py), by ``workers`` actors
+    (default: one per CPU of the cluster), else in this process.
     ``log`` gets a progress line at most every ``every`` seconds, and one per split.
     """
     image_size = next(iter(splits.values()))["images"].shape[1]
@@ -164,7 +166,7 @@ def extract_features(
     else:
         from pipeline.ray_features import extract_on_cluster
 
-        results = extract_on_cluster(batches, splits, params, image_size, address, log)
+        results = extract_on_cluster(batches, splits, params, image_size, address, log, workers)
 
     outputs: dict[tuple[str, str], list[list[np.ndarray]]] = {}
     started = time.perf_counter()

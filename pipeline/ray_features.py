@@ -27,6 +27,26 @@ from pipeline.params import FeaturesParams
 from pipeline.weights import IMAGENET_WEIGHTS_FILE, resolve_weights
 
 INDEX, IMAGES, FEATURES, PROBES = "index", "images", "features", "probes"
+NO_DRAW = -1  # a row's draw of a plain or flipped view (a column holds one type)
+
+
+def batch_row(index: int, batch: Batch, images: np.ndarray) -> dict:
+    """A dataset row: the batch (what it computes) and its photos."""
+    fields = dataclasses.asdict(batch)
+    fields["draw"] = NO_DRAW if batch.draw is None else batch.draw
+    return {INDEX: index, IMAGES: images, **fields}
+
+
+def row_batch(rows: dict[str, np.ndarray]) -> Batch:
+    """The ``Batch`` of a one-row batch of the dataset."""
+    draw = int(rows["draw"][0])
+    return Batch(
+        split=str(rows["split"][0]),
+        view=str(rows["view"][0]),
+        start=int(rows["start"][0]),
+        stop=int(rows["stop"][0]),
+        draw=None if draw == NO_DRAW else draw,
+    )
 
 
 class ViewWorker:
@@ -36,12 +56,16 @@ class ViewWorker:
         self,
         params: FeaturesParams,
         image_size: int,
-        batches: list[Batch],
-        weights: bytes | None,
+        weights: list,
     ):
+        """``weights``: [the reference of the weights file's bytes in the object store], or []
+        for a random init (a reference in a list: Ray leaves it to the actor to fetch)."""
+        import ray
+
         from pipeline.logs import import_tensorflow_quietly
 
         import_tensorflow_quietly()
+        weights = ray.get(weights[0]) if weights else None
         local = Path(tempfile.mkdtemp(prefix="features-weights-"))
         try:
             if weights is not None and params.weights == "imagenet":
@@ -57,11 +81,9 @@ class ViewWorker:
             self.extract = ViewExtractor(params, image_size)
         finally:
             shutil.rmtree(local, ignore_errors=True)  # loaded: the backbone holds the weights
-        self.batches = batches
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        (index,) = rows[INDEX]
-        features, *probes = self.extract(self.batches[index], rows[IMAGES][0])
+        features, *probes = self.extract(row_batch(rows), rows[IMAGES][0])
         # Every row has a probes column: empty, but for the plain view's.
         probes = probes[0] if probes else np.zeros((len(features), 0), features.dtype)
         return {INDEX: rows[INDEX], FEATURES: features[np.newaxis], PROBES: probes[np.newaxis]}
@@ -98,25 +120,22 @@ def extract_on_cluster(
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         log(f"features: on the Ray cluster at {address}, {workers} workers")
         rows = [
-            {INDEX: index, IMAGES: splits[batch.split]["images"][batch.start : batch.stop]}
+            batch_row(index, batch, splits[batch.split]["images"][batch.start : batch.stop])
             for index, batch in enumerate(batches)
         ]
+        weights = weights_file(params)
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         computed = dataset.map_batches(
             ViewWorker,
             fn_constructor_kwargs={
                 "params": params,
                 "image_size": image_size,
-                "batches": batches,
-                "weights": weights_file(params),
+                "weights": [] if weights is None else [ray.put(weights)],
             },
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
-            # The weights are a constructor argument in the object store, which a restarted
-            # actor could not count on; a lost worker fails the stage instead.
-            max_restarts=0,
         )
         for row in computed.iter_rows():
             features, probes = row[FEATURES], row[PROBES]
