@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from pipeline.weights import (
@@ -137,22 +136,3 @@ def probe_extractor(backbone: keras.Model, layers: list[str]) -> keras.Model:
     """Pixels -> [pooled features, concatenated inner-layer probes]."""
     inputs = keras.Input(backbone.input_shape[1:])
     return keras.Model(inputs, list(features_and_probes(inputs, backbone, layers)))
-
-
-def frozen_features(
-    extractor: keras.Model,
-    images: np.ndarray,
-    batch_size: int,
-    augmentation: keras.Sequential | None = None,
-    callbacks: list[keras.callbacks.Callback] | None = None,
-) -> np.ndarray:
-    """The extractor's features of ``images``, optionally of a random augmented view;
-    ``callbacks`` see the prediction's batches (progress)."""
-    if augmentation is not None:
-        images = np.concatenate(
-            [
-                augmentation(images[start : start + batch_size].astype("float32"), training=True)
-                for start in range(0, len(images), batch_size)
-            ]
-        )
-    return extractor.predict(images, batch_size=batch_size, verbose=0, callbacks=callbacks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.cluster import ray_address
 from pipeline.logs import import_tensorflow_quietly
 from pipeline.params import FeaturesParams
 from pipeline.splits import FEATURE_SPLITS
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> str:
     from pipeline.features import extract_features  # TensorFlow: after its logging is set
 
     splits = {split: dict(np.load(args.arrays_dir / f"{split}.npz")) for split in FEATURE_SPLITS}
-    features = extract_features(splits, params, log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    # On the Ray cluster at RAY_ADDRESS if set (the same bytes), else in this process.
+    features = extract_features(splits, params, log=log, address=ray_address())
     args.features_dir.mkdir(parents=True, exist_ok=True)
     for split, arrays in features.items():
         np.savez(args.features_dir / f"{split}.npz", **arrays)
