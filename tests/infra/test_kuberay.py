@@ -264,6 +264,12 @@ def test_one_image_and_one_checkout_everywhere(rayjob):
     assert len({c["workingDir"] for c in containers}) == 1
 
 
+def test_the_cluster_runs_the_ray_the_project_pins(rayjob):
+    # KubeRay needs the cluster's Ray version, and a client refuses a cluster of another one.
+    (pin,) = re.findall(r"^ray==(\S+)$", (REPO_ROOT / "constraints.txt").read_text(), re.M)
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == pin
+
+
 def test_credentials_and_the_ray_token_come_from_secrets_never_from_the_manifest(rayjob):
     cluster = rayjob["spec"]["rayClusterSpec"]
     # Ray's token authentication on, its token from a Secret KubeRay reads (key auth_token).
