@@ -33,6 +33,12 @@ from pipeline.stage import StageError, arguments, summarised
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Photos fetched ahead of the one the shard writer waits for, per worker: wide enough that one
+# slow answer (a loaded server's stall) does not idle every worker while the writer waits for
+# it, as a window of a few per worker did (docs/benchmarks.md, *Scaling*). The photos waiting
+# are held in memory, so the window is bounded, not the whole catalogue.
+AHEAD_PER_WORKER = 64
+
 OFFLINE_HINT = (
     f"without internet, serve a copy of the dataset and point {BASE_URL_VARIABLE} at it: "
     f"{BASE_URL_VARIABLE}=http://127.0.0.1:8000/data dvc repro "
@@ -173,7 +179,7 @@ def download_dataset(
                 yield entry.relative_path, content
 
     with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        rest = in_order(pool, attempt, entries[1:], ahead=4 * settings.workers)
+        rest = in_order(pool, attempt, entries[1:], ahead=AHEAD_PER_WORKER * settings.workers)
         write_shards(photos(itertools.chain([first], rest)), out_dir, settings.shard_photos)
 
     classes: dict[str, dict] = defaultdict(lambda: {"ok": 0, "failed": []})
