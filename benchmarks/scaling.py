@@ -37,9 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.benchmark import timed_dvc as timed
 from pipeline.catalogue import read_catalogue
 from pipeline.hashing import sha256_of
-from tests.support.dvc import dvc, file_hashes, pipeline_env, prepare_keras_home
+from tests.support.dvc import file_hashes, pipeline_env, prepare_keras_home
 from tests.support.git import copy_workspace, git
 from tests.support.http import serve_directory
 from tests.support.paths import DATASET_MIRROR, REPO_ROOT, WEIGHTS_DIR
@@ -80,15 +81,6 @@ def build_catalogue(size: int, mirror: Path, workspace: Path) -> Path:
         writer.writerow(["label", "filename", "sha256", "excluded"])
         writer.writerows(rows)
     return mirror
-
-
-def timed(workspace: Path, env: dict[str, str], *args: str) -> float:
-    start = time.perf_counter()
-    result = dvc(workspace, *args, env=env)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"dvc {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return elapsed
 
 
 def cache_files(root: Path) -> int:
