@@ -145,8 +145,7 @@ def predict_batch_parser(commands) -> None:
     command.add_argument(
         "--export",
         type=Path,
-        default=Path("data/export"),
-        help="the export directory to score with (default: %(default)s)",
+        help="the export directory to score with (default: dvc.yaml's export_dir, here)",
     )
     command.add_argument(
         "--params",
@@ -163,6 +162,12 @@ def predict_batch(args: argparse.Namespace) -> None:
 
     if not args.params.is_file():
         sys.exit(f"predict-batch: no {args.params}: run it in the project's root, or give --params")
+    if args.export is None:
+        if not Path("dvc.yaml").is_file():
+            sys.exit(
+                "predict-batch: no dvc.yaml here: run it in the project's root or give --export"
+            )
+        args.export = Path(pipeline_paths()["export_dir"])
     try:
         print(predict_batch(args.source, args.out, args.export, args.params, ray_address()))
     # A cluster that cannot be used, a store that refuses or fails: said in one line.

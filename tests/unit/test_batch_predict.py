@@ -299,3 +299,24 @@ def test_on_a_ray_cluster_the_output_is_the_bytes_of_a_run_in_process(
     where = f"the rest scored on Ray at {ray_cluster.address} -> {out}"
     assert f"6 chunks, 0 done by an earlier run, {where}" in result.stdout
     assert out.read_bytes() == here.read_bytes()
+
+
+def test_the_export_is_dvc_yamls_unless_given_and_outside_the_project_it_must_be(
+    photos, tmp_path, monkeypatch
+):
+    from pipeline.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS_FILE.read_text())
+    (tmp_path / "dvc.yaml").write_text("vars:\n  - export_dir: somewhere/else\nstages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["predict-batch", str(photos), "--out", str(tmp_path / "out.parquet")])
+    # The path dvc.yaml declares, not a copy of it.
+    assert str(stopped.value) == "predict-batch: somewhere/else: no export directory " + (
+        "(`dvc pull` or `dvc repro` makes it)"
+    )
+    (tmp_path / "dvc.yaml").unlink()
+    with pytest.raises(SystemExit) as stopped:
+        main(["predict-batch", str(photos), "--out", str(tmp_path / "out.parquet")])
+    assert "no dvc.yaml here" in str(stopped.value) and "--export" in str(stopped.value)
