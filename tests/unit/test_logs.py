@@ -22,7 +22,7 @@ from pipeline.stage import StageError, summarised
 from stages.download import download_dataset
 from tests.support.http import serve_directory
 from tests.support.images import make_image
-from tests.support.logs import NOISE_MARKERS, TIMED_LAST_LINE
+from tests.support.logs import NOISE_MARKERS, START_UP_MARKERS, TIMED_LAST_LINE
 from tests.support.paths import PARAMS_FILE, REPO_ROOT
 
 # As TensorFlow 2.21's libraries write them while they load (timestamps and thread ids vary).
@@ -256,8 +256,11 @@ RUN_FEATURES_AFTER_A_PLAIN_IMPORT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_stage_process_keeps_tensorflow_noise_out_and_ends_with_a_timed_line(tmp_path):
-    """The features stage imports TensorFlow and runs predict() under op determinism, which
-    without the quiet import prints all three kinds of noise (absl preface, oneDNN, MapDataset).
+    """The features stage imports TensorFlow and runs the backbone under op determinism, which
+    without the quiet import prints TensorFlow's start-up noise (absl preface, oneDNN). It
+    builds no tf.data pipeline (each batch goes through predict_on_batch), so MapDataset's
+    warning is not provoked here; the pipeline run's logs are checked for it too
+    (tests/end_to_end/test_quiet_repro.py).
 
     Full tier: two TensorFlow processes take about 8 s, and the pipeline run's logs are checked
     there too. The fast tier checks the quiet import on a stand-in for TensorFlow."""
@@ -277,7 +280,7 @@ def test_a_stage_process_keeps_tensorflow_noise_out_and_ends_with_a_timed_line(t
     stage = features("-m", "stages.features", "arrays", "features")
     (_, control_err), (out, err) = control.communicate(timeout=300), stage.communicate(timeout=300)
     assert control.returncode == 0, control_err
-    assert [m for m in NOISE_MARKERS if m in control_err] == list(NOISE_MARKERS), control_err
+    assert [m for m in START_UP_MARKERS if m in control_err] == list(START_UP_MARKERS), control_err
     result = subprocess.CompletedProcess(stage.args, stage.returncode, out, err)
     assert result.returncode == 0, result.stderr
     assert not [m for m in NOISE_MARKERS if m in result.stderr + result.stdout], result.stderr
